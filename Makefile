@@ -1,0 +1,77 @@
+# Two commands do all the set-up: `make demo` and `make test` (both create .venv when needed).
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROFILE ?= demo
+
+# Offline by default: models come from installed packages or are built locally.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONHASHSEED := 0
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: help install demo test check-sync nbtest pytest ci-run docs site-check readme lock bench clean-runs
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml requirements.lock
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: the CPU wheel (pip finds it on this machine's disk); a bare `torch` pulls a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
+	touch $@
+
+install: $(STAMP)  ## create .venv with the pinned dependencies
+
+demo: $(STAMP)  ## run every notebook end to end under the demo profile into runs/<timestamp>-demo/
+	$(BIN)/slm-research run --profile $(PROFILE)
+
+test: $(STAMP)  ## the whole check: sync, nbdev-test, pytest, papermill ci run, docs, browser check
+	$(MAKE) check-sync
+	$(MAKE) nbtest
+	$(MAKE) pytest
+	$(MAKE) ci-run
+	$(MAKE) docs RUN_DIR=runs/latest-ci
+	$(MAKE) site-check
+
+check-sync: $(STAMP)  ## nbdev-clean and nbdev-export leave no diff; README.md matches nbs/index.ipynb
+	bash tools/check_sync.sh
+
+nbtest: $(STAMP)  ## nbdev-test: every notebook with its default parameters, in order
+	SLM_PROFILE=nbtest SLM_RUN_DIR=runs/nbtest $(BIN)/nbdev-test --n-workers 0 --do-print
+
+pytest: $(STAMP)  ## unit and integration tests
+	$(BIN)/pytest -q
+
+ci-run: $(STAMP)  ## rerun every notebook with papermill under the ci profile
+	rm -rf runs/latest-ci
+	$(BIN)/slm-research run --profile ci --run-dir runs/latest-ci
+
+RUN_DIR ?=
+docs: $(STAMP)  ## README.md from nbs/index.ipynb and the site in _docs/ (from RUN_DIR, default the newest run)
+	$(BIN)/slm-research docs $(if $(RUN_DIR),--run-dir $(RUN_DIR),)
+
+site-check: $(STAMP)  ## serve _docs/ on localhost, load it in headless Chromium; audit every artifact for canaries
+	SLM_SITE_DIR=_docs SLM_AUDIT_RUN=runs/latest-ci $(BIN)/pytest -q -m site -p no:cacheprovider
+
+readme: $(STAMP)  ## regenerate README.md only
+	$(BIN)/slm-research docs --no-site
+
+lock: $(STAMP)  ## re-pin requirements.lock from the current .venv
+	$(PY) -m pip freeze --exclude-editable | grep -vi '^torch==' > requirements.lock
+
+bench: $(STAMP)  ## run the benchmarks (results printed and written to bench/results/)
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+clean-runs:  ## remove run folders and derived data
+	rm -rf runs/ data/processed/*/ _docs/ _build/

@@ -1,0 +1,58 @@
+"The runner executes real notebooks with papermill in a throwaway workspace."
+import json
+
+import nbformat
+import pytest
+from click.testing import CliRunner
+
+from slm_research.cli import main
+
+
+def _notebook(path, params_src, body_src):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "python3", "language": "python"}
+    p = nbformat.v4.new_code_cell(params_src)
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell(body_src)]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def mini_workspace(tmp_path, monkeypatch):
+    (tmp_path / "nbs").mkdir()
+    (tmp_path / "settings.ini").write_text("[ci]\nseed = 7\nn = 3\n02_fails.n = 5\n")
+    _notebook(tmp_path / "nbs" / "01_ok.ipynb", "seed = 0\nn = 1",
+              "from slm_research.core import headline\n"
+              "import os, pathlib\n"
+              "pathlib.Path(os.environ['SLM_RUN_DIR'], 'seen.json').write_text(str([seed, n]))\n"
+              "headline('n_squared', n * n, 'computed')")
+    _notebook(tmp_path / "nbs" / "02_fails.ipynb", "n = 1", "raise ValueError(f'bad n={n}')")
+    _notebook(tmp_path / "nbs" / "03_after.ipynb", "n = 1", "pass")
+    monkeypatch.setenv("SLM_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def test_profile_parameters_reach_the_notebook(mini_workspace):
+    run_dir = mini_workspace / "runs" / "r1"
+    res = CliRunner().invoke(main, ["run", "--profile", "ci", "--only", "01", "--run-dir", str(run_dir), "-p", "n=4"])
+    assert res.exit_code == 0, res.output
+    assert (run_dir / "seen.json").read_text() == "[7, 4]"  # seed from the profile, n from -p
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ok"] and summary["results"][0]["status"] == "ok"
+    assert summary["headlines"]["01_ok"][0]["value"] == 16
+    assert (run_dir / "01_ok.ipynb").exists() and not list((mini_workspace / "nbs").glob("*-ci*"))
+
+
+def test_failure_names_notebook_and_error_and_skips_the_rest(mini_workspace):
+    run_dir = mini_workspace / "runs" / "r2"
+    res = CliRunner().invoke(main, ["run", "--profile", "ci", "--run-dir", str(run_dir)])
+    assert res.exit_code != 0
+    assert "02_fails" in res.output and "ValueError: bad n=5" in res.output
+    statuses = [r["status"] for r in json.loads((run_dir / "summary.json").read_text())["results"]]
+    assert statuses == ["ok", "failed", "skipped"]
+    assert "| 02_fails | failed |" in (run_dir / "summary.md").read_text()
+
+
+def test_unknown_profile_is_a_clear_error(mini_workspace):
+    res = CliRunner().invoke(main, ["run", "--profile", "nope", "--run-dir", str(mini_workspace / "runs" / "r3")])
+    assert res.exit_code != 0
