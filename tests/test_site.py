@@ -14,12 +14,15 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
          "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args): pass
+
+
 @pytest.fixture(scope="module")
 def site_url():
     site = Path(os.environ.get("SLM_SITE_DIR", "_docs"))
     assert (site / "index.html").exists(), f"no built site at {site}: run `make docs` first"
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(site))
-    handler.func.log_message = lambda *a: None  # keep the test output quiet
+    handler = functools.partial(QuietHandler, directory=str(site))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
