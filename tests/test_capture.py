@@ -1,0 +1,319 @@
+"S1 capture: real X25519/AES-GCM segments, a real proxy on 127.0.0.1 driven by the real openai client, importers under fuzzing."
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import openai
+import polars as pl
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from slm_research.capture import (FORMATS, ImportStats, Pseudonymizer, RAW_SCHEMA, RouteResult, SegmentWriter, StoreError,
+                                  capture_cmd, capture_openai, create_app, demo_upstream_app, export_frame, generate_keys,
+                                  list_segments, load_private_keys, parse_lines, read_segment, read_store, serve)
+from slm_research.core import Quarantine
+from slm_research.corpus import generate_records
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return generate_keys(tmp_path/"keys")
+
+
+@pytest.fixture
+def writer(tmp_path, keys):
+    w = SegmentWriter(tmp_path/"store", keys["public"], Pseudonymizer(keys["pseudonym"]))
+    yield w
+    w.close()
+
+
+def corpus(n=120, seed=4):
+    return [(r, g) for r, g, _ in generate_records(n, seed)]
+
+
+def fill(writer, records):
+    for r in records: writer.append(r)
+    writer.close()
+
+
+# ---- the encrypted store -------------------------------------------------------------------------
+
+def test_segments_hold_no_plaintext_and_read_back_exactly(tmp_path, keys, writer):
+    data = corpus(300)
+    writer.max_records = 100
+    fill(writer, [r for r, _ in data])
+    segs = list_segments(tmp_path/"store")
+    assert len(segs) == 3 and all(p.suffix == ".seg" for p in segs)
+    blob = b"".join(p.read_bytes() for p in segs)
+    needles = {s["text"] for _, g in data for s in g["pii"]} | {r["user_id"] for r, _ in data} | {r["session_id"] for r, _ in data}
+    needles |= {m["content"][:30] for r, _ in data for m in r["request"]["messages"] if isinstance(m["content"], str) and len(m["content"]) > 30}
+    assert len(needles) > 400
+    assert [n for n in needles if n.encode() in blob] == []
+    back = list(read_store(tmp_path/"store", load_private_keys(keys["private"])))
+    ps = Pseudonymizer(keys["pseudonym"])
+    assert [b["id"] for b in back] == [r["id"] for r, _ in data]
+    for (r, _), b in zip(data, back):
+        assert b["user_id"] == ps(r["user_id"], "user") and b["session_id"] == ps(r["session_id"], "session")
+        assert {k: v for k, v in b.items() if k not in ("user_id", "session_id")} == {k: v for k, v in r.items() if k not in ("user_id", "session_id")}
+
+
+def test_wrong_key_fails_naming_the_segment(tmp_path, keys, writer):
+    fill(writer, [r for r, _ in corpus(5)])
+    seg = list_segments(tmp_path/"store")[0]
+    other = generate_keys(tmp_path/"other")
+    with pytest.raises(StoreError, match=f"segment {seg.name}: encrypted to analyst key {keys['key_id']}"):
+        list(read_store(tmp_path/"store", load_private_keys(other["private"])))
+    # a key whose id matches but whose secret differs (a forged key id) fails authentication, not silently
+    forged = {keys["key_id"]: load_private_keys(other["private"])[other["key_id"]]}
+    with pytest.raises(StoreError, match=f"segment {seg.name}: cannot unwrap the data key"):
+        list(read_segment(seg, forged))
+
+
+def test_every_single_flipped_byte_is_detected(tmp_path, keys, writer):
+    fill(writer, [valid_raw(i) for i in range(3)])  # small records: every byte of the file is flipped in turn
+    seg = list_segments(tmp_path/"store")[0]
+    good, priv = seg.read_bytes(), load_private_keys(keys["private"])
+    assert len(list(read_segment(seg, priv))) == 3
+    for pos in range(len(good)):
+        for bit in (0x01, 0x80):
+            bad = bytearray(good); bad[pos] ^= bit
+            seg.write_bytes(bytes(bad))
+            with pytest.raises(StoreError, match=seg.name):
+                list(read_segment(seg, priv))
+    seg.write_bytes(good)
+
+
+def test_swapped_truncated_or_extended_segments_are_detected(tmp_path, keys, writer):
+    writer.max_records = 3
+    fill(writer, [r for r, _ in corpus(6)])
+    a, b = list_segments(tmp_path/"store")
+    priv = load_private_keys(keys["private"])
+    ga, gb = a.read_bytes(), b.read_bytes()
+    a.write_bytes(gb)  # same name, other segment's content
+    with pytest.raises(StoreError, match=f"{a.name}: file holds segment"): list(read_segment(a, priv))
+    a.write_bytes(ga[:-40])  # a sealed segment cut short
+    with pytest.raises(StoreError, match=a.name): list(read_segment(a, priv))
+    a.write_bytes(ga + gb[-60:])  # frames appended after the seal
+    with pytest.raises(StoreError, match=f"{a.name}: .*after the seal"): list(read_segment(a, priv))
+
+
+def test_crash_mid_write_loses_at_most_the_record_being_written(tmp_path, keys, writer):
+    for r, _ in corpus(5): writer.append(r)   # not closed: the segment is still `.open`
+    seg = list_segments(tmp_path/"store")[0]
+    assert seg.suffix == ".open"
+    full = seg.read_bytes()
+    for cut in (1, 17, 60):  # the process died while writing the last frame
+        seg.write_bytes(full[:-cut])
+        report = []
+        got = list(read_segment(seg, load_private_keys(keys["private"]), report))
+        assert len(got) == 4 and report[0].sealed is False and report[0].lost_bytes > 0
+    seg.write_bytes(full)
+    writer._f = None  # the crashed writer never seals
+
+
+def test_rotation_new_segments_use_the_new_key(tmp_path, keys):
+    store = tmp_path/"store"
+    data = [r for r, _ in corpus(8)]
+    fill(SegmentWriter(store, keys["public"], Pseudonymizer(keys["pseudonym"])), data[:4])
+    new = generate_keys(tmp_path/"keys")  # rotate: capture.pub.pem now points at the new key
+    fill(SegmentWriter(store, new["public"], Pseudonymizer(keys["pseudonym"])), data[4:])
+    both = load_private_keys([keys["private"], new["private"]])
+    assert [r["id"] for r in read_store(store, both)] == [r["id"] for r in data]
+    old_seg = list_segments(store)[0]
+    with pytest.raises(StoreError, match=f"{old_seg.name}: encrypted to analyst key {keys['key_id']}"):
+        list(read_store(store, load_private_keys(new["private"])))
+    os.environ.pop("SLM_ANALYST_PRIVATE_KEYS", None)
+
+
+def test_keys_from_environment(tmp_path, keys, monkeypatch):
+    monkeypatch.setenv("SLM_CAPTURE_PUBLIC_KEY", Path(keys["public"]).read_text())
+    monkeypatch.setenv("SLM_PSEUDONYM_KEY", Path(keys["pseudonym"]).read_text().strip())
+    monkeypatch.setenv("SLM_ANALYST_PRIVATE_KEYS", str(keys["private"]))
+    monkeypatch.setenv("SLM_KEYS_DIR", str(tmp_path/"empty"))
+    fill(SegmentWriter(tmp_path/"s"), [r for r, _ in corpus(3)])
+    assert len(list(read_store(tmp_path/"s"))) == 3
+
+
+def test_export_frame_has_the_raw_schema(tmp_path, keys, writer):
+    fill(writer, [r for r, _ in corpus(50)])
+    frame = export_frame(tmp_path/"store", load_private_keys(keys["private"]))
+    assert frame.schema == pl.Schema(RAW_SCHEMA) and frame.height == 50
+    assert frame["timestamp"].null_count() == 0 and frame["messages"].str.starts_with("[").all()
+
+
+# ---- proxy and wrapper ---------------------------------------------------------------------------
+
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}
+
+
+def logged(tmp_path, keys):
+    return list(read_store(tmp_path/"store", load_private_keys(keys["private"])))
+
+
+def test_proxy_forwards_and_logs_with_the_real_openai_client(tmp_path, keys, writer):
+    with serve(demo_upstream_app()) as up, serve(create_app(up.url, writer, agent="cradle")) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-test-not-logged", max_retries=0)
+        r = client.chat.completions.create(model="demo-llm", messages=[{"role": "user", "content": "hello there"}],
+                                           extra_headers={"X-SLM-User": "u42", "X-SLM-Session": "sess-1"})
+        assert r.choices[0].message.content == "echo: hello there"
+        chunks = list(client.chat.completions.create(model="demo-llm", messages=[{"role": "user", "content": "stream please"}],
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: stream please"
+        tc = client.chat.completions.create(model="demo-llm", messages=[{"role": "user", "content": "find x"}], tools=[TOOL], stream=True)
+        args = "".join(c.choices[0].delta.tool_calls[0].function.arguments or "" for c in tc if c.choices and c.choices[0].delta.tool_calls)
+        assert json.loads(args) == {"text": "find x"}
+        assert [m.id for m in client.models.list()] == ["demo-llm"]
+        assert up.server.config.app.state.calls["calls"] == 3
+    writer.close()
+    recs = logged(tmp_path, keys)
+    assert len(recs) == 3 and all(r["agent"] == "cradle" and r["served_by"] == "upstream" and r["latency_ms"] > 0 for r in recs)
+    ps = Pseudonymizer(keys["pseudonym"])
+    assert recs[0]["user_id"] == ps("u42") and recs[0]["session_id"] == ps("sess-1", "session")
+    assert recs[1]["response"]["choices"][0]["message"]["content"] == "echo: stream please"
+    assert recs[1]["response"]["usage"]["total_tokens"] > 0
+    call = recs[2]["response"]["choices"][0]["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "lookup" and json.loads(call["function"]["arguments"]) == {"text": "find x"}
+    assert recs[2]["request"]["tools"] == [TOOL]
+    assert b"sk-test-not-logged" not in b"".join(p.read_bytes() for p in list_segments(tmp_path/"store"))
+    assert "sk-test-not-logged" not in json.dumps(recs)
+
+
+def test_proxy_logs_upstream_failures(tmp_path, keys, writer):
+    with serve(create_app("http://127.0.0.1:9", writer)) as proxy:  # nothing listens on port 9
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert e.value.status_code == 502
+    writer.close()
+    (rec,) = logged(tmp_path, keys)
+    assert rec["response"] is None and rec["error"].startswith("upstream unreachable")
+
+
+class HalfRouter:
+    "Serves calls whose last message mentions 'small'; sends the rest upstream."
+    def handle(self, request):
+        text = request["messages"][-1]["content"]
+        if "small" in text:
+            return RouteResult({"id": "slm-1", "object": "chat.completion", "created": 0, "model": "slm-cluster-3",
+                                "choices": [{"index": 0, "message": {"role": "assistant", "content": "slm answer"}, "finish_reason": "stop"}],
+                                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}, "slm:cluster-3/v1", 3)
+        return RouteResult(None, "upstream", 5, "low confidence")
+
+
+def test_proxy_with_router(tmp_path, keys, writer):
+    with serve(demo_upstream_app()) as up, serve(create_app(up.url, writer, router=HalfRouter())) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        assert client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a small one"}]).choices[0].message.content == "slm answer"
+        s = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "small, streamed"}], stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == "slm answer"
+        assert client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a big one"}]).choices[0].message.content == "echo: a big one"
+        assert up.server.config.app.state.calls["calls"] == 1
+    writer.close()
+    recs = logged(tmp_path, keys)
+    assert [(r["served_by"], r["cluster"], r["fallback_reason"]) for r in recs] == [
+        ("slm:cluster-3/v1", 3, None), ("slm:cluster-3/v1", 3, None), ("upstream", 5, "low confidence")]
+
+
+def test_client_wrapper_sync_async_stream_and_errors(tmp_path, keys, writer):
+    with serve(demo_upstream_app()) as up:
+        client = capture_openai(openai.OpenAI(base_url=up.url + "/v1", api_key="x", max_retries=0), writer, agent="metagpt", user_id="alice")
+        assert client.chat.completions.create(model="m", messages=[{"role": "user", "content": "one"}]).choices[0].message.content == "echo: one"
+        with client.chat.completions.create(model="m", messages=[{"role": "user", "content": "two"}], stream=True) as s:
+            assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == "echo: two"
+
+        async def run_async():
+            ac = capture_openai(openai.AsyncOpenAI(base_url=up.url + "/v1", api_key="x", max_retries=0), writer, agent="metagpt")
+            r = await ac.chat.completions.create(model="m", messages=[{"role": "user", "content": "three"}])
+            parts = [c.choices[0].delta.content or "" async for c in await ac.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "four"}], stream=True) if c.choices]
+            return r.choices[0].message.content, "".join(parts)
+        assert asyncio.run(run_async()) == ("echo: three", "echo: four")
+    broken = capture_openai(openai.OpenAI(base_url="http://127.0.0.1:9/v1", api_key="x", max_retries=0), writer)
+    with pytest.raises(openai.APIConnectionError):
+        broken.chat.completions.create(model="m", messages=[{"role": "user", "content": "five"}])
+    writer.close()
+    recs = logged(tmp_path, keys)
+    contents = [r["response"]["choices"][0]["message"]["content"] if r["response"] else None for r in recs]
+    assert contents == ["echo: one", "echo: two", "echo: three", "echo: four", None]
+    assert recs[-1]["error"].startswith("APIConnectionError")
+    assert recs[0]["user_id"] == Pseudonymizer(keys["pseudonym"])("alice")
+    assert all(r["request"]["messages"][0]["role"] == "user" for r in recs)
+
+
+# ---- importers -------------------------------------------------------------------------------------
+
+def test_importers_read_each_format(tmp_path):
+    ft = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                       {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
+          "tools": [TOOL]}
+    batch = {"custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "q"}]}}
+    st_ = ImportStats()
+    recs = list(parse_lines([json.dumps(ft), json.dumps(batch)], "openai", "a", stats=st_))
+    assert [r["id"] for r in recs] == ["input:1", "req-1"] and recs[0]["response"]["choices"][0]["finish_reason"] == "tool_calls"
+    assert recs[0]["request"]["tools"] == [TOOL] and recs[1]["response"] is None
+    sg = {"id": "conv7", "system": "be brief", "conversations": [
+        {"from": "human", "value": "weather?"}, {"from": "function_call", "value": json.dumps({"name": "weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "It is sunny."}]}
+    recs = list(parse_lines([json.dumps(sg)], "sharegpt", "a"))
+    assert [r["id"] for r in recs] == ["conv7-t1", "conv7-t3"]
+    assert recs[0]["response"]["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "weather"
+    assert [m["role"] for m in recs[1]["request"]["messages"]] == ["system", "user", "assistant", "tool"]
+    old_style = {"resourceSpans": [{"scopeSpans": [{"spans": [{"spanId": "s1", "traceId": "t", "attributes": [
+        {"key": "gen_ai.system", "value": {"stringValue": "openai"}},
+        {"key": "gen_ai.prompt.0.role", "value": {"stringValue": "user"}}, {"key": "gen_ai.prompt.0.content", "value": {"stringValue": "hi"}},
+        {"key": "gen_ai.completion.0.role", "value": {"stringValue": "assistant"}}, {"key": "gen_ai.completion.0.content", "value": {"stringValue": "yo"}}]}]}]}]}
+    (r,) = parse_lines([json.dumps(old_style)], "otel", "a")
+    assert r["response"]["choices"][0]["message"]["content"] == "yo" and r["session_id"] == "t"
+
+
+def valid_raw(i: int) -> dict:
+    return {"id": f"ok-{i}", "agent": "a", "timestamp": "2025-03-01T00:00:00Z", "user_id": "u", "session_id": None,
+            "request": {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]},
+            "response": {"choices": [{"index": 0, "message": {"role": "assistant", "content": "a"}}]}, "latency_ms": 1.0, "error": None}
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.sampled_from(
+                               ["messages", "role", "content", "conversations", "from", "value", "body", "resourceSpans", "scopeSpans",
+                                "spans", "attributes", "key", "id", "agent", "request", "response", "choices", "message", "tool_calls", "x"]), c, max_size=5),
+                           max_leaves=25)
+mutated = {**valid_raw(0), "id": "mutated"}
+garbage = st.one_of(json_values.map(json.dumps), st.text(max_size=60), st.binary(max_size=60),
+                    st.builds(lambda k, v: json.dumps({**mutated, k: v}), st.sampled_from(list(mutated)), json_values))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(garbage, st.integers(0, 10**6).map(lambda i: json.dumps(valid_raw(i)))), max_size=12), st.sampled_from(FORMATS))
+def test_importers_fuzz_never_crash_and_never_lose_a_record(lines, fmt):
+    q = Quarantine(Path(os.devnull))
+    stats = ImportStats()
+    out = list(parse_lines(lines, fmt, "fuzz", "f.jsonl", q, stats=stats))  # no exception escapes
+    assert stats.n_in == stats.n_units_ok + stats.n_quarantined + stats.n_skipped
+    assert len(q) == stats.n_quarantined and all(item.reason for item in q.items)
+    assert len(out) == stats.n_records
+    if fmt == "raw":  # every valid record comes out
+        expected = [json.loads(l)["id"] for l in lines if isinstance(l, str) and l.startswith('{"id": "ok-')]
+        assert [r["id"] for r in out if r["id"].startswith("ok-")] == expected
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+def test_cli_keygen_import_export(tmp_path, monkeypatch, workspace):
+    monkeypatch.setenv("SLM_KEYS_DIR", str(tmp_path/"k"))
+    runner = CliRunner()
+    assert runner.invoke(capture_cmd, ["keygen"]).exit_code == 0
+    src = tmp_path/"calls.jsonl"
+    src.write_text("\n".join([json.dumps(r) for r, _ in corpus(30)] + ["{broken"]) + "\n")
+    res = runner.invoke(capture_cmd, ["import", str(src), "--format", "raw", "--store", str(tmp_path/"store")])
+    assert res.exit_code == 0, res.output
+    assert "31 in, 30 records stored, 1 quarantined" in res.output
+    qfile = workspace.processed/"quarantine"/"capture-import.jsonl"
+    assert json.loads(qfile.read_text())["where"] == "calls.jsonl:31"
+    res = runner.invoke(capture_cmd, ["export", "--store", str(tmp_path/"store"), "--out", str(workspace.processed/"x.parquet")])
+    assert res.exit_code != 0 and "refusing" in res.output
+    res = runner.invoke(capture_cmd, ["export", "--store", str(tmp_path/"store"), "--out", str(tmp_path/"x.parquet")])
+    assert res.exit_code == 0, res.output
+    assert pl.read_parquet(tmp_path/"x.parquet").height == 30
