@@ -11,24 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from slm_research.corpus import read_canaries
+
 pytestmark = pytest.mark.site
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _values(obj):
-    "Canary strings from canaries.json, whatever its nesting (strings, lists, {label: value} maps)."
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for k in ("value", "text"):
-            if isinstance(obj.get(k), str):
-                yield obj[k]
-                return
-        for v in obj.values():
-            yield from _values(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _values(v)
 
 
 def _readable_bytes(f: Path) -> bytes:
@@ -40,14 +26,15 @@ def _readable_bytes(f: Path) -> bytes:
 
 
 def _canaries():
+    "Every canary planted by any corpus generated here (stricter than only the run's own corpus)."
     found = set()
     for f in (ROOT / "data" / "raw" / "generated").glob("*/canaries.json"):
-        found |= {v for v in _values(json.loads(f.read_text())) if len(v) >= 6}
+        found |= set(read_canaries(f.parent))
     return sorted(found)
 
 
 def _artifact_roots(run_dir: Path):
-    profile = run_dir.name.split("-")[-1] if run_dir.name.startswith("latest-") else run_dir.name.split("-")[2]
+    profile = json.loads((run_dir / "summary.json").read_text())["profile"]
     return [ROOT / "data" / "processed" / profile, run_dir, ROOT / "figures",
             Path(os.environ.get("SLM_SITE_DIR", ROOT / "_docs"))]
 
