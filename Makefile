@@ -68,7 +68,7 @@ readme: $(STAMP)  ## regenerate README.md only
 	$(BIN)/slm-research docs --no-site
 
 lock: $(STAMP)  ## re-pin requirements.lock from the current .venv
-	$(PY) -m pip freeze --exclude-editable | grep -vi '^torch==' > requirements.lock
+	{ head -2 requirements.lock; $(PY) -m pip freeze --exclude-editable | grep -vi '^torch=='; } > requirements.lock.new && mv requirements.lock.new requirements.lock
 
 bench: $(STAMP)  ## run the benchmarks (results printed and written to bench/results/)
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
