@@ -1,0 +1,139 @@
+"S5: real training steps on a tiny stand-in base (LoRA, DoRA), adapter isolation, save/reload, resume after a kill."
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from slm_research.core import CLEAN_SCHEMA, check_schema
+from slm_research.finetune import (FinetuneConfig, base_config, build_stand_in_base, cluster_frame, evaluate, finetune,
+                                   gate, last_checkpoint, load_adapter, load_base, read_registry, score_answer,
+                                   specialise, split_by_session, synthetic_calls, synthetic_workspace)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def calls():
+    return split_by_session(synthetic_calls(160, seed=3), seed=3)
+
+
+@pytest.fixture(scope="module")
+def base(calls, tmp_path_factory):
+    "A micro stand-in base, briefly trained on the training split."
+    return build_stand_in_base(calls.filter(pl.col("split") == "train"), base_config("micro", steps=40, lr=1e-2, max_length=96),
+                               tmp_path_factory.mktemp("base"))
+
+
+def _logits(model, tok, text="<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"):
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad(): return model(input_ids=ids).logits
+
+
+def test_split_keeps_conversations_whole(calls):
+    assert calls.group_by("session").agg(pl.col("split").n_unique())["split"].max() == 1
+    assert set(calls["split"]) == {"train", "val", "test"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_adapter_trains_only_adapter_weights_and_reloads(method, calls, base, tmp_path):
+    frame = calls.filter(pl.col("task") == "sentiment")
+    cfg = FinetuneConfig(base=str(base), method=method, steps=30, lr=2e-2, batch_size=4, max_length=96, rank=8, alpha=16,
+                         save_steps=100, seed=0)
+    res = finetune(frame, cfg, tmp_path/"v1")
+    assert res.last_loss < res.first_loss * 0.85, res.losses  # the training loss goes down
+    fresh, tok = load_base(base)
+    before = dict(fresh.named_parameters())
+    changed_adapter = 0
+    for name, p in res.model.named_parameters():
+        if "lora_" in name:
+            assert p.requires_grad
+            changed_adapter += int(("lora_B" in name and p.abs().sum() > 0) or "lora_magnitude" in name)
+        else:
+            assert not p.requires_grad, name
+            key = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            assert torch.equal(p.detach(), before[key].detach()), f"base weight {key} changed"
+    assert changed_adapter > 0
+    if method == "dora": assert any("lora_magnitude" in n for n, _ in res.model.named_parameters())
+    meta = json.loads((tmp_path/"v1"/"meta.json").read_text())
+    assert meta["method"] == method and meta["data_hash"] == res.data_hash and meta["base"] == str(base)
+    reloaded, tok2 = load_adapter(tmp_path/"v1")
+    res.model.eval()
+    torch.testing.assert_close(_logits(reloaded, tok2), _logits(res.model, tok), rtol=0, atol=1e-6)
+    assert not torch.allclose(_logits(reloaded, tok2), _logits(fresh, tok))  # the adapter does something
+
+
+_KILLABLE = """
+import sys, polars as pl
+from slm_research.finetune import FinetuneConfig, finetune, split_by_session, synthetic_calls
+calls = split_by_session(synthetic_calls(160, seed=3), seed=3).filter(pl.col("task") == "summary")
+finetune(calls, FinetuneConfig(base=sys.argv[1], steps=400, save_steps=3, lr=1e-2, batch_size=2, max_length=96,
+                               rank=4, alpha=8, num_threads=1), sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint(calls, base, tmp_path):
+    out = tmp_path/"v1"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(base), str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "SLM_THREADS": "1"})
+    try:
+        deadline = time.time() + 240
+        while last_checkpoint(out) is None:
+            assert proc.poll() is None, "training finished or crashed before it could be killed"
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)  # no clean shutdown: the run just dies
+        proc.wait(30)
+    finally:
+        if proc.poll() is None: proc.kill()
+    ckpt = last_checkpoint(out)
+    step = int(ckpt.name.split("-")[1])
+    assert not (out/"meta.json").exists() and step >= 3
+    frame = calls.filter(pl.col("task") == "summary")
+    res = finetune(frame, FinetuneConfig(base=str(base), steps=step + 6, save_steps=3, lr=1e-2, batch_size=2,
+                                         max_length=96, rank=4, alpha=8), out)
+    assert res.resumed_from == step and res.steps == step + 6
+    assert (out/"adapter_config.json").exists() and not (out/"checkpoints").exists()
+
+
+def test_scores_compare_parsed_json_and_tool_calls():
+    gold = {"content": None, "tool_calls": [{"function": {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 2}'}}]}
+    same = {"tool_calls": [{"function": {"name": "get_weather", "arguments": '{"days": 2, "city": "Oslo"}'}}]}
+    wrong_args = {"tool_calls": [{"function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]}
+    assert score_answer(same, gold)["tool_call_match"] == 1.0
+    assert score_answer(wrong_args, gold)["tool_name_match"] == 1.0 and score_answer(wrong_args, gold)["tool_call_match"] == 0.0
+    s = score_answer({"content": "{not json"}, {"content": '{"a": 1}'})
+    assert s["json_valid"] == 0.0 and s["json_match"] == 0.0
+    g = gate([dict(cluster=0, label="a", primary_metric="exact_match", base_score=0.0, adapter_score=0.96, share=0.4, n_test=5),
+              dict(cluster=1, label="b", primary_metric="chrf", base_score=0.0, adapter_score=0.5, share=0.6, n_test=5)], 0.95)
+    assert [c["passed"] for c in g["clusters"]] == [True, False] and g["replaceable_share"] == pytest.approx(0.4)
+
+
+@pytest.mark.slow
+def test_specialise_writes_registry_and_gate(workspace):
+    ws = synthetic_workspace(workspace.processed, n=160, seed=1)
+    check_schema(pl.read_parquet(ws/"calls_clean.parquet"), CLEAN_SCHEMA, "test")
+    cfg = FinetuneConfig(steps=4, batch_size=4, max_length=96, n_eval=3, max_new_tokens=16, rank=4, alpha=8)
+    result = specialise(ws, cfg, base_config("micro", steps=4, max_length=96), max_clusters=2, threshold=0.95)
+    saved = json.loads((ws/"gate.json").read_text())
+    assert saved["threshold"] == 0.95 and len(saved["clusters"]) == 2
+    for row in saved["clusters"]:
+        assert {"cluster", "label", "primary_metric", "base_score", "adapter_score", "teacher_score", "agreement",
+                "passed", "share", "n_test"} <= set(row)
+        assert (ws/row["path"]/"adapter_config.json").exists()
+    reg = read_registry(ws)
+    assert [r["status"] for r in reg] == ["promoted" if c["passed"] else "rejected" for c in saved["clusters"]]
+    assert all(r["data_hash"] and r["reason"] for r in reg)
+    assert result["replaceable_share"] == pytest.approx(sum(c["share"] for c in saved["clusters"] if c["passed"]))
+    # a second run is a new version of each adapter, recorded beside the first
+    specialise(ws, cfg, base_config("micro", steps=4, max_length=96), clusters=[saved["clusters"][0]["cluster"]])
+    assert [r["version"] for r in read_registry(ws)][-1] == 2
