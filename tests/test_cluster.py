@@ -59,6 +59,8 @@ def test_saved_clusterer_assigns_new_calls_and_outliers(workspace):
     odd = new.head(1).with_columns(messages=pl.lit(json.dumps([{"role": "system", "content": "You are a poet."},
                                                               {"role": "user", "content": "Write a sonnet on autumn rain over the sea."}])))
     assert model.assign(odd)["cluster"].to_list() == [-1]
+    # the saved representation (centred embedding + TF-IDF/SVD projection) reproduces the fitted vectors exactly
+    assert np.allclose(model.vectors(frame), res.embeddings, atol=1e-5)
 
 
 def test_fast_path_on_sample_assigns_everything():
@@ -84,6 +86,7 @@ def test_cli_keeps_fields_and_quarantines_bad_lines(tmp_path):
 
 def test_bfcl_beats_tfidf_baseline(shared_external):
     b = pl.read_ndjson(shared_external / "bfcl_multiturn_turn_domain.jsonl").with_row_index("n").with_columns(id=pl.col("n").cast(pl.String))
-    ours = score_clusters(b["label"], cluster_calls(b, ClusterConfig())["cluster"])
     base = score_clusters(b["label"], tfidf_kmeans_baseline(b["text"].to_list(), 8))
-    assert ours["nmi"] > base["nmi"] and ours["ari"] > base["ari"], (ours, base)
+    for cfg in (ClusterConfig(), ClusterConfig.fast()):
+        ours = score_clusters(b["label"], cluster_calls(b, cfg)["cluster"])
+        assert ours["nmi"] > base["nmi"] and ours["ari"] > base["ari"], (cfg.embedder, ours, base)
