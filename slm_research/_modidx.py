@@ -442,6 +442,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                      'slm_research/finetune.py'),
                                        'slm_research.finetune._text': ('finetune.html#_text', 'slm_research/finetune.py'),
                                        'slm_research.finetune._tool_calls': ('finetune.html#_tool_calls', 'slm_research/finetune.py'),
+                                       'slm_research.finetune._tool_names': ('finetune.html#_tool_names', 'slm_research/finetune.py'),
                                        'slm_research.finetune._trainer_callback': ( 'finetune.html#_trainer_callback',
                                                                                     'slm_research/finetune.py'),
                                        'slm_research.finetune._update_gate': ('finetune.html#_update_gate', 'slm_research/finetune.py'),

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from slm_research.core import CLEAN_SCHEMA, check_schema
-from slm_research.finetune import (FinetuneConfig, base_config, build_stand_in_base, cluster_frame, evaluate, finetune,
-                                   gate, last_checkpoint, load_adapter, load_base, read_registry, score_answer,
+from slm_research.finetune import (FinetuneConfig, base_config, build_stand_in_base, call_example, cluster_frame, encode_example,
+                                   evaluate, finetune, render_texts, train_tokenizer,
+                                   gate, last_checkpoint, load_adapter, load_base, parse_assistant, read_registry, score_answer,
                                    specialise, split_by_session, synthetic_calls, synthetic_workspace)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +113,14 @@ def test_scores_compare_parsed_json_and_tool_calls():
     assert score_answer(same, gold)["tool_call_match"] == 1.0
     assert score_answer(wrong_args, gold)["tool_name_match"] == 1.0 and score_answer(wrong_args, gold)["tool_call_match"] == 0.0
     s = score_answer({"content": "{not json"}, {"content": '{"a": 1}'})
-    assert s["json_valid"] == 0.0 and s["json_match"] == 0.0
+    assert s["json_valid"] == 0.0 and s["json_match"] == 0.0 and s["json_fields"] == 0.0
+    # field agreement credits the right keys and each right value, where whole-document equality is all-or-nothing
+    s = score_answer({"content": '{"progress": "other words", "completed": true}'},
+                     {"content": '{"progress": "Found partial results", "completed": true}'})
+    assert (s["json_keys"], s["json_values"], s["json_fields"], s["json_match"]) == (1.0, 0.5, 0.75, 0.0)
+    # a tool call cut off inside its arguments still names the tool: name accuracy credits it, name+arguments does not
+    cut = parse_assistant('<tool_call>{"name": "get_weather", "arguments": {"city": "Os')
+    assert score_answer(cut, gold)["tool_name_match"] == 1.0 and score_answer(cut, gold)["tool_call_match"] == 0.0
     g = gate([dict(cluster=0, label="a", primary_metric="exact_match", base_score=0.0, adapter_score=0.96, share=0.4, n_test=5),
               dict(cluster=1, label="b", primary_metric="chrf", base_score=0.0, adapter_score=0.5, share=0.6, n_test=5)], 0.95)
     assert [c["passed"] for c in g["clusters"]] == [True, False] and g["replaceable_share"] == pytest.approx(0.4)
@@ -137,3 +145,18 @@ def test_specialise_writes_registry_and_gate(workspace):
     # a second run is a new version of each adapter, recorded beside the first
     specialise(ws, cfg, base_config("micro", steps=4, max_length=96), clusters=[saved["clusters"][0]["cluster"]])
     assert [r["version"] for r in read_registry(ws)][-1] == 2
+
+
+def test_long_prompt_is_cut_in_the_middle_and_the_answer_kept(calls):
+    tok = train_tokenizer(render_texts(calls.head(40)), 512)
+    ex = call_example(calls.row(0, named=True))
+    ex["messages"][-1]["content"] = "filler words " * 200 + ex["messages"][-1]["content"]
+    enc = encode_example(ex, tok, 96)
+    prompt = tok(tok.apply_chat_template(ex["messages"], tools=ex["tools"] or None, add_generation_prompt=True,
+                                         tokenize=False), add_special_tokens=False)["input_ids"]
+    answer = [t for t in enc["labels"] if t != -100]
+    n_prompt = len(enc["input_ids"]) - len(answer)
+    assert len(enc["input_ids"]) == 96 and len(prompt) > 96
+    assert answer[-2] == tok.eos_token_id  # the whole answer, up to its end-of-turn token
+    head = enc["input_ids"][:n_prompt]
+    assert head[:10] == prompt[:10] and head[-10:] == prompt[-10:]  # system prompt and latest request both kept
