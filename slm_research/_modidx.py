@@ -412,7 +412,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'slm_research.corpus.text_fields': ('corpus.html#text_fields', 'slm_research/corpus.py')},
             'slm_research.docs': { 'slm_research.docs._directives': ('docs.html#_directives', 'slm_research/docs.py'),
                                    'slm_research.docs._output_markdown': ('docs.html#_output_markdown', 'slm_research/docs.py'),
-                                   'slm_research.docs._title': ('docs.html#_title', 'slm_research/docs.py'),
                                    'slm_research.docs.assemble_site_source': ('docs.html#assemble_site_source', 'slm_research/docs.py'),
                                    'slm_research.docs.build_readme': ('docs.html#build_readme', 'slm_research/docs.py'),
                                    'slm_research.docs.build_site': ('docs.html#build_site', 'slm_research/docs.py'),
