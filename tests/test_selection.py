@@ -1,11 +1,14 @@
 "S4: filtering and ranking on a small hand-made catalog, and the real catalog's sourcing."
 import json
+import re
 
 import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from slm_research.selection import Constraints, Weights, load_catalog, rank_models, requirements, select_cmd, select_models
+from slm_research.models import load_arch_configs
+from slm_research.selection import (BENCHMARKS, Constraints, Weights, catalog_path, load_catalog, rank_models, requirements,
+                                    select_cmd, select_models)
 
 CATALOG = pl.DataFrame([
     dict(name="small-apache", params_b=0.5, context_length=32768, license="Apache-2.0", open_weights=True, tool_calling=True, ifeval=60.0, bfcl=40.0, arch_config=None, in_paper=False),
@@ -52,12 +55,55 @@ def test_ranking_order_and_weights():
     assert passing(req, weights=Weights(small=0)) == ["big", "mid-mit", "small-apache"]
 
 
+def test_code_and_reasoning_scores_count_only_when_needed():
+    cat = pl.DataFrame([dict(name=n, params_b=1.0, context_length=32768, license="MIT", open_weights=True, tool_calling=False,
+                             ifeval=60.0, code=c, code_benchmark="HumanEval", reasoning=r, reasoning_benchmark="GSM8K", arch_config=None)
+                        for n, c, r in (("coder", 80.0, 20.0), ("thinker", 20.0, 80.0))])
+    rank = lambda profile, **kw: rank_models(cat, requirements(profile, Constraints(**kw)), configs={})
+    assert rank({"code_share": 0.9})["model"].to_list() == ["coder", "thinker"]
+    assert rank({}, reasoning_heavy=True)["model"].to_list() == ["thinker", "coder"]
+    assert rank({"reasoning_share": 0.5})["model"].to_list() == ["thinker", "coder"]
+    assert rank({})["score"].n_unique() == 1  # a plain text cluster counts neither
+    reasons = rank({"code_share": 0.9}).filter(pl.col("model") == "coder")["reasons"][0].to_list()
+    assert "code 80.0 (HumanEval) (+0.80)" in reasons
+
+
 def test_real_catalog_is_sourced():
     cat = load_catalog()
     assert len(cat) >= 15 and cat["params_b"].min() >= 0.1 and cat["params_b"].max() <= 10
     assert cat["source_params"].null_count() == 0
-    scored = cat.filter(pl.col("ifeval").is_not_null() | pl.col("bfcl").is_not_null())
-    assert scored["source_scores"].null_count() == 0
+    # every non-empty benchmark cell names its variant and a source (a URL, an arXiv paper or a repository file)
+    for col, (variant, source) in BENCHMARKS.items():
+        scored = cat.filter(pl.col(col).is_not_null())
+        assert scored[variant].null_count() == 0 and scored[source].null_count() == 0, col
+        assert all(re.search(r"https?://|arXiv \d{4}\.\d{4,5}|github\.com/", s) for s in scored[source]), col
+        assert scored[col].is_between(0, 100).all(), col
+    assert cat.filter(pl.col("ifeval").is_not_null()).height >= 10  # the point: the cells are filled where published
+    # an empty benchmark cell is explained
+    unscored = cat.filter(pl.all_horizontal(pl.col(c).is_null() for c in BENCHMARKS))
+    assert unscored["note"].null_count() == 0
+
+
+def test_catalog_memory_and_configs_cover_every_row():
+    cat, configs = load_catalog(), load_arch_configs()
+    for b in (16, 8, 4):
+        assert cat[f"memory_gb_{b}bit"].null_count() == 0
+    assert (cat["memory_gb_16bit"] == (cat["params_b"] * 2).round(2)).all()
+    assert set(cat["arch_config"].drop_nulls()) <= set(configs)
+    assert cat.filter(pl.col("arch_config").is_null())["note"].null_count() == 0  # why there is no config
+
+
+def test_catalog_rejects_unsourced_scores_and_duplicates(tmp_path):
+    raw = pl.read_csv(catalog_path())
+    raw.with_columns(source_bfcl=pl.when(pl.col("name") == "xLAM-2-8b-fc-r").then(None).otherwise(pl.col("source_bfcl"))).write_csv(tmp_path / "a.csv")
+    with pytest.raises(ValueError, match="xLAM-2-8b-fc-r: bfcl has no source_bfcl"):
+        load_catalog(tmp_path / "a.csv")
+    pl.concat([raw, raw.head(1)]).write_csv(tmp_path / "b.csv")
+    with pytest.raises(ValueError, match="duplicate names"):
+        load_catalog(tmp_path / "b.csv")
+    raw.drop("license").write_csv(tmp_path / "c.csv")
+    with pytest.raises(ValueError, match="missing columns"):
+        load_catalog(tmp_path / "c.csv")
 
 
 def test_select_cli(tmp_path):
@@ -73,3 +119,6 @@ def test_select_cli(tmp_path):
     (tmp_path / "bad.json").write_text('{"x": 1}')
     bad = CliRunner().invoke(select_cmd, ["--clusters", str(tmp_path / "bad.json")])
     assert bad.exit_code != 0 and "clusters" in bad.output
+    heavy = CliRunner().invoke(select_cmd, ["--clusters", str(tmp_path / "c.json"), "--reasoning-heavy", "--out", str(tmp_path / "h.json")])
+    assert heavy.exit_code == 0 and "needs tool_calling, reasoning" in heavy.output
+    assert json.loads((tmp_path / "h.json").read_text())["selections"][0]["requirements"]["reasoning"] is True
