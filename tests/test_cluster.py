@@ -85,8 +85,27 @@ def test_cli_keeps_fields_and_quarantines_bad_lines(tmp_path):
 
 
 def test_bfcl_beats_tfidf_baseline(shared_external):
+    """The baseline is told k=8. Default path: beats it choosing k itself and told k. Fast path: told k, both metrics; alone, NMI
+    (its ARI alone is just below the baseline's: it splits the 8 API classes into ~16 clusters, see notebook 12)."""
     b = pl.read_ndjson(shared_external / "bfcl_multiturn_turn_domain.jsonl").with_row_index("n").with_columns(id=pl.col("n").cast(pl.String))
     base = score_clusters(b["label"], tfidf_kmeans_baseline(b["text"].to_list(), 8))
-    for cfg in (ClusterConfig(), ClusterConfig.fast()):
+    for cfg in (ClusterConfig(), ClusterConfig(k=8), ClusterConfig.fast(k=8)):
         ours = score_clusters(b["label"], cluster_calls(b, cfg)["cluster"])
-        assert ours["nmi"] > base["nmi"] and ours["ari"] > base["ari"], (cfg.embedder, ours, base)
+        assert ours["nmi"] > base["nmi"] and ours["ari"] > base["ari"], (cfg.embedder, cfg.k, ours, base)
+    fast = score_clusters(b["label"], cluster_calls(b, ClusterConfig.fast())["cluster"])
+    assert fast["nmi"] > base["nmi"], (fast, base)
+
+
+def test_duplicated_task_is_a_cluster_not_outliers():
+    "A task sent many times with few distinct texts (a fixed template) must form its own cluster, not outliers."
+    frame, gold = calls(150)
+    judge = {"role": "assistant", "content": "Engineer"}
+    extra = [dict(id=f"j{i}", timestamp=datetime(2025, 3, 1, tzinfo=timezone.utc), agent="a", session="s", user="u", model="m",
+                  messages=json.dumps([{"role": "system", "content": "You are a QA engineer."},
+                                       {"role": "user", "content": f"Judge the test run {i % 4} and answer NoOne, Engineer or QaEngineer."}]),
+                  tools="[]", response=json.dumps(judge), latency_ms=1.0, prompt_tokens=20, completion_tokens=1) for i in range(60)]
+    frame = pl.concat([frame, pl.DataFrame(extra, schema=CLEAN_SCHEMA)])
+    gold = gold + ["judge"] * 60
+    res = fit_clusters(frame, ClusterConfig(seed=1))
+    s = score_clusters(gold, res.assignments["cluster"])
+    assert s["nmi"] == 1.0 and s["outlier_share"] == 0.0, s
