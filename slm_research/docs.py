@@ -84,10 +84,11 @@ FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect wi
            '<text x="8" y="12" font-size="10" text-anchor="middle" fill="white" font-family="sans-serif">S</text></svg>')
 
 def latest_run(runs: Path | None = None, profile: str | None = None) -> Path | None:
-    "The newest run folder with a summary (of `profile`, when given)."
+    "The most recently started run folder with a summary (of `profile`, when given), as its `summary.json` says."
     runs = Path(runs or paths(mkdir=False).runs)
-    found = sorted(d for d in runs.glob("*/summary.json") if profile is None or d.parent.name.split("-")[2:3] == [profile])
-    return found[-1].parent if found else None
+    summaries = [(json.loads(f.read_text()), f.parent) for f in runs.glob("*/summary.json")]
+    found = sorted((s["started"], d) for s, d in summaries if profile is None or s["profile"] == profile)
+    return found[-1][1] if found else None
 
 def exported_modules() -> list[str]:
     "The modules nbdev exported, from its index `slm_research._modidx`."

@@ -126,6 +126,26 @@ def test_scores_compare_parsed_json_and_tool_calls():
     assert [c["passed"] for c in g["clusters"]] == [True, False] and g["replaceable_share"] == pytest.approx(0.4)
 
 
+def test_decision_fields_are_what_the_agents_act_on():
+    "On the embedded corpus: verdicts, flags and routing fields are decision fields; prose and code are not."
+    from collections import defaultdict
+    from slm_research.corpus import generate_records
+    from slm_research.finetune import answer_profile
+    answers = defaultdict(list)
+    for r, g, _ in generate_records(1500, 4):
+        if r["response"]: answers[g["subtask"]].append(r["response"]["choices"][0]["message"])
+    assert answer_profile(answers["success_detection"]) == {"kind": "fields", "fields": ["Success"]}
+    assert answer_profile(answers["judge_test_run"]) == {"kind": "fields", "fields": ["Send To", "Status"]}
+    assert answer_profile(answers["goal_check"]) == {"kind": "fields", "fields": ["completed", "progress"]}
+    assert answer_profile(answers["code_review"])["fields"] == ["Code Review Result"]
+    for free_text in ("write_code", "write_test", "task_inference"): assert answer_profile(answers[free_text])["kind"] == "text"
+    gold = answers["success_detection"][0]
+    verdict = gold["content"].rsplit("Success: ", 1)[1]
+    right = {"content": f"Reasoning: worded otherwise\nSuccess: {verdict}"}
+    wrong = {"content": gold["content"].rsplit("Success: ", 1)[0] + f"Success: {verdict == 'False'}"}  # same words, other verdict
+    assert score_answer(right, gold, ["Success"])["field_match"] == 1.0
+    assert score_answer(wrong, gold, ["Success"])["field_match"] == 0.0
+
 @pytest.mark.slow
 def test_specialise_writes_registry_and_gate(workspace):
     ws = synthetic_workspace(workspace.processed, n=160, seed=1)

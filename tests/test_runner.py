@@ -56,3 +56,14 @@ def test_failure_names_notebook_and_error_and_skips_the_rest(mini_workspace):
 def test_unknown_profile_is_a_clear_error(mini_workspace):
     res = CliRunner().invoke(main, ["run", "--profile", "nope", "--run-dir", str(mini_workspace / "runs" / "r3")])
     assert res.exit_code != 0
+
+
+def test_latest_run_goes_by_the_summary_not_the_folder_name(tmp_path):
+    from slm_research.docs import latest_run
+    for name, profile, started in [("latest-ci", "ci", "2026-01-02T00:00:00+00:00"), ("b-demo", "demo", "2026-01-03T00:00:00+00:00"),
+                                   ("a-ci", "ci", "2026-01-01T00:00:00+00:00")]:
+        (tmp_path/name).mkdir()
+        (tmp_path/name/"summary.json").write_text(json.dumps({"profile": profile, "started": started, "results": []}))
+    assert latest_run(tmp_path, "ci") == tmp_path/"latest-ci"
+    assert latest_run(tmp_path) == tmp_path/"b-demo"
+    assert latest_run(tmp_path, "paper") is None
