@@ -495,6 +495,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                        'slm_research.finetune.selected_clusters': ( 'finetune.html#selected_clusters',
                                                                                     'slm_research/finetune.py'),
                                        'slm_research.finetune.sft_dataset': ('finetune.html#sft_dataset', 'slm_research/finetune.py'),
+                                       'slm_research.finetune.specialisation_order': ( 'finetune.html#specialisation_order',
+                                                                                       'slm_research/finetune.py'),
                                        'slm_research.finetune.specialise': ('finetune.html#specialise', 'slm_research/finetune.py'),
                                        'slm_research.finetune.specialise_cluster': ( 'finetune.html#specialise_cluster',
                                                                                      'slm_research/finetune.py'),
