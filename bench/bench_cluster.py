@@ -18,8 +18,8 @@ def masked_calls(n, seed):
     "The masked (CLEAN_SCHEMA) corpus of n calls and its gold sub-tasks, made once and cached."
     import polars as pl
     from slm_research.cluster import cache_dir
-    out = cache_dir() / "bench" / f"clean-n{n}-s{seed}.parquet"
-    from slm_research.corpus import generate_corpus
+    from slm_research.corpus import CORPUS_VERSION, generate_corpus
+    out = cache_dir() / "bench" / f"clean-n{n}-s{seed}-v{CORPUS_VERSION}.parquet"  # a new generator makes new calls
     d = generate_corpus(n, seed, progress=False)
     if not out.exists():
         from slm_research.capture import to_frame
