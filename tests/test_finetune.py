@@ -71,6 +71,40 @@ def test_adapter_trains_only_adapter_weights_and_reloads(method, calls, base, tm
     assert not torch.allclose(_logits(reloaded, tok2), _logits(fresh, tok))  # the adapter does something
 
 
+def _kl_to(teacher, student, tok, frame, n=8):
+    "Mean KL(teacher || student) over the answer tokens of the first `n` calls of `frame`."
+    total = 0.0
+    for row in frame.head(n).iter_rows(named=True):
+        enc = encode_example(call_example(row), tok, 96)
+        ids, answer = torch.tensor([enc["input_ids"]]), torch.tensor(enc["labels"][1:]) != -100
+        with torch.no_grad():
+            s = torch.log_softmax(student(input_ids=ids).logits[0, :-1][answer], -1)
+            t = torch.log_softmax(teacher(input_ids=ids).logits[0, :-1][answer], -1)
+        total += torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean").item()
+    return total / n
+
+
+def test_full_finetuning_then_distillation_from_that_local_teacher(calls, base, tmp_path):
+    frame = calls.filter(pl.col("task") == "extract")
+    full = finetune(frame, FinetuneConfig(base=str(base), method="full", steps=30, lr=3e-3, batch_size=4, max_length=96,
+                                          save_steps=100, seed=0), tmp_path/"teacher")
+    assert full.last_loss < full.first_loss * 0.85, full.losses
+    fresh, tok = load_base(base)
+    before = dict(fresh.named_parameters())
+    changed = [n for n, p in full.model.named_parameters() if not torch.equal(p.detach(), before[n].detach())]
+    assert len(changed) > len(before) // 2  # full fine-tuning moves the base weights themselves
+    teacher, _ = load_adapter(tmp_path/"teacher")
+    kd = finetune(frame, FinetuneConfig(base=str(base), method="distill", teacher=str(tmp_path/"teacher"), steps=30, lr=2e-2,
+                                        batch_size=4, max_length=96, rank=8, alpha=16, kd_alpha=0.9, save_steps=100, seed=0),
+                  tmp_path/"student")
+    sft = finetune(frame, FinetuneConfig(base=str(base), method="lora", steps=30, lr=2e-2, batch_size=4, max_length=96, rank=8,
+                                         alpha=16, save_steps=100, seed=0), tmp_path/"sft")
+    student, _ = load_adapter(tmp_path/"student")
+    held_out = frame.filter(pl.col("split") != "train")
+    kl = {name: _kl_to(teacher, m, tok, held_out) for name, m in (("base", fresh), ("sft", sft.model), ("distilled", student))}
+    assert kl["distilled"] < 0.9 * kl["sft"] < kl["base"], kl  # the KL term pulls the student toward its teacher beyond what its answers teach
+    assert json.loads((tmp_path/"student"/"meta.json").read_text())["method"] == "distill" and kd.last_loss < kd.first_loss
+
 _KILLABLE = """
 import sys, polars as pl
 from slm_research.finetune import FinetuneConfig, finetune, split_by_session, synthetic_calls
