@@ -85,7 +85,7 @@ def corpus_frame():
     "A small embedded corpus (raw text, in memory only) with each call's true sub-task as its cluster."
     from slm_research.capture import to_frame
     from slm_research.corpus import generate_corpus, iter_jsonl, read_gold
-    folder = generate_corpus(240, seed=5, progress=False)
+    folder = generate_corpus(600, seed=5, progress=False)
     frame = to_frame(iter_jsonl(folder/"calls.jsonl"))
     gold = read_gold(folder).select("id", "subtask")
     tasks = sorted(gold["subtask"].unique().to_list())
