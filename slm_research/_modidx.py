@@ -502,6 +502,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                      'slm_research/finetune.py'),
                                        'slm_research.finetune.split_by_session': ( 'finetune.html#split_by_session',
                                                                                    'slm_research/finetune.py'),
+                                       'slm_research.finetune.split_rows': ('finetune.html#split_rows', 'slm_research/finetune.py'),
                                        'slm_research.finetune.synthetic_calls': ( 'finetune.html#synthetic_calls',
                                                                                   'slm_research/finetune.py'),
                                        'slm_research.finetune.synthetic_workspace': ( 'finetune.html#synthetic_workspace',
