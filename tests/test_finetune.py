@@ -12,17 +12,18 @@ import pytest
 import torch
 
 from slm_research.core import CLEAN_SCHEMA, check_schema
-from slm_research.finetune import (FinetuneConfig, base_config, build_stand_in_base, call_example, cluster_frame, encode_example,
+from slm_research.finetune import (FinetuneConfig, base_config, build_stand_in_base, call_example, encode_example,
                                    evaluate, finetune, render_texts, train_tokenizer,
-                                   gate, last_checkpoint, load_adapter, load_base, parse_assistant, read_registry, score_answer,
-                                   specialise, split_by_session, synthetic_calls, synthetic_workspace)
+                                   last_checkpoint, load_adapter, load_base, parse_assistant, score_answer,
+                                   specialise, synthetic_calls, synthetic_workspace)
+from slm_research.workspace import Workspace, build_gate, split_by_session
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def calls():
-    return split_by_session(synthetic_calls(160, seed=3), seed=3)
+    return split_by_session(synthetic_calls(160, seed=3), (0.8, 0.1, 0.1), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +108,9 @@ def test_full_finetuning_then_distillation_from_that_local_teacher(calls, base, 
 
 _KILLABLE = """
 import sys, polars as pl
-from slm_research.finetune import FinetuneConfig, finetune, split_by_session, synthetic_calls
-calls = split_by_session(synthetic_calls(160, seed=3), seed=3).filter(pl.col("task") == "summary")
+from slm_research.finetune import FinetuneConfig, finetune, synthetic_calls
+from slm_research.workspace import split_by_session
+calls = split_by_session(synthetic_calls(160, seed=3), (0.8, 0.1, 0.1), seed=3).filter(pl.col("task") == "summary")
 finetune(calls, FinetuneConfig(base=sys.argv[1], steps=400, save_steps=3, lr=1e-2, batch_size=2, max_length=96,
                                rank=4, alpha=8, num_threads=1), sys.argv[2])
 """
@@ -155,8 +157,8 @@ def test_scores_compare_parsed_json_and_tool_calls():
     # a tool call cut off inside its arguments still names the tool: name accuracy credits it, name+arguments does not
     cut = parse_assistant('<tool_call>{"name": "get_weather", "arguments": {"city": "Os')
     assert score_answer(cut, gold)["tool_name_match"] == 1.0 and score_answer(cut, gold)["tool_call_match"] == 0.0
-    g = gate([dict(cluster=0, label="a", primary_metric="exact_match", base_score=0.0, adapter_score=0.96, share=0.4, n_test=5),
-              dict(cluster=1, label="b", primary_metric="chrf", base_score=0.0, adapter_score=0.5, share=0.6, n_test=5)], 0.95)
+    g = build_gate([dict(cluster=0, label="a", primary_metric="exact_match", base_score=0.0, adapter_score=1.0, share=0.4, n_test=80),
+                    dict(cluster=1, label="b", primary_metric="chrf", base_score=0.0, adapter_score=0.5, share=0.6, n_test=80)], 0.95)
     assert [c["passed"] for c in g["clusters"]] == [True, False] and g["replaceable_share"] == pytest.approx(0.4)
 
 
@@ -181,24 +183,27 @@ def test_decision_fields_are_what_the_agents_act_on():
     assert score_answer(wrong, gold, ["Success"])["field_match"] == 0.0
 
 @pytest.mark.slow
-def test_specialise_writes_registry_and_gate(workspace):
+def test_specialise_scores_zero_shot_then_trains_registers_and_gates(workspace, base):
     ws = synthetic_workspace(workspace.processed, n=160, seed=1)
-    check_schema(pl.read_parquet(ws/"calls_clean.parquet"), CLEAN_SCHEMA, "test")
-    cfg = FinetuneConfig(steps=4, batch_size=4, max_length=96, n_eval=3, max_new_tokens=16, rank=4, alpha=8)
-    result = specialise(ws, cfg, base_config("micro", steps=4, max_length=96), max_clusters=2, threshold=0.95)
-    saved = json.loads((ws/"gate.json").read_text())
-    assert saved["threshold"] == 0.95 and len(saved["clusters"]) == 2
+    check_schema(ws.read_calls(), CLEAN_SCHEMA, "test")
+    cfg = FinetuneConfig(base=str(base), steps=4, batch_size=4, max_length=96, n_eval=3, max_new_tokens=16, rank=4, alpha=8,
+                         max_clusters=2)
+    result = specialise(ws, cfg)
+    saved = ws.read_gate()
+    assert saved["threshold"] == 0.95 and saved["min_test_calls"] == 73 and len(saved["clusters"]) == 2
     for row in saved["clusters"]:
-        assert {"cluster", "label", "primary_metric", "base_score", "adapter_score", "teacher_score", "agreement",
-                "passed", "share", "n_test"} <= set(row)
-        assert (ws/row["path"]/"adapter_config.json").exists()
-    reg = read_registry(ws)
-    assert [r["status"] for r in reg] == ["promoted" if c["passed"] else "rejected" for c in saved["clusters"]]
-    assert all(r["data_hash"] and r["reason"] for r in reg)
-    assert result["replaceable_share"] == pytest.approx(sum(c["share"] for c in saved["clusters"] if c["passed"]))
-    # a second run is a new version of each adapter, recorded beside the first
-    specialise(ws, cfg, base_config("micro", steps=4, max_length=96), clusters=[saved["clusters"][0]["cluster"]])
-    assert [r["version"] for r in read_registry(ws)][-1] == 2
+        assert {"cluster", "label", "primary_metric", "base_score", "base_interval", "adapter_score", "adapter_interval",
+                "teacher_score", "agreement", "agreement_interval", "passed", "share", "n_test"} <= set(row)
+        assert row["base_interval"][0] <= row["base_score"] <= row["base_interval"][1]
+        assert not row["passed"]                          # 3 held-out calls can never pass a 95% gate
+        assert (ws.root/row["path"]/"adapter_config.json").exists()
+    reg = ws.registry().records
+    assert [r.status for r in reg] == ["rejected", "rejected"] and all(r.data_hash and r.reason for r in reg)
+    assert "at least 73" in reg[0].reason
+    assert result["replaceable_share"] == 0.0
+    # a second run is a new version of one cluster's adapter, recorded beside the first; the other rows are kept
+    specialise(ws, cfg, clusters=[saved["clusters"][0]["cluster"]])
+    assert [r.version for r in ws.registry().records][-1] == 2 and len(ws.read_gate()["clusters"]) == 2
 
 
 def test_long_prompt_is_cut_in_the_middle_and_the_answer_kept(calls):

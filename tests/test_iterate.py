@@ -8,8 +8,10 @@ import polars as pl
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from slm_research.iterate import (AdapterRecord, IterateConfig, Registry, RequestAssigner, Route, Router, call_text, cluster_shares,
-                                  decide_promotion, js_divergence, load_router, measure_drift, psi, validate_message)
+from slm_research.iterate import (IterateConfig, RequestAssigner, call_text, cluster_shares, decide_promotion, js_divergence,
+                                  measure_drift, psi)
+from slm_research.serve import Route, Router, load_router, validate_message
+from slm_research.workspace import AdapterRecord, Registry, Workspace
 
 
 # --- drift metrics --------------------------------------------------------------------------------------------------
@@ -170,18 +172,19 @@ def test_router_validation_catches_what_an_agent_would_choke_on():
 def test_iterate_round_finds_the_new_task_retrains_and_routes(workspace):
     from slm_research.cluster import ClusterConfig, fit_clusters, write_outputs
     from slm_research.core import CLEAN_SCHEMA
-    from slm_research.finetune import FinetuneConfig, base_config, specialise, synthetic_calls
-    from slm_research.iterate import iterate, write_json_atomic
+    from slm_research.finetune import FinetuneConfig, base_config, build_stand_in_base, specialise, synthetic_calls
+    from slm_research.iterate import iterate
     ws = workspace.processed
     first = synthetic_calls(180, seed=0, tasks=("weather", "extract", "sentiment"))
-    first.select(list(CLEAN_SCHEMA)).write_parquet(ws/"calls_clean.parquet")
+    Workspace(ws).write_calls(first)
     fitted = fit_clusters(first.select(list(CLEAN_SCHEMA)), ClusterConfig(embedder="static", reducer="pca", k=3, seed=0))
     write_outputs(first.select(list(CLEAN_SCHEMA)), fitted, ws)
-    write_json_atomic(ws/"selection.json", {"selections": [{"cluster": c, "label": l, "choice": "stand-in"}
-                                                           for c, l in zip(fitted.clusterer.clusters, fitted.clusterer.labels)]})
+    Workspace(ws).write_selection({"selections": [{"cluster": c, "label": l, "choice": "stand-in"}
+                                                  for c, l in zip(fitted.clusterer.clusters, fitted.clusterer.labels)]})
+    base = build_stand_in_base(first, base_config("micro", steps=8), ws/"base")
     # gate at 0 so S5 promotes its adapters whatever a micro model learns in a few steps: this test is about the loop
-    gate0 = specialise(ws, FinetuneConfig(steps=10, batch_size=8, max_length=128, rank=4, alpha=8, n_eval=6, max_new_tokens=24),
-                       base=base_config("micro", steps=8), max_clusters=1, threshold=0.0, seed=0)
+    gate0 = specialise(ws, FinetuneConfig(base=str(base), steps=10, batch_size=8, max_length=128, rank=4, alpha=8, n_eval=6,
+                                          max_new_tokens=24, max_clusters=1, threshold=0.0, always_train=True, seed=0))
     assert sum(g["passed"] for g in gate0["clusters"]) == 1
 
     # a new batch: the weather share collapses and a task no cluster knows (status summaries) appears
@@ -196,11 +199,11 @@ def test_iterate_round_finds_the_new_task_retrains_and_routes(workspace):
     in_new = placed.filter(pl.col("cluster") == new)
     assert in_new.height >= 0.8 * batch.filter(pl.col("task") == "summary").height
     assert (in_new["task"] == "summary").mean() >= 0.9                   # the new cluster is the new task
-    reg = Registry(ws/"registry.json")
+    reg = Workspace(ws).registry()
     s6 = [r for r in reg.records if r.round == 1]
     assert s6 and all(r.status in ("promoted", "rejected") and r.data_hash and (ws/r.path/"meta.json").exists() for r in s6)
     assert {dd.cluster for dd in res.decisions if dd.version} == {r.cluster for r in s6}
-    gate = json.loads((ws/"gate.json").read_text())
+    gate = Workspace(ws).read_gate()
     assert gate["replaceable_share"] == pytest.approx(sum(g["share"] for g in gate["clusters"] if g["passed"]))
     assert json.loads(res.report_path.read_text())["drift"]["new_clusters"][0]["cluster"] == new
     # the same batch again adds nothing

@@ -1,0 +1,67 @@
+"""The README's "own logs" commands, run as a user would (subprocesses in a fresh workspace), on real BFCL chat logs."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [str(Path(sys.executable).parent/"slm-research")]
+TRAIN = ["--max-clusters", "1", "--steps", "2", "--n-eval", "4", "--batch-size", "4", "--max-length", "192"]
+
+
+@pytest.fixture(scope="module")
+def user_workspace(tmp_path_factory, shared_external):
+    "A fresh workspace folder (settings.ini and nbs/) and a slice of BFCL's live chat logs outside it."
+    ws = tmp_path_factory.mktemp("ws")
+    shutil.copy(ROOT/"settings.ini", ws/"settings.ini"); (ws/"nbs").mkdir()
+    lines = (shared_external/"bfcl_live_calls.jsonl").read_text().splitlines()[:160]
+    logs = tmp_path_factory.mktemp("logs")/"calls.jsonl"
+    logs.write_text("\n".join(lines) + "\n")
+    return ws, logs
+
+
+def run(ws: Path, *args: str, timeout: int = 900) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLM_")} | {"SLM_THREADS": "2"}
+    proc = subprocess.run([*CLI, *args], cwd=ws, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_step_by_step_commands_chain_on_real_logs(user_workspace):
+    ws, logs = user_workspace
+    run(ws, "capture", "keygen")
+    out = run(ws, "capture", "import", str(logs), "--format", "openai")
+    assert "160" in out
+    run(ws, "clean")
+    processed = ws/"data"/"processed"/"dev"
+    calls = pl.read_parquet(processed/"calls_clean.parquet")
+    assert calls.height + sum(1 for _ in open(processed/"clean_quarantine.jsonl")) == 160
+    run(ws, "cluster")
+    assert pl.read_parquet(processed/"clusters.parquet").height == calls.height
+    out = run(ws, "select")
+    assert "S5 trains on: SmolLM2-135M-Instruct" in out
+    out = run(ws, "finetune", *TRAIN)
+    gate = json.loads((processed/"gate.json").read_text())
+    row = gate["clusters"][0]
+    assert row["primary_metric"] == "tool_name_match" and row["n_test"] > 0
+    assert row["base_interval"][0] <= row["base_score"] <= row["base_interval"][1]
+    assert "zero-shot" in out and "replaceable share" in out
+    assert logs.read_text().count("\n") == 160          # the input was only read
+
+
+@pytest.mark.slow
+def test_pipeline_command_runs_the_chain_from_a_fresh_workspace(user_workspace, tmp_path):
+    _, logs = user_workspace
+    ws = tmp_path/"fresh"; ws.mkdir()
+    shutil.copy(ROOT/"settings.ini", ws/"settings.ini"); (ws/"nbs").mkdir()
+    out = run(ws, "pipeline", "--logs", str(logs), "--format", "openai", *TRAIN)
+    for step in ("S1 capture", "S2 masking", "S3 clustering", "S4 selection", "S5 fine-tuning"): assert f"{step}: done" in out
+    assert "tool name: zero-shot" in out and "replaceable share" in out
+    gate = json.loads((ws/"data"/"processed"/"dev"/"gate.json").read_text())
+    assert {"base_score", "adapter_score", "adapter_tool_call_match", "agreement_interval"} <= set(gate["clusters"][0])
