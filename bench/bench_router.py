@@ -26,7 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from slm_research.capture import create_app, demo_upstream_app, serve, to_frame  # noqa: E402
 from slm_research.core import paths  # noqa: E402
 from slm_research.corpus import generate_corpus, iter_jsonl, read_gold  # noqa: E402
-from slm_research.iterate import RequestAssigner, Route, Router  # noqa: E402
+from slm_research.iterate import RequestAssigner  # noqa: E402
+from slm_research.serve import Route, Router  # noqa: E402
 
 
 def requests_of(frame: pl.DataFrame) -> list[dict]:

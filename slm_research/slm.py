@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .finetune import CHAT_TEMPLATE, MARKUP_TOKENS, fit_prompt, normalise_message, parse_assistant
+from .calls import CHAT_TEMPLATE, MARKUP_TOKENS, fit_prompt, normalise_message, parse_assistant
 
 # %% auto #0
 __all__ = ['EMBEDDED', 'MODEL_NAME', 'PACKAGE', 'PACKAGE_VERSION', 'TOOL_CALL', 'embedded_gguf', 'sha256_file', 'convert_gguf',
