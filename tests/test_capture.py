@@ -267,6 +267,7 @@ def test_importers_read_each_format(tmp_path):
         {"key": "gen_ai.completion.0.role", "value": {"stringValue": "assistant"}}, {"key": "gen_ai.completion.0.content", "value": {"stringValue": "yo"}}]}]}]}]}
     (r,) = parse_lines([json.dumps(old_style)], "otel", "a")
     assert r["response"]["choices"][0]["message"]["content"] == "yo" and r["session_id"] == "t"
+    assert list(parse_lines([json.dumps(old_style)], "otlp", "a")) == [r]   # otlp: the same format
 
 
 def valid_raw(i: int) -> dict:
@@ -606,3 +607,25 @@ def test_kill_9_during_load_loses_only_calls_in_flight(tmp_path, keys):
     logged = {r["request"]["messages"][0]["content"] for r in read_store(tmp_path/"store", load_private_keys(keys["private"]), rep)}
     assert sorted(answered - logged) == []          # every call whose answer a client saw is in the store
     assert all(not r.sealed for r in rep if r.segment.endswith(".open"))
+
+
+def test_background_writer_is_bounded_and_writes_before_it_answers(tmp_path, keys):
+    import queue
+    import threading
+    from slm_research.capture import BackgroundWriter
+    seg = SegmentWriter(tmp_path/"store", keys["public"], Pseudonymizer(keys["pseudonym"]))
+    gate, real = threading.Event(), seg.append_many
+    seg.append_many = lambda records: (gate.wait(10), real(records))   # a disk that stalls
+    bw = BackgroundWriter(seg, max_queue=2)
+    first = bw.submit(valid_raw(0))
+    while bw._q.qsize(): pass                                           # the writer thread holds the first record
+    queued = [bw.submit(valid_raw(i)) for i in (1, 2)]
+    with pytest.raises(queue.Full):
+        bw.submit(valid_raw(3), block=False)                            # back-pressure, not a silent drop
+    assert not first.done() and list(read_store(tmp_path/"store", load_private_keys(keys["private"]))) == []
+    gate.set()
+    for f in [first, *queued]: f.result(10)
+    ids = [r["id"] for r in read_store(tmp_path/"store", load_private_keys(keys["private"]))]
+    assert ids == ["ok-0", "ok-1", "ok-2"]                              # done means readable, before close
+    bw.close()
+    assert [p.suffix for p in list_segments(tmp_path/"store")] == [".seg"]
