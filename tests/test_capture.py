@@ -477,6 +477,8 @@ def test_export_parquet_is_private_reimport_adds_no_duplicates_key_errors_are_on
     assert res.exit_code == 0, res.output
     assert oct(out.stat().st_mode & 0o777) == "0o600"
     assert pl.read_parquet(out).height == 25 and "50 records read = 25 out + 25 duplicates" in res.output
+    res = runner.invoke(capture_cmd, ["export", "--store", str(store), "--out", str(tmp_path/"missing"/"x.parquet")])
+    assert res.exit_code == 1 and "create it first" in res.output and not (tmp_path/"missing").exists()
     res = runner.invoke(capture_cmd, ["export", "--store", str(store), "--key", str(tmp_path/"nope.pem")])
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
     assert res.output.strip().splitlines() == [f"Error: no analyst private key at {tmp_path/'nope.pem'}"]
