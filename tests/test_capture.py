@@ -267,6 +267,7 @@ def test_importers_read_each_format(tmp_path):
         {"key": "gen_ai.completion.0.role", "value": {"stringValue": "assistant"}}, {"key": "gen_ai.completion.0.content", "value": {"stringValue": "yo"}}]}]}]}]}
     (r,) = parse_lines([json.dumps(old_style)], "otel", "a")
     assert r["response"]["choices"][0]["message"]["content"] == "yo" and r["session_id"] == "t"
+    assert list(parse_lines([json.dumps(old_style)], "otlp", "a")) == [r]   # otlp: the same format
 
 
 def valid_raw(i: int) -> dict:
@@ -317,3 +318,316 @@ def test_cli_keygen_import_export(tmp_path, monkeypatch, workspace):
     res = runner.invoke(capture_cmd, ["export", "--store", str(tmp_path/"store"), "--out", str(tmp_path/"x.parquet")])
     assert res.exit_code == 0, res.output
     assert pl.read_parquet(tmp_path/"x.parquet").height == 30
+
+
+# ---- issue 11, item 4: no raw user id is ever stored ------------------------------------------------
+
+def test_user_ids_are_pseudonymised_in_every_place_they_appear(tmp_path, keys, writer):
+    email = "jane.doe@example.com"
+    with serve(demo_upstream_app()) as up, serve(create_app(up.url, writer)) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], user=email)
+    lines = [json.dumps({"custom_id": "b1", "body": {"model": "m", "user": email, "messages": [{"role": "user", "content": "q"}]}}),
+             json.dumps({"id": "p1", "user": email, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})]
+    for r in parse_lines(lines, "openai", "imp"): writer.append(r)
+    writer.append({**valid_raw(1), "user_id": None, "user": email, "request": {"user": email, "messages": [{"role": "user", "content": "q"}]}})
+    writer.close()
+    blob = b"".join(p.read_bytes() for p in list_segments(tmp_path/"store"))
+    recs = logged(tmp_path, keys)
+    pseudonym = Pseudonymizer(keys["pseudonym"])(email)
+    assert len(recs) == 4 and email.encode() not in blob and email not in json.dumps(recs)
+    assert [r["user_id"] for r in recs] == [pseudonym] * 4
+    assert [r["request"]["user"] for r in recs] == [pseudonym] * 4
+    assert recs[3]["user"] == pseudonym
+
+
+# ---- conversation keys (issue 10) ------------------------------------------------------------------
+
+def conversation_lines(n_conv=40, n_turns=3):
+    "OpenAI chat lines with no session id: each conversation's later turns repeat its opening."
+    lines, owner = [], {}
+    for c in range(n_conv):
+        msgs = [{"role": "system", "content": "You are a travel agent."}, {"role": "user", "content": f"Trip {c}: plan it"}]
+        for t in range(n_turns):
+            lid = f"c{c}-t{t}"
+            lines.append(json.dumps({"id": lid, "messages": msgs + [{"role": "assistant", "content": f"answer {t}"}]}))
+            owner[lid] = c
+            msgs = msgs + [{"role": "assistant", "content": f"answer {t}"}, {"role": "user", "content": f"more {t}"}]
+    return lines, owner
+
+
+def test_conversation_keys_keep_each_conversation_in_one_split(tmp_path, keys, writer):
+    from slm_research.finetune import split_by_session
+    lines, owner = conversation_lines()
+    lines.append(json.dumps({"id": "meta-1", "metadata": {"conversation_id": "conv-x"}, "user": "u1",
+                             "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
+    lines.append(json.dumps({"id": "meta-2", "metadata": {"conversation_id": "conv-x"},
+                             "messages": [{"role": "user", "content": "other opening"}, {"role": "assistant", "content": "c"}]}))
+    for r in parse_lines(lines, "openai", "imp"): writer.append(r)
+    writer.close()
+    frame = export_frame(tmp_path/"store", load_private_keys(keys["private"]))
+    assert frame["session"].null_count() == 0 and frame["session"].str.starts_with("s-").all()
+    sess = dict(zip(frame["id"], frame["session"]))
+    assert len({sess[i] for i in owner}) == 40                                      # one session per conversation
+    assert all(sess[i] == sess[f"c{c}-t0"] for i, c in owner.items())
+    assert sess["meta-1"] == sess["meta-2"]                                          # metadata wins over user and opening
+    split = split_by_session(frame.filter(pl.col("id").is_in(list(owner))))
+    by_conv = split.with_columns(conv=pl.col("id").replace_strict(owner)).group_by("conv").agg(pl.col("split").n_unique())
+    assert by_conv["split"].max() == 1 and split["split"].n_unique() > 1             # no conversation divided, splits used
+
+
+# ---- issue 11, item 5: export reports every gap -----------------------------------------------------
+
+def test_export_reports_truncated_missing_and_empty_segments(tmp_path, keys, monkeypatch):
+    import random
+    import warnings
+    from slm_research.capture import ExportStats, StoreWarning
+    store = tmp_path/"store"
+    w = SegmentWriter(store, keys["public"], Pseudonymizer(keys["pseudonym"]), max_records=30)
+    for i in range(119): w.append(valid_raw(i))
+    a, b, c, crashed = list_segments(store)                   # 30 + 30 + 30 sealed, 29 in the open one
+    full = crashed.read_bytes()
+    cut = random.Random(3).randrange(len(full) // 3, len(full) - 50)
+    crashed.write_bytes(full[:cut])                           # a crash mid-write at a random offset
+    b.unlink()                                                # a deleted segment
+    (store/"seg-00000000T000000000000-empty.open").write_bytes(b"")          # died before the header
+    (store/"seg-00000000T000000000001-short.open").write_bytes(full[:20])    # died inside the header
+    priv = load_private_keys(keys["private"])
+    stats = ExportStats()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = export_frame(store, priv, stats=stats)
+    rep = {r.segment: r for r in stats.segments}
+    assert rep[b.name].status == "missing" and rep[b.name].lost_records == 30
+    part = rep[crashed.name]
+    assert part.status == "partial" and part.n_records + part.lost_records == 29 and part.lost_records > 0
+    assert len(full) - cut <= part.lost_bytes < len(full) - cut + 200   # the cut-off tail plus the partial frame before it
+    assert {r.status for name, r in rep.items() if "empty" in name or "short" in name} == {"skipped"}
+    assert frame.height == 60 + part.n_records
+    assert len([x for x in caught if issubclass(x.category, StoreWarning)]) == 4
+    from slm_research.capture import StoreError
+    with pytest.raises(StoreError, match="--strict"):
+        export_frame(store, priv, strict=True)
+    monkeypatch.setenv("SLM_ANALYST_PRIVATE_KEYS", str(keys["private"]))
+    res = CliRunner().invoke(capture_cmd, ["export", "--store", str(store)])
+    assert res.exit_code == 0 and "lost_bytes" in res.output and "partial" in res.output and "missing" in res.output
+    res = CliRunner().invoke(capture_cmd, ["export", "--store", str(store), "--strict"])
+    assert res.exit_code == 1 and "--strict" in res.output and "Traceback" not in res.output
+    w._f = None
+
+
+# ---- issue 11, item 7: non-object JSON and abandoned calls -----------------------------------------
+
+def slow_stream_app():
+    "An upstream that streams one chunk, then waits: the client gives up in between."
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        async def gen():
+            base = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+            yield b"data: " + json.dumps({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "part"}}]}).encode() + b"\n\n"
+            await asyncio.sleep(3)
+            yield b"data: [DONE]\n\n"
+        return StreamingResponse(gen(), media_type="text/event-stream")
+    return app
+
+
+def test_proxy_rejects_non_object_json_with_400_and_marks_abandoned_calls(tmp_path, keys, writer):
+    import httpx
+    import time
+    with serve(demo_upstream_app()) as up, serve(create_app(up.url, writer)) as proxy:
+        for body in (b"[]", b"42", b"null", b"{not json"):
+            r = httpx.post(proxy.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with serve(demo_upstream_app(delay_s=1.0)) as slow, serve(create_app(slow.url, writer)) as proxy:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "gone"}]}, timeout=0.2)
+        time.sleep(1.5)   # the proxy still gets the upstream's answer, and logs it
+    with serve(slow_stream_app()) as slow, serve(create_app(slow.url, writer)) as proxy:
+        with httpx.stream("POST", proxy.url + "/v1/chat/completions", json={"model": "m", "stream": True,
+                          "messages": [{"role": "user", "content": "left"}]}) as s:
+            next(s.iter_raw())  # one chunk, then the client leaves
+        time.sleep(0.5)
+    writer.close()
+    recs = logged(tmp_path, keys)
+    assert [r["error"].split(":")[0] for r in recs[:4]] == ["invalid request"] * 4
+    assert [r["request"].get("invalid_body", "?") for r in recs[:4]] == [[], 42, None, "?"]
+    assert recs[4]["abandoned"] is True and recs[4]["response"]["choices"][0]["message"]["content"] == "echo: gone"
+    assert recs[5]["abandoned"] is True and recs[5]["response"]["choices"][0]["message"]["content"] == "part"
+    frame = export_frame(tmp_path/"store", load_private_keys(keys["private"]))
+    assert frame["abandoned"].to_list() == [False] * 4 + [True, True]
+
+
+# ---- issue 11, item 8: private Parquet, no duplicates on re-import, one-line key errors ---------------
+
+def test_export_parquet_is_private_reimport_adds_no_duplicates_key_errors_are_one_line(tmp_path, monkeypatch, workspace):
+    monkeypatch.setenv("SLM_KEYS_DIR", str(tmp_path/"k"))
+    runner = CliRunner()
+    assert runner.invoke(capture_cmd, ["keygen"]).exit_code == 0
+    src = tmp_path/"calls.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r, _ in corpus(25)) + "\n")
+    store = tmp_path/"store"
+    for _ in range(2):
+        assert runner.invoke(capture_cmd, ["import", str(src), "--format", "raw", "--store", str(store)]).exit_code == 0
+    out = tmp_path/"x.parquet"
+    res = runner.invoke(capture_cmd, ["export", "--store", str(store), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    assert pl.read_parquet(out).height == 25 and "50 records read = 25 out + 25 duplicates" in res.output
+    res = runner.invoke(capture_cmd, ["export", "--store", str(store), "--out", str(tmp_path/"missing"/"x.parquet")])
+    assert res.exit_code == 1 and "create it first" in res.output and not (tmp_path/"missing").exists()
+    res = runner.invoke(capture_cmd, ["export", "--store", str(store), "--key", str(tmp_path/"nope.pem")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
+    assert res.output.strip().splitlines() == [f"Error: no analyst private key at {tmp_path/'nope.pem'}"]
+    monkeypatch.setenv("SLM_CAPTURE_PUBLIC_KEY", str(tmp_path/"missing.pub"))
+    res = runner.invoke(capture_cmd, ["import", str(src), "--format", "raw", "--store", str(store)])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1 and "no capture public key" in res.output
+
+
+# ---- the real file, end to end through the command line (issue 10) ----------------------------------
+
+def test_cli_imports_and_exports_the_real_bfcl_logs(tmp_path, shared_external, monkeypatch, workspace):
+    import subprocess
+    import sys
+    env = {**os.environ, "SLM_KEYS_DIR": str(tmp_path/"k"), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    cli = [str(Path(sys.executable).parent/"slm-research")]
+    run = lambda *a: subprocess.run([*cli, *a], env=env, capture_output=True, text=True, timeout=300)
+    assert run("capture", "keygen").returncode == 0
+    src = shared_external/"bfcl_live_calls.jsonl"
+    res = run("capture", "import", str(src), "--format", "openai", "--store", str(tmp_path/"store"))
+    assert res.returncode == 0, res.stderr
+    n_in, n_stored, n_q = (int(x) for x in __import__("re").search(r"(\d+) in, (\d+) records stored, (\d+) quarantined", res.stdout).groups())
+    assert n_in == 1351 and n_in == n_stored + n_q
+    res = run("capture", "export", "--store", str(tmp_path/"store"), "--out", str(tmp_path/"calls.parquet"), "--strict")
+    assert res.returncode == 0, res.stderr
+    frame = pl.read_parquet(tmp_path/"calls.parquet")
+    assert frame.height == n_stored and frame["id"].n_unique() == frame.height and frame["session"].null_count() == 0
+    assert frame["tools"].str.starts_with('[{"type": "function"').all()
+
+
+# ---- the proxy under a crash: kill -9 during load --------------------------------------------------
+
+PROXY_MAIN = """
+import sys, uvicorn
+from slm_research.capture import Pseudonymizer, SegmentWriter, create_app
+upstream, port, store, public, pseudonym = sys.argv[1:6]
+writer = SegmentWriter(store, public, Pseudonymizer(pseudonym))
+uvicorn.run(create_app(upstream, writer), host="127.0.0.1", port=int(port), log_level="warning", access_log=False)
+"""
+
+
+def lingering_upstream_app():
+    "Echoes; a stream sends its chunks and [DONE], then keeps the connection open a while (as a slow network can)."
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models(): return {"object": "list", "data": []}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        text = "echo: " + body["messages"][-1]["content"]
+        base = {"id": "x", "created": 0, "model": "m"}
+        if not body.get("stream"):
+            return JSONResponse({**base, "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                                                                    "finish_reason": "stop"}]})
+        async def gen():
+            yield b"data: " + json.dumps({**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {
+                "role": "assistant", "content": text}, "finish_reason": "stop"}]}).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+            await asyncio.sleep(1.0)
+        return StreamingResponse(gen(), media_type="text/event-stream")
+    return app
+
+
+def test_kill_9_during_load_loses_only_calls_in_flight(tmp_path, keys):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+    import httpx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    answered, lock, stop = set(), threading.Lock(), threading.Event()
+
+    def worker(w):
+        with httpx.Client(base_url=url, timeout=15) as c:
+            for i in range(40):   # bounded: 20 workers x 40 calls at most, all on loopback
+                if stop.is_set(): return
+                marker, stream = f"w{w}-{i}", i % 2 == 0
+                body = {"model": "m", "stream": stream, "messages": [{"role": "user", "content": marker}]}
+                try:
+                    if stream:
+                        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                            got = b""
+                            pieces = r.iter_raw()
+                            for piece in pieces:
+                                got += piece
+                                if b"data: [DONE]" in got: break   # the client has its whole answer
+                            if r.status_code == 200 and b"data: [DONE]" in got and f"echo: {marker}".encode() in got:
+                                with lock: answered.add(marker)
+                            for _ in pieces: pass                  # then drains the stream, as the openai client does
+                            continue
+                    else:
+                        r = c.post("/v1/chat/completions", json=body)
+                        ok = r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == f"echo: {marker}"
+                except httpx.HTTPError: return
+                if ok:
+                    with lock: answered.add(marker)
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    with serve(lingering_upstream_app()) as up:
+        proc = subprocess.Popen([sys.executable, "-c", PROXY_MAIN, up.url, str(port), str(tmp_path/"store"), str(keys["public"]),
+                                 str(keys["pseudonym"])], env=env)
+        try:
+            deadline = time.time() + 60
+            while True:
+                try:
+                    if httpx.get(url + "/v1/models", timeout=1).status_code == 200: break
+                except httpx.HTTPError: pass
+                assert time.time() < deadline and proc.poll() is None, "proxy did not start"
+                time.sleep(0.1)
+            threads = [threading.Thread(target=worker, args=(w,)) for w in range(20)]
+            for t in threads: t.start()
+            while len(answered) < 120 and time.time() < deadline: time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill(); proc.wait(10)
+            stop.set()
+        for t in threads: t.join(30)
+    n_answered = len(answered)
+    assert n_answered >= 120
+    rep = []
+    logged = {r["request"]["messages"][0]["content"] for r in read_store(tmp_path/"store", load_private_keys(keys["private"]), rep)}
+    assert sorted(answered - logged) == []          # every call whose answer a client saw is in the store
+    assert all(not r.sealed for r in rep if r.segment.endswith(".open"))
+
+
+def test_background_writer_is_bounded_and_writes_before_it_answers(tmp_path, keys):
+    import queue
+    import threading
+    from slm_research.capture import BackgroundWriter
+    seg = SegmentWriter(tmp_path/"store", keys["public"], Pseudonymizer(keys["pseudonym"]))
+    gate, real = threading.Event(), seg.append_many
+    seg.append_many = lambda records: (gate.wait(10), real(records))   # a disk that stalls
+    bw = BackgroundWriter(seg, max_queue=2)
+    first = bw.submit(valid_raw(0))
+    while bw._q.qsize(): pass                                           # the writer thread holds the first record
+    queued = [bw.submit(valid_raw(i)) for i in (1, 2)]
+    with pytest.raises(queue.Full):
+        bw.submit(valid_raw(3), block=False)                            # back-pressure, not a silent drop
+    assert not first.done() and list(read_store(tmp_path/"store", load_private_keys(keys["private"]))) == []
+    gate.set()
+    for f in [first, *queued]: f.result(10)
+    ids = [r["id"] for r in read_store(tmp_path/"store", load_private_keys(keys["private"]))]
+    assert ids == ["ok-0", "ok-1", "ok-2"]                              # done means readable, before close
+    bw.close()
+    assert [p.suffix for p in list_segments(tmp_path/"store")] == [".seg"]
