@@ -65,7 +65,7 @@ def build_readme(index_nb: Path | None = None, out: Path | None = None, execute:
     out.write_text(header + notebook_markdown(nb))
     return out
 
-# %% ../nbs/91_docs.ipynb #8dfe878a
+# %% ../nbs/91_docs.ipynb #25e36c45
 CONF_PY = """
 project = "slm-research"
 html_title = "slm-research"
@@ -80,12 +80,13 @@ nb_code_prompt_hide = "Hide code"
 myst_enable_extensions = ["colon_fence", "dollarmath", "deflist"]
 myst_dmath_allow_space = False     # "$5 and $10" stays text; $x^2$ is math
 myst_dmath_allow_digits = False
-mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"   # from _static/, not a CDN
-mathjax2_config = {"HTML-CSS": {"availableFonts": [], "imageFont": None, "preferredFont": None, "webFont": "STIX-Web"},
-                   "showMathMenu": False, "messageStyle": "none"}
+mathjax_path = "mathjax/tex-chtml-full.js"   # relative to _static/: served by the site, not a CDN
+mathjax3_config = {"options": {"enableMenu": False}}   # the menu would load speech and a11y parts on demand
 html_favicon = "favicon.svg"
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+default_role = "literal"           # docstrings quote names Markdown-style, in single backticks
+autodoc_inherit_docstrings = False # a recognizer's page shows ours, not presidio's reST
 exclude_patterns = ["_build"]
 suppress_warnings = ["mystnb.unknown_mime_type", "myst.header", "misc.highlighting_failure"]
 """
@@ -93,16 +94,16 @@ suppress_warnings = ["mystnb.unknown_mime_type", "myst.header", "misc.highlighti
 FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" fill="#2b6cb0"/>'
            '<text x="8" y="12" font-size="10" text-anchor="middle" fill="white" font-family="sans-serif">S</text></svg>')
 
-MATHJAX_PARTS = ("MathJax.js", "LICENSE", "config", "extensions", "jax", "fonts")  # not its 2 MB of translations
+MATHJAX_PARTS = ("tex-chtml-full.js", "output/chtml/fonts/woff-v2")  # every TeX package in one file, and its fonts
 
 def copy_static(static: Path) -> Path:
-    "Copy plotly.js (from plotly) and MathJax 2 (from jupyter-server-mathjax) into the site's `static` folder."
-    import jupyter_server_mathjax, plotly
+    "Copy plotly.js (from plotly) and MathJax 3 (from django-static-mathjax, no Django needed) into `static`."
+    import mathjax, plotly
     static.mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(plotly.__file__).parent/"package_data"/"plotly.min.js", static/"plotly.min.js")
-    mj = Path(jupyter_server_mathjax.__file__).parent/"static"
-    (static/"mathjax").mkdir(exist_ok=True)
+    mj = Path(mathjax.__file__).parent/"static"/"mathjax"/"es5"
     for part in MATHJAX_PARTS:
+        (static/"mathjax"/part).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if (mj/part).is_dir() else shutil.copy)(mj/part, static/"mathjax"/part)
     return static
 
@@ -141,14 +142,20 @@ def show_doc_markdown(source: str, module: str | None = None) -> str:
         parts.append(f"{ref} `{_signature(node).removeprefix(node.name)}`" + (f"\n: {doc}" if doc else ""))
     return "\n\n".join(parts)
 
-# %% ../nbs/91_docs.ipynb #75ec8b53
+# %% ../nbs/91_docs.ipynb #89119675
+def _only_imports(code: str) -> bool:
+    try: body = ast.parse(code).body
+    except SyntaxError: return False
+    return bool(body) and all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in body)
+
 def fold_code(nb, module: str | None = None):
-    "Drop `#| hide` cells and `#|` lines; precede exported cells by their `show_doc_markdown`; fold every code input."
+    "Drop `#| hide` and import-only cells and `#|` lines; precede exported cells by their `show_doc_markdown`; fold the rest."
     cells = []
     for cell in nb.cells:
         if cell.cell_type == "code":
             dirs, code = _directives(cell.source)
             if any(d.startswith("hide") for d in dirs) or not (code or cell.get("outputs")): continue
+            if not cell.get("outputs") and _only_imports(code): continue
             if any(d.split()[0] in ("export", "exports") for d in dirs if d) and (doc := show_doc_markdown(code, module)):
                 cells.append(nbformat.v4.new_markdown_cell(doc))
             cell.source = code
@@ -191,7 +198,7 @@ def plotly_outputs_to_html(nb, static_prefix: str = "../_static/"):
         if cell.cell_type == "code": cell.outputs = outs
     return nb
 
-# %% ../nbs/91_docs.ipynb #13229cc3
+# %% ../nbs/91_docs.ipynb #4e0a362a
 def _default_exp(nb) -> str | None:
     for cell in nb.cells:
         if cell.cell_type == "code" and (m := re.search(r"^#\|\s*default_exp\s+(\S+)", cell.source, re.M)): return m.group(1)
@@ -210,7 +217,9 @@ def assemble_site_source(src: Path, run_dir: Path | None = None) -> Path:
         nbformat.write(plotly_outputs_to_html(fold_code(page, _default_exp(page))), src/"notebooks"/nb.name)
         chapters.append(f"notebooks/{nb.stem}")
     for mod in exported_modules():
-        (src/"api"/f"{mod}.md").write_text(f"# `slm_research.{mod}`\n\n```{{automodule}} slm_research.{mod}\n:members:\n```\n")
+        # eval-rst: autodoc writes reStructuredText, which a MyST page would show as text
+        (src/"api"/f"{mod}.md").write_text(f"# `slm_research.{mod}`\n\n```{{eval-rst}}\n.. automodule:: slm_research.{mod}\n"
+                                           "   :members:\n```\n")
     pages = ["api/" + m for m in exported_modules()]
     readme = (p.root/"README.md").read_text() if (p.root/"README.md").exists() else "# slm-research\n"
     readme = re.sub(r"<!--.*?-->\s*", "", readme, flags=re.S)

@@ -22,9 +22,9 @@ import click
 from .core import paths, profile_params, read_headlines
 
 # %% auto #0
-__all__ = ['NOTEBOOK_RE', 'QUIET_KERNEL_ENV', 'discover_notebooks', 'parameters_cell', 'declared_parameters',
-           'notebook_parameters', 'parse_overrides', 'NotebookResult', 'RunSummary', 'RunFailed', 'new_run_dir',
-           'run_notebooks', 'summary_markdown', 'write_summary', 'run_cmd']
+__all__ = ['NOTEBOOK_RE', 'QUIET_KERNEL_ENV', 'PROGRESS_RE', 'WARNING_RE', 'discover_notebooks', 'parameters_cell',
+           'declared_parameters', 'notebook_parameters', 'parse_overrides', 'NotebookResult', 'RunSummary', 'RunFailed',
+           'new_run_dir', 'run_notebooks', 'output_noise', 'summary_markdown', 'write_summary', 'run_cmd']
 
 # %% ../nbs/90_runner.ipynb #a12b2132
 NOTEBOOK_RE = re.compile(r"^\d\d_.+\.ipynb$")
@@ -73,7 +73,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         except (ValueError, SyntaxError): out[name] = raw
     return out
 
-# %% ../nbs/90_runner.ipynb #78f14d62
+# %% ../nbs/90_runner.ipynb #e2d31db2
 @dataclass
 class NotebookResult:
     notebook: str
@@ -82,6 +82,7 @@ class NotebookResult:
     parameters: dict = field(default_factory=dict)
     error: str | None = None
     output: str | None = None
+    noise: list[str] = field(default_factory=list)  # see `output_noise`
 
 @dataclass
 class RunSummary:
@@ -132,7 +133,7 @@ def _describe_error(e: Exception) -> str:
     cell = getattr(e, "exec_count", None)
     return f"{ename}: {evalue}" + (f" (cell [{cell}])" if cell is not None else "")
 
-# %% ../nbs/90_runner.ipynb #b243c5b3
+# %% ../nbs/90_runner.ipynb #751e0ab4
 def new_run_dir(profile: str, root: Path | None = None) -> Path:
     "A fresh `runs/<UTC timestamp>-<profile>/` folder."
     runs = (root or paths(mkdir=False).root)/"runs"
@@ -146,7 +147,7 @@ def new_run_dir(profile: str, root: Path | None = None) -> Path:
 def run_notebooks(profile: str = "demo", only: list[str] | None = None, overrides: dict | None = None,
                   run_dir: Path | None = None, keep_going: bool = False, progress: bool | None = None) -> RunSummary:
     "Execute the numbered notebooks (or `only` those) under `profile` into `run_dir`; write `summary.json` and `summary.md`."
-    import papermill as pm
+    import nbformat, papermill as pm
     root = paths(mkdir=False).root
     notebooks = discover_notebooks(root/"nbs", only)
     run_dir = Path(run_dir).resolve() if run_dir else new_run_dir(profile, root)
@@ -170,12 +171,30 @@ def run_notebooks(profile: str = "demo", only: list[str] | None = None, override
                 result = NotebookResult(nb.stem, "failed", parameters=params, error=_describe_error(e), output=str(out))
                 failed = True
         result.seconds = round(time.perf_counter() - t0, 1)
+        if out.exists(): result.noise = output_noise(nbformat.read(out, as_version=4))
         summary.results.append(result)
         write_summary(summary)
     write_summary(summary)
     return summary
 
-# %% ../nbs/90_runner.ipynb #8b2978a4
+# %% ../nbs/90_runner.ipynb #eec6f9e5
+PROGRESS_RE = re.compile(r"\d+%\|[^|\n]*\|\s*\d+/\d+|Loading weights")
+WARNING_RE = re.compile(r"^(?:.*?:\d+: )?(\w*Warning|WARNING)\b:?(.*)$", re.M)  # "path:12: UserWarning: text" or logging's
+
+def output_noise(nb) -> list[str]:
+    "Progress-bar leftovers and repeated warnings in the outputs of an executed notebook, one line each."
+    found, warned = [], {}
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            text = out.get("text", "") if out.get("output_type") == "stream" else data.get("text/plain", "")
+            if PROGRESS_RE.search(text) or (data.get("application/vnd.jupyter.widget-view+json") and "%|" in text):
+                found.append(f"cell {i}: progress bar {text.strip()[:60]!r}")
+            for m in WARNING_RE.finditer(text): warned.setdefault(m.group(1) + ":" + m.group(2).strip(), []).append(i)
+    found += [f"cells {cells[:5]}: {len(cells)}x {w[:90]!r}" for w, cells in warned.items() if len(cells) > 1]
+    return found
+
+# %% ../nbs/90_runner.ipynb #2fc77861
 def _fmt(v) -> str:
     if isinstance(v, float): return f"{v:,.4g}" if abs(v) < 1e6 else f"{v:,.0f}"
     return str(v)
@@ -188,6 +207,8 @@ def summary_markdown(summary: RunSummary) -> str:
              f"Profile `{summary.profile}`, started {summary.started}, {total:.0f} s in all.", "",
              "| notebook | status | seconds | error |", "|---|---|---:|---|"]
     lines += [f"| {r.notebook} | {r.status} | {r.seconds:.1f} | {r.error or ''} |" for r in summary.results]
+    if noisy := [r for r in summary.results if r.noise]:
+        lines += ["", "## Noise in executed notebooks", ""] + [f"- {r.notebook}: {n}" for r in noisy for n in r.noise]
     if heads:
         lines += ["", "## Headline numbers", "", "| notebook | figure | value | kind | note |", "|---|---|---:|---|---|"]
         for nb, recs in heads.items():
