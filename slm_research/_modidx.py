@@ -707,6 +707,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'slm_research.runner.parse_overrides': ('runner.html#parse_overrides', 'slm_research/runner.py'),
                                      'slm_research.runner.run_cmd': ('runner.html#run_cmd', 'slm_research/runner.py'),
                                      'slm_research.runner.run_notebooks': ('runner.html#run_notebooks', 'slm_research/runner.py'),
+                                     'slm_research.runner.strip_progress_outputs': ( 'runner.html#strip_progress_outputs',
+                                                                                     'slm_research/runner.py'),
                                      'slm_research.runner.summary_markdown': ('runner.html#summary_markdown', 'slm_research/runner.py'),
                                      'slm_research.runner.write_summary': ('runner.html#write_summary', 'slm_research/runner.py')},
             'slm_research.selection': { 'slm_research.selection.Constraints': ('select.html#constraints', 'slm_research/selection.py'),

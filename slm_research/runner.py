@@ -24,7 +24,8 @@ from .core import paths, profile_params, read_headlines
 # %% auto #0
 __all__ = ['NOTEBOOK_RE', 'QUIET_KERNEL_ENV', 'PROGRESS_RE', 'WARNING_RE', 'discover_notebooks', 'parameters_cell',
            'declared_parameters', 'notebook_parameters', 'parse_overrides', 'NotebookResult', 'RunSummary', 'RunFailed',
-           'new_run_dir', 'run_notebooks', 'output_noise', 'summary_markdown', 'write_summary', 'run_cmd']
+           'new_run_dir', 'run_notebooks', 'output_noise', 'strip_progress_outputs', 'summary_markdown',
+           'write_summary', 'run_cmd']
 
 # %% ../nbs/90_runner.ipynb #a12b2132
 NOTEBOOK_RE = re.compile(r"^\d\d_.+\.ipynb$")
@@ -133,7 +134,7 @@ def _describe_error(e: Exception) -> str:
     cell = getattr(e, "exec_count", None)
     return f"{ename}: {evalue}" + (f" (cell [{cell}])" if cell is not None else "")
 
-# %% ../nbs/90_runner.ipynb #751e0ab4
+# %% ../nbs/90_runner.ipynb #c567c7de
 def new_run_dir(profile: str, root: Path | None = None) -> Path:
     "A fresh `runs/<UTC timestamp>-<profile>/` folder."
     runs = (root or paths(mkdir=False).root)/"runs"
@@ -171,7 +172,10 @@ def run_notebooks(profile: str = "demo", only: list[str] | None = None, override
                 result = NotebookResult(nb.stem, "failed", parameters=params, error=_describe_error(e), output=str(out))
                 failed = True
         result.seconds = round(time.perf_counter() - t0, 1)
-        if out.exists(): result.noise = output_noise(nbformat.read(out, as_version=4))
+        if out.exists():
+            executed = nbformat.read(out, as_version=4)
+            if strip_progress_outputs(executed): nbformat.write(executed, out)
+            result.noise = output_noise(executed)
         summary.results.append(result)
         write_summary(summary)
     write_summary(summary)
@@ -193,6 +197,25 @@ def output_noise(nb) -> list[str]:
             for m in WARNING_RE.finditer(text): warned.setdefault(m.group(1) + ":" + m.group(2).strip(), []).append(i)
     found += [f"cells {cells[:5]}: {len(cells)}x {w[:90]!r}" for w, cells in warned.items() if len(cells) > 1]
     return found
+
+# %% ../nbs/90_runner.ipynb #7d44be9c
+def strip_progress_outputs(nb) -> int:
+    "Remove progress-bar widgets and progress redraw lines from `nb`'s outputs; returns how many outputs changed."
+    changed = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code": continue
+        keep = []
+        for out in cell.outputs:
+            data = out.get("data", {})
+            if "application/vnd.jupyter.widget-view+json" in data and PROGRESS_RE.search(data.get("text/plain", "")):
+                changed += 1; continue
+            if out.get("output_type") == "stream" and PROGRESS_RE.search(out.text):
+                lines = [l for l in re.split(r"(?<=[\r\n])", out.text) if not PROGRESS_RE.search(l)]
+                out.text, changed = "".join(l for l in lines if l.strip("\r")), changed + 1
+                if not out.text.strip(): continue
+            keep.append(out)
+        cell.outputs = keep
+    return changed
 
 # %% ../nbs/90_runner.ipynb #2fc77861
 def _fmt(v) -> str:
