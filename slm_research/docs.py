@@ -20,9 +20,9 @@ from .core import paths
 from .runner import NOTEBOOK_RE
 
 # %% auto #0
-__all__ = ['DIRECTIVE', 'CONF_PY', 'FAVICON', 'MATHJAX_PARTS', 'PLOTLY_MIME', 'WIDGET_MIME', 'notebook_markdown', 'build_readme',
-           'copy_static', 'latest_run', 'exported_modules', 'show_doc_markdown', 'fold_code', 'strip_directives',
-           'plotly_outputs_to_html', 'assemble_site_source', 'build_site', 'docs_cmd']
+__all__ = ['DIRECTIVE', 'CONF_PY', 'FAVICON', 'SITE_CSS', 'MATHJAX_PARTS', 'PLOTLY_MIME', 'WIDGET_MIME', 'notebook_markdown',
+           'build_readme', 'copy_static', 'latest_run', 'exported_modules', 'show_doc_markdown', 'fold_code',
+           'strip_directives', 'plotly_outputs_to_html', 'assemble_site_source', 'build_site', 'docs_cmd']
 
 # %% ../nbs/91_docs.ipynb #bb2fbfd6
 DIRECTIVE = re.compile(r"^\s*#\|\s*(.*)$")
@@ -65,13 +65,14 @@ def build_readme(index_nb: Path | None = None, out: Path | None = None, execute:
     out.write_text(header + notebook_markdown(nb))
     return out
 
-# %% ../nbs/91_docs.ipynb #25e36c45
+# %% ../nbs/91_docs.ipynb #ca4bf1a4
 CONF_PY = """
 project = "slm-research"
 html_title = "slm-research"
 extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax"]
 html_theme = "furo"
 html_static_path = ["_static"]
+html_css_files = ["slm.css"]
 nb_execution_mode = "off"          # notebooks were executed by papermill; render them as they are
 nb_output_stderr = "remove"
 nb_ipywidgets_js = {}              # widgets need a live kernel; no CDN scripts on an offline site
@@ -94,13 +95,20 @@ suppress_warnings = ["mystnb.unknown_mime_type", "myst.header", "misc.highlighti
 FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" fill="#2b6cb0"/>'
            '<text x="8" y="12" font-size="10" text-anchor="middle" fill="white" font-family="sans-serif">S</text></svg>')
 
+# wide tables (polars shows 120 characters of a string in this workspace) scroll inside their cell output
+SITE_CSS = """
+.cell_output .output.text_html { overflow-x: auto; max-width: 100%; }
+.cell_output table { font-size: 0.8em; }
+.cell_output table td, .cell_output table th { max-width: 36em; white-space: normal; text-align: left; vertical-align: top; }
+"""
 MATHJAX_PARTS = ("tex-chtml-full.js", "output/chtml/fonts/woff-v2")  # every TeX package in one file, and its fonts
 
 def copy_static(static: Path) -> Path:
-    "Copy plotly.js (from plotly) and MathJax 3 (from django-static-mathjax, no Django needed) into `static`."
+    "Write the site's CSS; copy plotly.js (from plotly) and MathJax 3 (from django-static-mathjax, no Django) into `static`."
     import mathjax, plotly
     static.mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(plotly.__file__).parent/"package_data"/"plotly.min.js", static/"plotly.min.js")
+    (static/"slm.css").write_text(SITE_CSS)
     mj = Path(mathjax.__file__).parent/"static"/"mathjax"/"es5"
     for part in MATHJAX_PARTS:
         (static/"mathjax"/part).parent.mkdir(parents=True, exist_ok=True)

@@ -100,6 +100,8 @@ def test_chapter_folds_exported_code(browser, site_url, chapter):
     folded = page.locator("details.hide.above-input")
     if folded.count():
         assert all(not d for d in folded.evaluate_all("els => els.map(e => e.open)"))
+    # nothing wider than the window: wide tables scroll inside their output
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), f"{chapter} overflows"
     shown = page.inner_text("article")
     assert not re.search(r"^\s*(def|class) \w+\(?.*:$", shown, re.M), f"{chapter}: source text in view"
     assert problems == []
