@@ -107,6 +107,12 @@ def test_chapter_folds_exported_code(browser, site_url, chapter):
     assert problems == []
 
 
+def test_api_page_documents_functions_not_directive_text(browser, site_url):
+    page, problems = _open(browser, f"{site_url}/api/market.html")
+    assert page.locator("[id='slm_research.market.cagr']").count() == 1
+    assert ".. py:" not in page.inner_text("article") and problems == []
+
+
 def test_exported_code_is_a_click_away(browser, site_url):
     page, _ = _open(browser, f"{site_url}/notebooks/01_market.html")
     assert "def cagr(" not in page.inner_text("article")
