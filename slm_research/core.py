@@ -45,7 +45,7 @@ def project_root() -> Path:
     raise WorkspaceNotFound(f"no slm-research workspace in {Path.cwd()} or its parents (a folder with settings.ini "
                             "and nbs/): cd into one, or set SLM_ROOT=/path/to/workspace")
 
-# %% ../nbs/00_core.ipynb #a20c7054
+# %% ../nbs/00_core.ipynb #55134587
 @dataclass(frozen=True)
 class Paths:
     "Every location the workspace reads or writes."
@@ -59,7 +59,7 @@ class Paths:
     def raw(self) -> Path: return self.root/"data"/"raw"
     @property
     def generated(self) -> Path:
-        "Raw input that a seeded generator writes once (the embedded corpus): raw, so never modified, but not committed."
+        "Raw input that a seeded generator writes once (the embedded corpus): never modified, not committed."
         return self.raw/"generated"
     @property
     def processed(self) -> Path: return self.root/"data"/"processed"/self.profile
@@ -77,7 +77,8 @@ def current_profile() -> str:
 def paths(mkdir: bool = True) -> Paths:
     "The workspace's paths for the active profile and run; creates the writable folders."
     root = project_root()
-    run_dir = root/Path(os.environ.get("SLM_RUN_DIR") or Path("runs")/current_profile())  # relative to the root, not the kernel's cwd
+    # relative to the root, not the kernel's working directory
+    run_dir = root/Path(os.environ.get("SLM_RUN_DIR") or Path("runs")/current_profile())
     p = Paths(root=root, profile=current_profile(), run_dir=run_dir)
     if mkdir:
         for d in (p.processed, p.figures, p.run_dir): d.mkdir(parents=True, exist_ok=True)
@@ -126,7 +127,7 @@ def content_hash(obj, n: int = 16) -> str:
     else: data = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(data).hexdigest()[:n]
 
-# %% ../nbs/00_core.ipynb #f2dcda3e
+# %% ../nbs/00_core.ipynb #e9750b47
 NON_TTY_INTERVAL = 60.0  # seconds between redraws when stderr is a file or a pipe
 
 def _in_notebook() -> bool:
@@ -136,7 +137,7 @@ def _in_notebook() -> bool:
     except ImportError: return False
 
 def progress_mode() -> str:
-    "`$SLM_PROGRESS` (`off` or `0`, `live`, `throttled`), else `live` in a terminal or a notebook, `throttled` elsewhere."
+    "`$SLM_PROGRESS` (`off`/`0`, `live`, `throttled`), else `live` in a terminal or a notebook, else `throttled`."
     env = os.environ.get("SLM_PROGRESS", "").strip().lower()
     if env in ("0", "off", "false", "no"): return "off"
     if env in ("live", "throttled"): return env

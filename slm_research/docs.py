@@ -52,7 +52,7 @@ def notebook_markdown(nb) -> str:
         parts += [md for o in cell.get("outputs", []) if (md := _output_markdown(o))]
     return "\n\n".join(p for p in parts if p) + "\n"
 
-# %% ../nbs/91_docs.ipynb #285beade
+# %% ../nbs/91_docs.ipynb #7bdad306
 def build_readme(index_nb: Path | None = None, out: Path | None = None, execute: bool = True) -> Path:
     "Execute `nbs/index.ipynb` (its cells are quick and deterministic) and write it as `README.md`."
     p = paths(mkdir=False)
@@ -60,12 +60,14 @@ def build_readme(index_nb: Path | None = None, out: Path | None = None, execute:
     nb = nbformat.read(index_nb, as_version=4)
     if execute:
         from nbclient import NotebookClient
-        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(index_nb.parent)}}).execute()
-    header = "<!-- Generated from nbs/index.ipynb by `slm-research docs --readme`: edit the notebook, not this file. -->\n\n"
+        NotebookClient(nb, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(index_nb.parent)}}).execute()
+    header = ("<!-- Generated from nbs/index.ipynb by `slm-research docs --readme`: "
+              "edit the notebook, not this file. -->\n\n")
     out.write_text(header + notebook_markdown(nb))
     return out
 
-# %% ../nbs/91_docs.ipynb #ca4bf1a4
+# %% ../nbs/91_docs.ipynb #924da341
 CONF_PY = """
 project = "slm-research"
 html_title = "slm-research"
@@ -92,19 +94,22 @@ exclude_patterns = ["_build"]
 suppress_warnings = ["mystnb.unknown_mime_type", "myst.header", "misc.highlighting_failure"]
 """
 
-FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" fill="#2b6cb0"/>'
-           '<text x="8" y="12" font-size="10" text-anchor="middle" fill="white" font-family="sans-serif">S</text></svg>')
+FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+           '<rect width="16" height="16" rx="3" fill="#2b6cb0"/>'
+           '<text x="8" y="12" font-size="10" text-anchor="middle" fill="white" font-family="sans-serif">S</text>'
+           '</svg>')
 
 # wide tables (polars shows 120 characters of a string in this workspace) scroll inside their cell output
 SITE_CSS = """
 .cell_output .output.text_html { overflow-x: auto; max-width: 100%; }
 .cell_output table { font-size: 0.8em; }
-.cell_output table td, .cell_output table th { max-width: 36em; white-space: normal; text-align: left; vertical-align: top; }
+.cell_output table td, .cell_output table th {
+  max-width: 36em; white-space: normal; text-align: left; vertical-align: top; }
 """
 MATHJAX_PARTS = ("tex-chtml-full.js", "output/chtml/fonts/woff-v2")  # every TeX package in one file, and its fonts
 
 def copy_static(static: Path) -> Path:
-    "Write the site's CSS; copy plotly.js (from plotly) and MathJax 3 (from django-static-mathjax, no Django) into `static`."
+    "Write the site's CSS; copy plotly.js (plotly) and MathJax 3 (django-static-mathjax, no Django) into `static`."
     import mathjax, plotly
     static.mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(plotly.__file__).parent/"package_data"/"plotly.min.js", static/"plotly.min.js")
@@ -130,7 +135,7 @@ def exported_modules() -> list[str]:
     modidx = importlib.reload(modidx)  # the index changes with every nbdev-export
     return sorted(m.removeprefix("slm_research.") for m in modidx.d["syms"])
 
-# %% ../nbs/91_docs.ipynb #0af14201
+# %% ../nbs/91_docs.ipynb #8d8f63fa
 def _signature(node) -> str:
     if isinstance(node, ast.ClassDef):
         bases = ", ".join(ast.unparse(b) for b in node.bases)
@@ -144,28 +149,29 @@ def show_doc_markdown(source: str, module: str | None = None) -> str:
     except SyntaxError: return ""
     parts = []
     for node in tree.body:
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or node.name.startswith("_"): continue
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): continue
+        if node.name.startswith("_"): continue
         ref = f"{{py:obj}}`{node.name} <slm_research.{module}.{node.name}>`" if module else f"`{node.name}`"
         doc = (ast.get_docstring(node) or "").strip().split("\n\n")[0].replace("\n", " ")
         parts.append(f"{ref} `{_signature(node).removeprefix(node.name)}`" + (f"\n: {doc}" if doc else ""))
     return "\n\n".join(parts)
 
-# %% ../nbs/91_docs.ipynb #89119675
+# %% ../nbs/91_docs.ipynb #4470aa3d
 def _only_imports(code: str) -> bool:
     try: body = ast.parse(code).body
     except SyntaxError: return False
     return bool(body) and all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in body)
 
 def fold_code(nb, module: str | None = None):
-    "Drop `#| hide` and import-only cells and `#|` lines; precede exported cells by their `show_doc_markdown`; fold the rest."
+    "Drop `#| hide` and import-only cells and `#|` lines; `show_doc_markdown` before exported cells; fold all code."
     cells = []
     for cell in nb.cells:
         if cell.cell_type == "code":
             dirs, code = _directives(cell.source)
             if any(d.startswith("hide") for d in dirs) or not (code or cell.get("outputs")): continue
             if not cell.get("outputs") and _only_imports(code): continue
-            if any(d.split()[0] in ("export", "exports") for d in dirs if d) and (doc := show_doc_markdown(code, module)):
-                cells.append(nbformat.v4.new_markdown_cell(doc))
+            exported = any(d.split()[0] in ("export", "exports") for d in dirs if d)
+            if exported and (doc := show_doc_markdown(code, module)): cells.append(nbformat.v4.new_markdown_cell(doc))
             cell.source = code
             tags = [t for t in cell.metadata.get("tags", []) if t not in ("hide-input", "remove-input")]
             cell.metadata["tags"] = tags + ["hide-input"]
@@ -206,10 +212,11 @@ def plotly_outputs_to_html(nb, static_prefix: str = "../_static/"):
         if cell.cell_type == "code": cell.outputs = outs
     return nb
 
-# %% ../nbs/91_docs.ipynb #4e0a362a
+# %% ../nbs/91_docs.ipynb #4f8c2a97
 def _default_exp(nb) -> str | None:
     for cell in nb.cells:
-        if cell.cell_type == "code" and (m := re.search(r"^#\|\s*default_exp\s+(\S+)", cell.source, re.M)): return m.group(1)
+        m = re.search(r"^#\|\s*default_exp\s+(\S+)", cell.source, re.M) if cell.cell_type == "code" else None
+        if m: return m.group(1)
 
 def assemble_site_source(src: Path, run_dir: Path | None = None) -> Path:
     "Write the Sphinx source tree for the site into `src` (replacing it)."
@@ -226,22 +233,23 @@ def assemble_site_source(src: Path, run_dir: Path | None = None) -> Path:
         chapters.append(f"notebooks/{nb.stem}")
     for mod in exported_modules():
         # eval-rst: autodoc writes reStructuredText, which a MyST page would show as text
-        (src/"api"/f"{mod}.md").write_text(f"# `slm_research.{mod}`\n\n```{{eval-rst}}\n.. automodule:: slm_research.{mod}\n"
-                                           "   :members:\n```\n")
+        (src/"api"/f"{mod}.md").write_text(f"# `slm_research.{mod}`\n\n```{{eval-rst}}\n"
+                                           f".. automodule:: slm_research.{mod}\n   :members:\n```\n")
     pages = ["api/" + m for m in exported_modules()]
     readme = (p.root/"README.md").read_text() if (p.root/"README.md").exists() else "# slm-research\n"
     readme = re.sub(r"<!--.*?-->\s*", "", readme, flags=re.S)
     summary = ""
     if run_dir and (Path(run_dir)/"summary.md").exists():
         shutil.copy(Path(run_dir)/"summary.md", src/"run-summary.md"); summary = "run-summary\n"
-    toc = lambda caption, items: f"\n```{{toctree}}\n:caption: {caption}\n:maxdepth: 1\n\n" + "\n".join(items) + "\n```\n"
+    def toc(caption, items):
+        return f"\n```{{toctree}}\n:caption: {caption}\n:maxdepth: 1\n\n" + "\n".join(items) + "\n```\n"
     (src/"index.md").write_text(readme + toc("Notebooks", chapters) + toc("API reference", pages)
                                 + (toc("Runs", [summary.strip()]) if summary else ""))
     return src
 
-# %% ../nbs/91_docs.ipynb #0b12fa8f
+# %% ../nbs/91_docs.ipynb #170fae73
 def build_site(out: Path | None = None, run_dir: Path | None = None, quiet: bool = True) -> Path:
-    "Build the docs site (HTML) into `out` (default `_docs/`) from `run_dir`'s executed notebooks; returns `out/index.html`."
+    "Build the site (HTML) into `out` (default `_docs/`) from `run_dir`'s executed notebooks; returns its index.html."
     p = paths(mkdir=False)
     out = Path(out or p.root/"_docs")
     src = assemble_site_source(p.root/"_build"/"site-src", run_dir)

@@ -27,11 +27,11 @@ __all__ = ['NOTEBOOK_RE', 'QUIET_KERNEL_ENV', 'PROGRESS_RE', 'WARNING_RE', 'disc
            'new_run_dir', 'run_notebooks', 'output_noise', 'strip_progress_outputs', 'summary_markdown',
            'write_summary', 'run_cmd']
 
-# %% ../nbs/90_runner.ipynb #a12b2132
+# %% ../nbs/90_runner.ipynb #fe6e6aa2
 NOTEBOOK_RE = re.compile(r"^\d\d_.+\.ipynb$")
 
 def discover_notebooks(nbs_dir: Path, only: list[str] | None = None) -> list[Path]:
-    "The numbered notebooks in `nbs_dir`, sorted; `only` keeps those whose stem equals or starts with an entry followed by `_`."
+    "The numbered notebooks in `nbs_dir`, sorted; `only` keeps those whose stem is an entry or starts with `entry_`."
     found = sorted(p for p in Path(nbs_dir).iterdir() if NOTEBOOK_RE.match(p.name))
     if not only: return found
     picked = [p for p in found if any(p.stem == o or p.stem.startswith(f"{o}_") for o in only)]
@@ -39,7 +39,7 @@ def discover_notebooks(nbs_dir: Path, only: list[str] | None = None) -> list[Pat
     if unknown: raise click.UsageError(f"no notebook matches {unknown}; have {[p.stem for p in found]}")
     return picked
 
-# %% ../nbs/90_runner.ipynb #4ec59dc8
+# %% ../nbs/90_runner.ipynb #c367d75f
 def parameters_cell(nb):
     "The cell tagged `parameters`, or None."
     return next((c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])), None)
@@ -51,9 +51,11 @@ def declared_parameters(notebook: Path) -> dict:
     if cell is None: return {}
     out = {}
     for node in ast.parse(cell.source).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if isinstance(node, ast.Assign): targets = node.targets
+        elif isinstance(node, ast.AnnAssign) and node.value is not None: targets = [node.target]
+        else: continue
         for t in targets:
-            if isinstance(t, ast.Name) and node.value is not None: out[t.id] = ast.get_source_segment(cell.source, node.value)
+            if isinstance(t, ast.Name): out[t.id] = ast.get_source_segment(cell.source, node.value)
     return out
 
 def notebook_parameters(notebook: Path, profile: str, overrides: dict | None = None) -> dict:
@@ -134,7 +136,7 @@ def _describe_error(e: Exception) -> str:
     cell = getattr(e, "exec_count", None)
     return f"{ename}: {evalue}" + (f" (cell [{cell}])" if cell is not None else "")
 
-# %% ../nbs/90_runner.ipynb #c567c7de
+# %% ../nbs/90_runner.ipynb #73de64ad
 def new_run_dir(profile: str, root: Path | None = None) -> Path:
     "A fresh `runs/<UTC timestamp>-<profile>/` folder."
     runs = (root or paths(mkdir=False).root)/"runs"
@@ -147,7 +149,7 @@ def new_run_dir(profile: str, root: Path | None = None) -> Path:
 
 def run_notebooks(profile: str = "demo", only: list[str] | None = None, overrides: dict | None = None,
                   run_dir: Path | None = None, keep_going: bool = False, progress: bool | None = None) -> RunSummary:
-    "Execute the numbered notebooks (or `only` those) under `profile` into `run_dir`; write `summary.json` and `summary.md`."
+    "Execute the numbered notebooks (or `only` those) under `profile` into `run_dir`; write the summary files."
     import nbformat, papermill as pm
     root = paths(mkdir=False).root
     notebooks = discover_notebooks(root/"nbs", only)
@@ -169,7 +171,8 @@ def run_notebooks(profile: str = "demo", only: list[str] | None = None, override
                                     kernel_name="python3")
                 result = NotebookResult(nb.stem, "ok", parameters=params, output=str(out))
             except Exception as e:  # papermill raises PapermillExecutionError for cell errors
-                result = NotebookResult(nb.stem, "failed", parameters=params, error=_describe_error(e), output=str(out))
+                result = NotebookResult(nb.stem, "failed", parameters=params, error=_describe_error(e),
+                                        output=str(out))
                 failed = True
         result.seconds = round(time.perf_counter() - t0, 1)
         if out.exists():
@@ -181,9 +184,10 @@ def run_notebooks(profile: str = "demo", only: list[str] | None = None, override
     write_summary(summary)
     return summary
 
-# %% ../nbs/90_runner.ipynb #eec6f9e5
+# %% ../nbs/90_runner.ipynb #d9a3a8ea
 PROGRESS_RE = re.compile(r"\d+%\|[^|\n]*\|\s*\d+/\d+|Loading weights")
-WARNING_RE = re.compile(r"^(?:.*?:\d+: )?(\w*Warning|WARNING)\b:?(.*)$", re.M)  # "path:12: UserWarning: text" or logging's
+# "path/x.py:12: UserWarning: text" (Python's warnings) or "WARNING: text" / "WARNING text" (logging's)
+WARNING_RE = re.compile(r"^(?:.*?:\d+: )?(\w*Warning|WARNING)\b:?(.*)$", re.M)
 
 def output_noise(nb) -> list[str]:
     "Progress-bar leftovers and repeated warnings in the outputs of an executed notebook, one line each."
@@ -217,7 +221,7 @@ def strip_progress_outputs(nb) -> int:
         cell.outputs = keep
     return changed
 
-# %% ../nbs/90_runner.ipynb #2fc77861
+# %% ../nbs/90_runner.ipynb #22a89071
 def _fmt(v) -> str:
     if isinstance(v, float): return f"{v:,.4g}" if abs(v) < 1e6 else f"{v:,.0f}"
     return str(v)
@@ -233,9 +237,11 @@ def summary_markdown(summary: RunSummary) -> str:
     if noisy := [r for r in summary.results if r.noise]:
         lines += ["", "## Noise in executed notebooks", ""] + [f"- {r.notebook}: {n}" for r in noisy for n in r.noise]
     if heads:
-        lines += ["", "## Headline numbers", "", "| notebook | figure | value | kind | note |", "|---|---|---:|---|---|"]
+        lines += ["", "## Headline numbers", "", "| notebook | figure | value | kind | note |",
+                  "|---|---|---:|---|---|"]
         for nb, recs in heads.items():
-            lines += [f"| {nb} | {h['name']} | {_fmt(h['value'])} {h['unit']} | {h['kind']} | {h['note']} |" for h in recs]
+            lines += [f"| {nb} | {h['name']} | {_fmt(h['value'])} {h['unit']} | {h['kind']} | {h['note']} |"
+                      for h in recs]
     return "\n".join(lines) + "\n"
 
 def write_summary(summary: RunSummary) -> Path:
