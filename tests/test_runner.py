@@ -60,7 +60,8 @@ def test_unknown_profile_is_a_clear_error(mini_workspace):
 
 def test_latest_run_goes_by_the_summary_not_the_folder_name(tmp_path):
     from slm_research.docs import latest_run
-    for name, profile, started in [("latest-ci", "ci", "2026-01-02T00:00:00+00:00"), ("b-demo", "demo", "2026-01-03T00:00:00+00:00"),
+    for name, profile, started in [("latest-ci", "ci", "2026-01-02T00:00:00+00:00"),
+                                   ("b-demo", "demo", "2026-01-03T00:00:00+00:00"),
                                    ("a-ci", "ci", "2026-01-01T00:00:00+00:00")]:
         (tmp_path/name).mkdir()
         (tmp_path/name/"summary.json").write_text(json.dumps({"profile": profile, "started": started, "results": []}))
@@ -91,9 +92,11 @@ def test_executed_notebook_is_quiet_and_every_parameter_is_read(tmp_path, monkey
     with caplog.at_level(logging.WARNING):
         res = CliRunner().invoke(main, ["run", "--profile", "ci", "--run-dir", str(run_dir)])
     assert res.exit_code == 0, res.output
-    assert not [r for r in caplog.records if "Unable to parse" in r.getMessage() or "unknown parameter" in r.getMessage()]
+    papermill_noise = ("Unable to parse", "unknown parameter")
+    assert not [r for r in caplog.records if any(n in r.getMessage() for n in papermill_noise)]
     executed = nbformat.read(run_dir / "01_noisy.ipynb", as_version=4)
-    texts = [o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for c in executed.cells for o in c.get("outputs", [])]
+    outputs = [o for c in executed.cells for o in c.get("outputs", [])]
+    texts = [o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs]
     assert any("rank 8" in t for t in texts)                     # the profile's value reached the notebook
     assert sum(t.count("FutureWarning: the same deprecation") for t in texts) == 1  # once, not once per call site
     assert output_noise(executed) == [] and not any("%|" in t for t in texts)
