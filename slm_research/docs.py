@@ -247,7 +247,7 @@ def assemble_site_source(src: Path, run_dir: Path | None = None) -> Path:
                                 + (toc("Runs", [summary.strip()]) if summary else ""))
     return src
 
-# %% ../nbs/91_docs.ipynb #170fae73
+# %% ../nbs/91_docs.ipynb #b6e4c579
 def build_site(out: Path | None = None, run_dir: Path | None = None, quiet: bool = True) -> Path:
     "Build the site (HTML) into `out` (default `_docs/`) from `run_dir`'s executed notebooks; returns its index.html."
     p = paths(mkdir=False)
@@ -255,6 +255,7 @@ def build_site(out: Path | None = None, run_dir: Path | None = None, quiet: bool
     src = assemble_site_source(p.root/"_build"/"site-src", run_dir)
     # myst-nb writes beside Sphinx's output folder, so build inside _build and copy the site out
     html = p.root/"_build"/"site"/"html"
+    shutil.rmtree(html, ignore_errors=True)  # nothing of an earlier build (an old script, a removed page) stays
     cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-j", "1", *(["-q"] if quiet else []), str(src), str(html)]
     subprocess.run(cmd, check=True, cwd=p.root)
     if out.exists(): shutil.rmtree(out)
