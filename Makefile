@@ -61,11 +61,14 @@ ci-run: $(STAMP)  ## rerun every notebook with papermill under the ci profile
 	$(BIN)/slm-research run --profile ci --run-dir runs/latest-ci
 
 RUN_DIR ?=
+# The site is read offline: plotly.js (from plotly) and MathJax (from django-static-mathjax, a dev dependency
+# installed by $(STAMP)) are copied into _docs/_static/; no page loads anything from another host.
 docs: $(STAMP)  ## README.md from nbs/index.ipynb and the site in _docs/ (from RUN_DIR, default the newest run)
 	$(BIN)/slm-research docs $(if $(RUN_DIR),--run-dir $(RUN_DIR),)
 
-site-check: $(STAMP)  ## serve _docs/ on localhost, load it in headless Chromium; audit every artifact for canaries
-	SLM_SITE_DIR=_docs SLM_AUDIT_RUN=runs/latest-ci $(BIN)/pytest -q -m site -p no:cacheprovider
+site-check: $(STAMP)  ## serve _docs/ on localhost, load it in headless Chromium; audit the run (RUN_DIR, default runs/latest-ci)
+	SLM_SITE_DIR=_docs SLM_AUDIT_RUN=$(or $(RUN_DIR),runs/latest-ci) $(BIN)/pytest -q -m site -p no:cacheprovider
+	@echo "screenshots for review: _docs/_review/*.png"
 
 readme: $(STAMP)  ## regenerate README.md only
 	$(BIN)/slm-research docs --no-site

@@ -28,21 +28,24 @@ def load_market(path: Path | str | None = None) -> pl.DataFrame:
         raise ValueError(f"market figures without a source: {missing['metric'].to_list()}")
     return df
 
-# %% ../nbs/01_market.ipynb #86e00613
+# %% ../nbs/01_market.ipynb #d59af591
 def cagr(start_value: float, end_value: float, years: float) -> float:
     "Compound annual growth rate taking `start_value` to `end_value` in `years` years."
-    if start_value <= 0 or end_value <= 0: raise ValueError(f"values must be positive, got {start_value} and {end_value}")
+    if start_value <= 0 or end_value <= 0:
+        raise ValueError(f"values must be positive, got {start_value} and {end_value}")
     if years <= 0: raise ValueError(f"years must be positive, got {years}")
     return (end_value/start_value)**(1/years) - 1
 
-# %% ../nbs/01_market.ipynb #6762d1ea
-def trajectory(points: dict[int, float], start_year: int, end_year: int, rate_outside: float | None = None) -> pl.DataFrame:
-    "Yearly values from quoted `points` ({year: value}): geometric between them, `rate_outside` beyond them; `kind` says which."
+# %% ../nbs/01_market.ipynb #d249642d
+def trajectory(points: dict[int, float], start_year: int, end_year: int,
+               rate_outside: float | None = None) -> pl.DataFrame:
+    "Yearly values from quoted `points` ({year: value}): geometric between them, `rate_outside` beyond; see `kind`."
     if not points: raise ValueError("trajectory needs at least one quoted point")
     if end_year < start_year: raise ValueError(f"end_year {end_year} is before start_year {start_year}")
     years = sorted(points)
     if rate_outside is None and (start_year < years[0] or end_year > years[-1]):
-        raise ValueError(f"years {start_year}-{end_year} reach beyond the quoted {years[0]}-{years[-1]}: give rate_outside")
+        raise ValueError(f"years {start_year}-{end_year} reach beyond the quoted {years[0]}-{years[-1]}: "
+                         "give rate_outside")
     rows = []
     for y in range(start_year, end_year + 1):
         if y in points: v, kind = points[y], "quoted"

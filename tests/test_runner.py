@@ -60,10 +60,44 @@ def test_unknown_profile_is_a_clear_error(mini_workspace):
 
 def test_latest_run_goes_by_the_summary_not_the_folder_name(tmp_path):
     from slm_research.docs import latest_run
-    for name, profile, started in [("latest-ci", "ci", "2026-01-02T00:00:00+00:00"), ("b-demo", "demo", "2026-01-03T00:00:00+00:00"),
+    for name, profile, started in [("latest-ci", "ci", "2026-01-02T00:00:00+00:00"),
+                                   ("b-demo", "demo", "2026-01-03T00:00:00+00:00"),
                                    ("a-ci", "ci", "2026-01-01T00:00:00+00:00")]:
         (tmp_path/name).mkdir()
         (tmp_path/name/"summary.json").write_text(json.dumps({"profile": profile, "started": started, "results": []}))
     assert latest_run(tmp_path, "ci") == tmp_path/"latest-ci"
     assert latest_run(tmp_path) == tmp_path/"b-demo"
     assert latest_run(tmp_path, "paper") is None
+
+
+def test_executed_notebook_is_quiet_and_every_parameter_is_read(tmp_path, monkeypatch, caplog):
+    "No progress-bar leftovers, each warning once, and a parameter whose comment has '=' is still set by the profile."
+    import logging
+
+    from slm_research.runner import output_noise
+    (tmp_path / "nbs").mkdir()
+    (tmp_path / "settings.ini").write_text("[ci]\nseed = 3\n01_noisy.rank = 8\n")
+    body = ("import warnings, time\n"
+            "from tqdm.auto import tqdm\n"
+            "from slm_research.core import progress\n"
+            "for _ in tqdm(range(3), desc='library bar'): time.sleep(0.01)\n"
+            "for _ in progress(range(3), desc='our bar'): pass\n"
+            "def lib_a(): warnings.warn('the same deprecation', FutureWarning)\n"
+            "def lib_b(): warnings.warn('the same deprecation', FutureWarning)\n"
+            "lib_a(); lib_b()\n"
+            "print('rank', rank)")
+    _notebook(tmp_path / "nbs" / "01_noisy.ipynb", "seed = 0\nrank = 16   # LoRA rank (alpha = 2 x rank)", body)
+    monkeypatch.setenv("SLM_ROOT", str(tmp_path))
+    run_dir = tmp_path / "runs" / "r"
+    with caplog.at_level(logging.WARNING):
+        res = CliRunner().invoke(main, ["run", "--profile", "ci", "--run-dir", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    papermill_noise = ("Unable to parse", "unknown parameter")
+    assert not [r for r in caplog.records if any(n in r.getMessage() for n in papermill_noise)]
+    executed = nbformat.read(run_dir / "01_noisy.ipynb", as_version=4)
+    outputs = [o for c in executed.cells for o in c.get("outputs", [])]
+    texts = [o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs]
+    assert any("rank 8" in t for t in texts)                     # the profile's value reached the notebook
+    assert sum(t.count("FutureWarning: the same deprecation") for t in texts) == 1  # once, not once per call site
+    assert output_noise(executed) == [] and not any("%|" in t for t in texts)
+    assert json.loads((run_dir / "summary.json").read_text())["results"][0]["noise"] == []

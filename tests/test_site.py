@@ -1,6 +1,7 @@
 """The built docs site, served on localhost and loaded in headless Chromium (`make site-check`)."""
 import functools
 import os
+import re
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -12,6 +13,10 @@ pytestmark = pytest.mark.site
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--disable-quic"]
+SITE = Path(os.environ.get("SLM_SITE_DIR", "_docs"))
+# tqdm's text ("decode latency:  40%|####  | 2/5 [00:01<00:02, 1.2it/s]") and the start of transformers' loading bars
+PROGRESS_TEXT = re.compile(r"\d+%\|[^|\n]*\|\s*\d+/\d+|\d+(\.\d+)?(it|s)/s\]|Loading weights:")
+SCREENSHOTS = ("01_market", "00_core")  # two chapter pages, saved in the site folder for review
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -20,9 +25,8 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def site_url():
-    site = Path(os.environ.get("SLM_SITE_DIR", "_docs"))
-    assert (site / "index.html").exists(), f"no built site at {site}: run `make docs` first"
-    handler = functools.partial(QuietHandler, directory=str(site))
+    assert (SITE / "index.html").exists(), f"no built site at {SITE}: run `make docs` first"
+    handler = functools.partial(QuietHandler, directory=str(SITE))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -41,7 +45,7 @@ def browser():
 
 def _open(browser, url):
     "Load `url`; return the page and the console errors, page errors and off-host requests it caused."
-    page = browser.new_page()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
     problems = []
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
@@ -49,6 +53,10 @@ def _open(browser, url):
             if not r.url.startswith(("http://127.0.0.1", "data:", "blob:", "about:")) else None)
     page.goto(url, wait_until="load")
     return page, problems
+
+
+def _chapters():
+    return sorted(p.stem for p in (SITE / "notebooks").glob("[0-9][0-9]_*.html"))
 
 
 def test_index_renders(browser, site_url):
@@ -66,4 +74,79 @@ def test_market_page_draws_its_figure(browser, site_url):
     assert page.locator(".js-plotly-plot").count() >= 1
     # a drawn plot has traces, not only an empty frame
     assert page.locator(".js-plotly-plot .scatterlayer .trace").count() >= 1
+    # plotly.js comes once, from the site itself, and is not inlined in the page
+    assert page.locator("script[src$='_static/plotly.min.js']").count() == 1
+    assert (SITE / "notebooks" / "01_market.html").stat().st_size < 1_000_000
     assert problems == []
+
+
+def test_math_renders_offline(browser, site_url):
+    page, problems = _open(browser, f"{site_url}/notebooks/01_market.html")
+    # MathJax replaces the TeX source by its own element; raw "$(200/5.2)^{1/10} - 1$" would stay text
+    page.wait_for_selector("mjx-container", timeout=30_000)
+    assert page.locator("mjx-container").count() >= 1
+    assert "^{1/10}" not in page.inner_text("article")
+    assert page.locator("script[src*='_static/mathjax/']").count() == 1
+    assert problems == []
+
+
+@pytest.mark.parametrize("chapter", _chapters() or ["01_market"])
+def test_chapter_folds_exported_code(browser, site_url, chapter):
+    page, problems = _open(browser, f"{site_url}/notebooks/{chapter}.html")
+    inputs = page.locator(".cell_input")
+    visible = [i for i in range(inputs.count()) if inputs.nth(i).is_visible()]
+    assert visible == [], f"{chapter}: {len(visible)} code cells shown unfolded"
+    # the code is there, folded in <details> closed by default; the page text a reader sees has no source
+    folded = page.locator("details.hide.above-input")
+    if folded.count():
+        assert all(not d for d in folded.evaluate_all("els => els.map(e => e.open)"))
+    # nothing wider than the window: wide tables scroll inside their output
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), f"{chapter} overflows"
+    shown = page.inner_text("article")
+    assert not re.search(r"^\s*(def|class) \w+\(?.*:$", shown, re.M), f"{chapter}: source text in view"
+    assert problems == []
+
+
+def test_api_page_documents_functions_not_directive_text(browser, site_url):
+    page, problems = _open(browser, f"{site_url}/api/market.html")
+    assert page.locator("[id='slm_research.market.cagr']").count() == 1
+    assert ".. py:" not in page.inner_text("article") and problems == []
+
+
+def test_exported_code_is_a_click_away(browser, site_url):
+    page, _ = _open(browser, f"{site_url}/notebooks/01_market.html")
+    assert "def cagr(" not in page.inner_text("article")
+    page.locator("a[href*='api/market.html#slm_research.market.cagr']").first.wait_for()  # show_doc links to the API
+    summaries = page.locator("details.hide.above-input summary")
+    for i in range(summaries.count()): summaries.nth(i).click()
+    assert "def cagr(" in page.inner_text("article")
+
+
+@pytest.mark.parametrize("chapter", _chapters() or ["01_market"])
+def test_no_progress_bar_text_in_outputs(browser, site_url, chapter):
+    page, _ = _open(browser, f"{site_url}/notebooks/{chapter}.html")
+    outputs = page.locator(".cell_output").all_inner_texts()
+    noisy = [o[:120] for o in outputs if PROGRESS_TEXT.search(o)]
+    assert noisy == [], f"{chapter}: progress-bar text in cell outputs: {noisy}"
+
+
+def test_screenshots_of_two_chapters_for_review(browser, site_url):
+    out = SITE / "_review"
+    out.mkdir(exist_ok=True)
+    for chapter in SCREENSHOTS:
+        page, problems = _open(browser, f"{site_url}/notebooks/{chapter}.html")
+        if page.locator(".js-plotly-plot").count(): page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(out / f"{chapter}.png"), full_page=True)
+        assert (out / f"{chapter}.png").stat().st_size > 10_000 and problems == []
+
+
+def test_executed_notebooks_have_no_noise():
+    "The run the site was built from: no progress-bar leftovers and no repeated warnings in any output."
+    import nbformat
+    from slm_research.runner import output_noise
+    run = Path(os.environ.get("SLM_AUDIT_RUN", "runs/latest-ci"))
+    executed = sorted(run.glob("[0-9][0-9]_*.ipynb"))
+    if not executed: pytest.skip(f"no executed notebooks in {run}")
+    noise = {nb.stem: n for nb in executed if (n := output_noise(nbformat.read(nb, as_version=4)))}
+    assert noise == {}
