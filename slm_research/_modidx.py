@@ -727,4 +727,5 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'slm_research.slm.resolve_base': ('slm.html#resolve_base', 'slm_research/slm.py'),
                                   'slm_research.slm.sha256_file': ('slm.html#sha256_file', 'slm_research/slm.py'),
                                   'slm_research.slm.tool_call_probability': ('slm.html#tool_call_probability', 'slm_research/slm.py'),
-                                  'slm_research.slm.train_precision': ('slm.html#train_precision', 'slm_research/slm.py')}}}
+                                  'slm_research.slm.train_precision': ('slm.html#train_precision', 'slm_research/slm.py'),
+                                  'slm_research.slm.unwrap_autocast': ('slm.html#unwrap_autocast', 'slm_research/slm.py')}}}

@@ -1,4 +1,4 @@
-"The embedded SLM: GGUF-to-HF conversion, a LoRA step, generation and batched generation on the real SmolLM2-135M-Instruct."
+"The embedded SLM on the real SmolLM2-135M-Instruct: GGUF-to-HF conversion, a LoRA step, generation, batching."
 import json
 import math
 
@@ -10,7 +10,7 @@ import torch
 from slm_research.finetune import (FinetuneConfig, _SEARCH_TOOL, _WEATHER_TOOL, call_example, generate, sft_dataset,
                                    synthetic_calls, train)
 from slm_research.slm import (EMBEDDED, embedded_gguf, embedded_slm_path, generate_batch, load_base, resolve_base,
-                              tool_call_probability, train_precision)
+                              tool_call_probability, train_precision, unwrap_autocast)
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,8 @@ def test_conversion_loads_as_a_dense_hf_model(slm_path):
     assert 130e6 < n < 140e6 and model.dtype == torch.float32
     # the saved embedding is the GGUF's Q8_0 embedding, dequantised
     t = next(t for t in gguf.GGUFReader(g["path"]).tensors if t.name == "token_embd.weight")
-    np.testing.assert_array_equal(model.model.embed_tokens.weight.detach().numpy(), gguf.quants.dequantize(t.data, t.tensor_type))
+    np.testing.assert_array_equal(model.model.embed_tokens.weight.detach().numpy(),
+                                  gguf.quants.dequantize(t.data, t.tensor_type))
     assert embedded_slm_path() == slm_path and resolve_base("") == resolve_base(EMBEDDED) == str(slm_path)
 
 
@@ -59,8 +60,10 @@ def test_hub_id_offline_fails_with_one_line(monkeypatch):
 
 def test_tokenizer_renders_tools_and_keeps_markup(bf16):
     model, tok = bf16
-    assert (tok.padding_side, tok.pad_token, tok.eos_token, model.dtype) == ("left", "<|endoftext|>", "<|im_end|>", torch.bfloat16)
-    text = tok.apply_chat_template(CAPITAL["messages"], tools=[_WEATHER_TOOL], add_generation_prompt=True, tokenize=False)
+    assert (tok.padding_side, tok.pad_token, tok.eos_token) == ("left", "<|endoftext|>", "<|im_end|>")
+    assert model.dtype == torch.bfloat16
+    text = tok.apply_chat_template(CAPITAL["messages"], tools=[_WEATHER_TOOL], add_generation_prompt=True,
+                                   tokenize=False)
     assert "<tools>" in text and '"get_weather"' in text and text.endswith("<|im_start|>assistant\n")
     ids = tok('<tool_call>{"name": "x", "arguments": {}}</tool_call>', add_special_tokens=False)["input_ids"]
     assert tok.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=False)  # ordinary tokens
@@ -138,7 +141,14 @@ def test_sft_bf16_autocasts_on_cpu_and_keeps_lora_fp32(slm_path, tmp_path):
     trainer = SFTTrainer(model=model, args=args, train_dataset=sft_dataset(_weather_rows(), tok, max_length=160),
                          processing_class=tok)
     out = trainer.train()
-    hook.remove()
     assert seen and seen[0] == (True, torch.bfloat16)
     assert math.isfinite(out.training_loss)
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # base and adapter weights stay fp32
+    # the autocast wrapper outlives training; unwrap_autocast removes it, so generation does not recast fp32 weights
+    seen.clear()
+    with torch.no_grad(): trainer.model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert seen == [(True, torch.bfloat16)]
+    seen.clear()
+    with torch.no_grad(): unwrap_autocast(trainer.model)(input_ids=torch.tensor([[1, 2, 3]]))
+    assert seen == [(False, torch.float32)]
+    hook.remove()
