@@ -20,8 +20,9 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from slm_research.workspace import split_by_session
 from slm_research.finetune import (FinetuneConfig, base_config, build_stand_in_base, call_example, default_threads,
-                                   finetune, generate, score_answer, sft_dataset, split_by_session, split_rows,
+                                   finetune, generate, score_answer, sft_dataset, split_rows,
                                    synthetic_calls, train)
 from slm_research.slm import embedded_slm_path, generate_batch, train_precision
 
@@ -71,7 +72,8 @@ def real_base(a):
     with tempfile.TemporaryDirectory() as d:
         for name, p in paths.items():
             cfg = FinetuneConfig(base=base, method="lora", steps=a.steps, lr=1e-3, batch_size=a.batch_size,
-                                 max_length=a.max_length, save_steps=10 * a.steps, seed=a.seed, num_threads=a.threads)
+                                 max_length=a.max_length, save_steps=10 * a.steps, seed=a.seed, num_threads=a.threads,
+                                 group_by_length=name == "fast" and a.group_by_length)
             model = lora_on(base, cfg, p["base_dtype"])
             c0 = time.process_time()
             with sft_precision(**p["sft"]): res = train(ds, cfg, Path(d)/name, model=model, tokenizer=tok, resume=False)

@@ -577,6 +577,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'slm_research/finetune.py'),
                                        'slm_research.finetune.training_cost_table': ( 'finetune.html#training_cost_table',
                                                                                       'slm_research/finetune.py'),
+                                       'slm_research.finetune.training_dtype': ('finetune.html#training_dtype', 'slm_research/finetune.py'),
                                        'slm_research.finetune.training_flops_per_token': ( 'finetune.html#training_flops_per_token',
                                                                                            'slm_research/finetune.py')},
             'slm_research.iterate': { 'slm_research.iterate.AdapterTrainer': ('iterate.html#adaptertrainer', 'slm_research/iterate.py'),
