@@ -389,6 +389,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'slm_research.core.progress': ('core.html#progress', 'slm_research/core.py'),
                                    'slm_research.core.progress_mode': ('core.html#progress_mode', 'slm_research/core.py'),
                                    'slm_research.core.project_root': ('core.html#project_root', 'slm_research/core.py'),
+                                   'slm_research.core.raw_file': ('core.html#raw_file', 'slm_research/core.py'),
                                    'slm_research.core.read_headlines': ('core.html#read_headlines', 'slm_research/core.py'),
                                    'slm_research.core.read_profiles': ('core.html#read_profiles', 'slm_research/core.py'),
                                    'slm_research.core.save_fig': ('core.html#save_fig', 'slm_research/core.py'),

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .core import check_schema, headline, paths, show
+from .core import check_schema, headline, paths, raw_file, show
 from .workspace import Workspace
 
 # %% auto #0
@@ -45,7 +45,7 @@ CALLTYPE_SCHEMA = {"agent": pl.String, "call_type": pl.String, "callsite_pattern
 
 def load_call_types(path: Path | str | None = None) -> pl.DataFrame:
     "The call-type inventory (`data/raw/agent_calltypes.csv`), checked: known agents, 0/1 features, frequencies >= 0, valid patterns."
-    path = Path(path) if path else paths(mkdir=False).raw/"agent_calltypes.csv"
+    path = Path(path) if path else raw_file("agent_calltypes.csv")
     df = pl.read_csv(path, schema_overrides={"fires_per_run": pl.Float64})
     check_schema(df, CALLTYPE_SCHEMA, "agent call types")
     for i, r in enumerate(df.iter_rows(named=True), start=2):

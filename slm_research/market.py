@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from .core import check_schema, headline, paths, show
+from .core import check_schema, headline, paths, raw_file, show
 
 # %% auto #0
 __all__ = ['MARKET_SCHEMA', 'load_market', 'cagr', 'trajectory']
@@ -21,7 +21,7 @@ MARKET_SCHEMA = {"metric": pl.String, "year": pl.Int64, "value": pl.Float64, "un
 
 def load_market(path: Path | str | None = None) -> pl.DataFrame:
     "The quoted market figures (`data/raw/market.csv`), each with its source."
-    path = Path(path) if path else paths(mkdir=False).raw/"market.csv"
+    path = Path(path) if path else raw_file("market.csv")
     df = pl.read_csv(path, schema_overrides={"year": pl.Int64, "value": pl.Float64})
     check_schema(df, MARKET_SCHEMA, "market figures")
     if (missing := df.filter(pl.col("source").is_null() | (pl.col("source") == ""))).height:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .core import headline, paths, set_seed, show
+from .core import headline, paths, raw_file, set_seed, show
 
 # %% auto #0
 __all__ = ['ArchConfig', 'param_count', 'non_embedding_params', 'flops_per_token', 'kv_cache_bytes', 'weight_bytes',
@@ -138,7 +138,7 @@ def decode_bytes_per_token(cfg: ArchConfig, context_len: int = 0, bytes_per_valu
 # %% ../nbs/02_models.ipynb #9e136024
 def load_arch_configs(path: Path | str | None = None) -> dict[str, ArchConfig]:
     "The public architecture configs in `data/raw/model_configs.json`, by name."
-    path = Path(path) if path else paths(mkdir=False).raw/"model_configs.json"
+    path = Path(path) if path else raw_file("model_configs.json")
     out = {}
     for e in json.loads(Path(path).read_text())["configs"]:
         out[e["name"]] = ArchConfig.from_hf(e["config"], name=e["name"], size=e.get("size", ""),

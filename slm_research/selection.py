@@ -14,7 +14,7 @@ import click
 import polars as pl
 
 from . import slm
-from .core import paths
+from .core import paths, raw_file
 from .workspace import Workspace
 from .models import kv_cache_bytes, load_arch_configs, param_count, weight_bytes
 
@@ -30,7 +30,7 @@ BENCHMARKS = {"ifeval": ("ifeval_variant", "source_ifeval"), "reasoning": ("reas
               "code": ("code_benchmark", "source_code"), "bfcl": ("bfcl_version", "source_bfcl")}
 REQUIRED = ("name", "params_b", "license", "open_weights", "tool_calling", "context_length")
 
-def catalog_path() -> Path: return paths(mkdir=False).raw/"slm_catalog.csv"
+def catalog_path() -> Path: return raw_file("slm_catalog.csv")
 
 def unsourced(cat: pl.DataFrame) -> list[str]:
     "Benchmark cells without a source or without their variant, as 'model: column' strings."
