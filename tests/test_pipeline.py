@@ -62,6 +62,6 @@ def test_pipeline_command_runs_the_chain_from_a_fresh_workspace(user_workspace, 
     shutil.copy(ROOT/"settings.ini", ws/"settings.ini"); (ws/"nbs").mkdir()
     out = run(ws, "pipeline", "--logs", str(logs), "--format", "openai", *TRAIN)
     for step in ("S1 capture", "S2 masking", "S3 clustering", "S4 selection", "S5 fine-tuning"): assert f"{step}: done" in out
-    assert "tool name: zero-shot" in out and "replaceable share" in out
+    assert "args zero-shot" in out and "replaceable share" in out
     gate = json.loads((ws/"data"/"processed"/"dev"/"gate.json").read_text())
     assert {"base_score", "adapter_score", "adapter_tool_call_match", "agreement_interval"} <= set(gate["clusters"][0])
