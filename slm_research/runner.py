@@ -261,7 +261,12 @@ def write_summary(summary: RunSummary) -> Path:
 @click.option("--keep-going", is_flag=True, help="Run the remaining notebooks after a failure.")
 def run_cmd(profile, only, params, run_dir, keep_going):
     "Run the numbered notebooks with papermill under a profile."
-    summary = run_notebooks(profile, list(only) or None, parse_overrides(list(params)), run_dir, keep_going)
+    overrides = parse_overrides(list(params))
+    if overrides.get("logs"):   # an analyst's log file: relative to where the command runs, not to the notebooks
+        logs = Path(str(overrides["logs"])).expanduser().resolve()
+        if not logs.is_file(): raise click.BadParameter(f"no log file at {logs}", param_hint="-p logs=")
+        overrides["logs"] = str(logs)
+    summary = run_notebooks(profile, list(only) or None, overrides, run_dir, keep_going)
     click.echo(Path(summary.run_dir)/"summary.md")
     if not summary.ok:
         msg = "; ".join(f"{r.notebook}: {r.error}" for r in summary.failures())
