@@ -1,13 +1,19 @@
 """S3 speed: embedding + clustering time, peak memory and NMI vs gold, default vs fast path, at 10k and 100k calls.
 
 Run: nice .venv/bin/python bench/bench_cluster.py [--sizes 10000 100000] [--max-default-minutes 15]
+     nice .venv/bin/python bench/bench_cluster.py --devsets [bfcl apibench agentbench corpus]
 Calls come from the embedded corpus generator, masked by S2 (`slm_research.clean.clean`) once per size and cached
 under `.cache/bench/` (masking is not part of the timing). Each (size, method) runs in a child process, so peak
 memory (ru_maxrss) is that run's own. Embedding caches are disabled: every run embeds from scratch; the model load
 (and the one-off static distillation) happens before the clock starts. The baseline is TF-IDF + SVD(100) + k-means
 told the gold number of sub-tasks. The default path is skipped at a size where its time, extrapolated linearly from
 the largest size measured, would exceed --max-default-minutes; the output says so.
-Goal (issue 4): fast path at 100k in at most 3 minutes with NMI within 0.02 of the default."""
+Goal (issue 4): fast path at 100k in at most 3 minutes with NMI within 0.02 of the default.
+
+`--devsets` (issue 13) instead prints one table over the S3 development sets in ../shared/external (BFCL multi-turn,
+APIBench, AgentBench) and the embedded corpus (5k demo calls, seed 42): S3 automatic, S3 given the true k, and three
+anchors on the same MiniLM embeddings in the same run (BERTopic default, BERTopic + k-means(k), MiniLM + k-means(k)),
+NMI and clusters, one run each, seconds per method (embeddings cached, so the times are clustering only)."""
 import argparse, json, os, resource, subprocess, sys, time
 from pathlib import Path
 
@@ -49,13 +55,76 @@ def one(n, mode, seed):
     return dict(n=n, mode=mode, seconds=round(secs, 1), peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), **s)
 
 
+DEVSETS = {"bfcl": "bfcl_multiturn_turn_domain.jsonl", "apibench": "apibench_domain.jsonl", "agentbench": "agentbench_env.jsonl"}
+
+
+def devset(name, seed):
+    "(frame, gold labels) of a development set; `corpus` is the embedded demo corpus (5k calls, seed 42, masked)."
+    import polars as pl
+    if name == "corpus":
+        frame, g = masked_calls(5000, 42)
+        return frame, frame.select("id").join(g, on="id", how="left")["subtask"].to_list()
+    ext = Path(os.environ["SLM_SHARED"]) / "external" if os.environ.get("SLM_SHARED") else ROOT.parent / "shared" / "external"
+    b = pl.read_ndjson(ext / DEVSETS[name]).with_row_index("n").with_columns(id=pl.col("n").cast(pl.String))
+    return b, b["label"].to_list()
+
+
+def anchors(texts, gold, seed):
+    "NMI results of the three anchors on MiniLM embeddings of `texts` (BERTopic's UMAP seeded), with seconds each."
+    from bertopic import BERTopic
+    from sklearn.cluster import KMeans
+    from umap import UMAP
+    from slm_research import cluster as C
+    k, emb, st = len(set(gold)), C.embed(texts, "minilm", progress=False), C.get_embedder("minilm").model
+    umap = lambda: UMAP(n_neighbors=15, n_components=5, min_dist=0.0, metric="cosine", random_state=seed)
+    runs = {"BERTopic default": lambda: BERTopic(embedding_model=st, umap_model=umap()).fit_transform(texts, emb)[0],
+            "BERTopic + k-means(k)": lambda: BERTopic(embedding_model=st, umap_model=umap(),
+                                                      hdbscan_model=KMeans(k, n_init=10, random_state=seed)).fit_transform(texts, emb)[0],
+            "MiniLM + k-means(k)": lambda: KMeans(k, n_init=10, random_state=seed).fit_predict(emb)}
+    out = {}
+    for name, fn in runs.items():
+        t = time.perf_counter(); labels = fn(); out[name] = (C.score_clusters(gold, labels), time.perf_counter() - t)
+    return out
+
+
+def devset_table(names, seed):
+    from slm_research import cluster as C
+    rows = []
+    for name in names:
+        frame, gold = devset(name, seed)
+        k, t0 = len(set(gold)), time.perf_counter()
+        C.embed_parts(C.build_parts(frame), "minilm", progress=False)  # embed (or read the cache) before any clock
+        row = dict(set=name, rows=len(frame), labels=k)
+        for label, kk in (("S3 automatic", None), ("S3 given k", k)):
+            t = time.perf_counter(); s = C.score_clusters(gold, C.cluster_calls(frame, C.ClusterConfig(k=kk, seed=seed))["cluster"])
+            row[label] = s["nmi"]; row[f"{label} clusters"] = s["n_clusters"]; row[f"{label} s"] = round(time.perf_counter() - t, 1)
+        texts = frame["text"].to_list() if "text" in frame.columns else C.build_texts(frame)
+        for label, (s, secs) in anchors(texts, gold, seed).items():
+            row[label] = s["nmi"]; row[f"{label} s"] = round(secs, 1)
+        best = max(row[a] for a in ("BERTopic default", "BERTopic + k-means(k)", "MiniLM + k-means(k)"))
+        row.update({"given k >= best anchor": row["S3 given k"] >= best,
+                    "auto within 0.05 of given k": row["S3 automatic"] >= row["S3 given k"] - 0.05,
+                    "seconds (set)": round(time.perf_counter() - t0, 1)})
+        rows.append(row); print(json.dumps(row), flush=True)
+    cols = ["set", "rows", "labels", "S3 automatic", "S3 automatic clusters", "S3 given k", "S3 given k clusters", "BERTopic default",
+            "BERTopic + k-means(k)", "MiniLM + k-means(k)", "given k >= best anchor", "auto within 0.05 of given k", "seconds (set)"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows: print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    return rows
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-default-minutes", type=float, default=15.0)
     ap.add_argument("--child", nargs=2)
+    ap.add_argument("--devsets", nargs="*", default=None, help="the development-set table instead (default: all four sets)")
     a = ap.parse_args()
+    if a.devsets is not None:
+        rows = devset_table(a.devsets or [*DEVSETS, "corpus"], a.seed)
+        out_dir = ROOT / "bench" / "results"; out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench_cluster_devsets.json").write_text(json.dumps(rows, indent=1)); sys.exit()
     if a.child:
         print(json.dumps(one(int(a.child[0]), a.child[1], a.seed))); sys.exit()
     results, notes = [], []

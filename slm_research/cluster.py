@@ -27,10 +27,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 __all__ = ['PARTS', 'EMBEDDERS', 'TFIDF_ARGS', 'OUTLIER_LABEL', 'PROFILE_KEYS', 'TextConfig', 'output_shape', 'call_parts',
            'call_text', 'build_parts', 'build_texts', 'cache_dir', 'minilm_path', 'MiniLMEmbedder', 'distill_static',
            'StaticEmbedder', 'get_embedder', 'embed', 'embed_parts', 'Representation', 'ClusterConfig', 'reduce_unique',
-           'micro_clusters', 'centroids_of', 'silhouette', 'merge_micro', 'Clusterer', 'load_clusterer',
+           'micro_clusters', 'centroids_of', 'silhouette', 'merge_micro', 'exactly_k', 'Clusterer', 'load_clusterer',
            'ClusterResult', 'cluster_keywords', 'fit_clusters', 'cluster_calls', 'score_clusters',
            'tfidf_kmeans_baseline', 'call_features', 'cluster_profiles', 'representative_examples', 'clusters_summary',
-           'write_outputs', 'plot_cluster_map', 'plot_volume', 'plot_over_time', 'read_text_jsonl', 'cluster_cmd']
+           'write_outputs', 'plot_cluster_map', 'plot_volume', 'plot_over_time', 'read_text_jsonl', 'read_calls',
+           'cluster_cmd']
 
 # %% ../nbs/12_cluster.ipynb #8f55bfb3
 PARTS = ("system", "user_head", "user_tail", "tools", "output")
@@ -278,9 +279,11 @@ class ClusterConfig:
     reducer: str = "umap"             # "umap" | "pca"
     n_components: int = 5
     n_neighbors: int = 15
-    k: int | None = None              # about k clusters: cut the merge tree into k; None: the data choose (`merge`)
+    k: int | None = None              # exactly k clusters (finer micro-clusters merged into k, or Ward on the points); None: the data choose
     min_cluster_size: int | None = None  # HDBSCAN, counting repeated texts; None: max(15, n_fit // 200)
     min_samples: int | None = None    # HDBSCAN; None: min_cluster_size
+    k_split: int = 15                 # given k, HDBSCAN's smallest cluster is n / (k_split * k), in [5, the default]: fine micro-clusters
+    min_auto_clusters: int = 3        # the silhouette cut never picks fewer (a 2-way split wins silhouettes, rarely the tasks)
     merge: str | float | None = "silhouette"  # where to cut the merge tree without k: "silhouette", a cosine distance, or None (no merging)
     silhouette_sample: int = 2000     # calls the silhouette is computed on
     fit_sample: int | None = None     # fit on this many calls, assign the rest; None fits all
@@ -340,8 +343,9 @@ def silhouette(distances: np.ndarray, labels: np.ndarray) -> float:
     return float(s.mean())
 
 def merge_micro(x: np.ndarray, labels: np.ndarray, k: int | None = None, merge: str | float | None = "silhouette",
-                sample: int = 2000, seed: int = 0) -> np.ndarray:
-    "Merge micro-clusters (0..m-1) by average linkage on their centroids: into `k`, at the best silhouette, or at a cosine distance."
+                sample: int = 2000, seed: int = 0, min_clusters: int = 2) -> np.ndarray:
+    """Merge micro-clusters (0..m-1) by average linkage on their centroids: into `k`, at the best silhouette (of the cuts
+    into at least `min_clusters`), or at a cosine distance."""
     from scipy.cluster.hierarchy import fcluster, linkage
     m = labels.max() + 1
     if m < 2 or (k is None and merge is None): return labels
@@ -350,11 +354,21 @@ def merge_micro(x: np.ndarray, labels: np.ndarray, k: int | None = None, merge: 
     elif merge == "silhouette":
         rows = np.random.default_rng(seed).choice(len(x), min(sample, len(x)), replace=False)
         distances = np.clip(1 - x[rows] @ x[rows].T, 0, 2).astype(np.float64)
-        cuts = [fcluster(tree, n, "maxclust") for n in range(2, m + 1)]
+        cuts = [fcluster(tree, n, "maxclust") for n in range(min(max(2, min_clusters), m), m + 1)]
         groups = max(cuts, key=lambda g: silhouette(distances, g[labels[rows]]))  # first best: ties keep fewer clusters
     elif isinstance(merge, (int, float)): groups = fcluster(tree, float(merge), "distance")
     else: raise ValueError(f"unknown merge {merge!r}; choose 'silhouette', a cosine distance, or None")
     return np.unique(groups - 1, return_inverse=True)[1].ravel()[labels]
+
+def exactly_k(x: np.ndarray, points: np.ndarray, micro: np.ndarray, k: int) -> np.ndarray:
+    "Labels 0..k-1: the micro-clusters merged into k (average linkage), or, when there are fewer, Ward on the reduced points."
+    from sklearn.cluster import AgglomerativeClustering, KMeans
+    if micro.max() + 1 >= k:
+        labels = merge_micro(x, micro, k)
+        if labels.max() + 1 == k: return labels  # tied merge heights can give fewer: fall through
+    if len(np.unique(points, axis=0)) < k: raise ValueError(f"cluster: fewer than k={k} distinct points to cluster")
+    if len(points) <= 20_000: return AgglomerativeClustering(k, linkage="ward").fit_predict(points)
+    return KMeans(k, n_init=3, random_state=0).fit_predict(points)  # Ward's memory grows with n^2
 
 # %% ../nbs/12_cluster.ipynb #d340db4f
 OUTLIER_LABEL = "outlier"
@@ -455,14 +469,20 @@ def fit_clusters(frame: pl.DataFrame, cfg: ClusterConfig = ClusterConfig(), embe
     fit_idx = np.sort(rng.choice(n, cfg.fit_sample, replace=False)) if cfg.fit_sample and cfg.fit_sample < n else np.arange(n)
     fit_texts = [texts[i] for i in fit_idx]
     unique_idx = fit_idx[np.sort(np.unique(np.asarray(fit_texts, dtype=object), return_index=True)[1])]
-    if len(unique_idx) < max(cfg.k or 0, 3, cfg.n_components + 2):
+    if cfg.k is not None and (cfg.k < 1 or len(unique_idx) < cfg.k):
+        raise ValueError(f"cluster.fit_clusters: k={cfg.k} clusters asked for, but there are {len(unique_idx)} distinct calls"
+                         + (f" among the {len(fit_idx)} fitted" if len(fit_idx) < n else ""))
+    if len(unique_idx) < max(3, cfg.n_components + 2):
         raise ValueError(f"cluster.fit_clusters: {len(unique_idx)} distinct calls are too few to cluster")
     rep = Representation.fit([texts[i] for i in unique_idx], emb[unique_idx], cfg.tfidf_weight, cfg.tfidf_dims, cfg.seed)
     x = rep.transform(emb, texts)
     x_fit = x[fit_idx]
     points = reduce_unique(x_fit, fit_texts, cfg)
-    micro, noise = micro_clusters(points, x_fit, cfg.min_cluster_size or max(15, len(fit_idx) // 200), cfg.min_samples)
-    fit_labels = merge_micro(x_fit, micro, cfg.k, cfg.merge, cfg.silhouette_sample, cfg.seed)
+    size = cfg.min_cluster_size or max(15, len(fit_idx) // 200)
+    if cfg.k and not cfg.min_cluster_size: size = max(5, min(size, len(fit_idx) // (cfg.k_split * cfg.k)))
+    micro, noise = micro_clusters(points, x_fit, size, cfg.min_samples)
+    if cfg.k: fit_labels = exactly_k(x_fit, points, micro, cfg.k)
+    else: fit_labels = merge_micro(x_fit, micro, None, cfg.merge, cfg.silhouette_sample, cfg.seed, cfg.min_auto_clusters)
     clusters = list(range(fit_labels.max() + 1))
     centroids = centroids_of(x_fit, fit_labels)
     thresholds = []
@@ -623,29 +643,84 @@ def read_text_jsonl(path: Path, quarantine: Quarantine) -> list[dict]:
             records.append(rec)
     return records
 
+# %% ../nbs/12_cluster.ipynb #bd094238
+def _chat_fields(rec: dict) -> tuple[dict | None, str]:
+    "`messages`, `tools`, `response` of a chat record as CLEAN_SCHEMA's JSON strings (lists / objects or JSON strings), or why not."
+    out = {}
+    for key, kind, need in (("messages", list, True), ("tools", list, False), ("response", dict, False)):
+        v = rec.get(key)
+        if isinstance(v, str):
+            try: v = json.loads(v) if v.strip() else None
+            except json.JSONDecodeError: return None, f"'{key}' is a string but not JSON"
+        if v is None and not need: out[key] = "[]" if key == "tools" else None; continue
+        if not isinstance(v, kind): return None, f"'{key}' is not a JSON {kind.__name__}"
+        if key == "messages" and not any(isinstance(m, dict) and m.get("role") for m in v):
+            return None, "'messages' has no message with a 'role'"
+        out[key] = json.dumps(v)
+    return out, ""
+
+def read_calls(path: Path, quarantine: Quarantine) -> tuple[list[dict], pl.DataFrame]:
+    """The calls of `path`: a Parquet file in CLEAN_SCHEMA, or JSONL of chat records (`messages`, `tools`, `response`, as in
+    `slm-research clean --out`) or of `{"text": ...}` lines (the file's first good line decides which). Returns the kept
+    records and the frame S3 clusters (`id` + `text`, or `id` + CLEAN_SCHEMA's chat columns); the rest go to `quarantine`."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        rows = pl.read_parquet(path).to_dicts()
+        lines = [(f"{path.name}:row {i}", r) for i, r in enumerate(rows)]
+    else:
+        lines = []
+        with open(path) as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip(): continue
+                try: lines.append((f"{path.name}:{i}", json.loads(line)))
+                except json.JSONDecodeError as e: quarantine.add(f"{path.name}:{i}", f"not JSON: {e.msg}")
+    records, cols, kind = [], [], None
+    for where, rec in lines:
+        if isinstance(rec, dict) and "messages" in rec:
+            this, (fields, why) = "chat", _chat_fields(rec)
+        elif isinstance(rec, dict) and isinstance(rec.get("text"), str) and rec["text"].strip():
+            this, fields, why = "text", {"text": rec["text"]}, ""
+        else: this, fields, why = None, None, "neither a chat record ('messages') nor a non-empty string 'text'"
+        kind = kind or (this if fields else None)
+        if fields and this != kind: fields, why = None, f"a {this} record in a file of {kind} records"
+        if not fields: quarantine.add(where, why); continue
+        records.append(rec); cols.append({"id": str(rec.get("id", where.rsplit(":", 1)[1])), **fields})
+    schema = {"id": pl.String, **({"text": pl.String} if kind == "text" else {c: CLEAN_SCHEMA[c] for c in ("messages", "tools", "response")})}
+    return records, pl.DataFrame(cols, schema=schema)
+
+# %% ../nbs/12_cluster.ipynb #6b71e61a
 @click.command("cluster")
-@click.option("--in", "in_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL, one object with `text` per line.")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="JSONL with `cluster` and `cluster_label` added.")
-@click.option("--k", type=int, default=None, help="Ask for about k clusters (k-means) instead of HDBSCAN's choice.")
+@click.option("--in", "in_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSONL of chat records (as `slm-research clean --out` writes) or of {\"text\": ...} lines, or CLEAN_SCHEMA Parquet.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The input's records with `cluster` and `cluster_label` added (Parquet if it ends in .parquet, else JSONL).")
+@click.option("--k", type=int, default=None, help="Exactly k clusters instead of the data's choice.")
 @click.option("--fast", is_flag=True, help="Static embeddings and fitting on a sample: for 100k+ lines.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--save-clusterer", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also save the fitted clusterer here.")
 def cluster_cmd(in_path, out_path, k, fast, seed, save_clusterer):
-    "S3: cluster the `text` of each line of IN into tasks."
-    q = Quarantine(out_path.with_suffix(".quarantine.jsonl"))
-    records = read_text_jsonl(in_path, q)
-    if not records: raise click.ClickException(f"{in_path}: no line has a non-empty string 'text' ({len(q)} rejected)")
-    frame = pl.DataFrame({"id": [str(r.get("id", i)) for i, r in enumerate(records)], "text": [r["text"] for r in records]})
+    "S3: cluster the calls of IN into tasks."
+    if out_path.resolve() == in_path.resolve(): raise click.ClickException(f"--out {out_path} would overwrite the input")
+    q = Quarantine(out_path.with_name(out_path.stem + ".quarantine.jsonl"))
+    records, frame = read_calls(in_path, q)
+    if not records:
+        if len(q): q.write()
+        raise click.ClickException(f"{in_path}: no line is a chat record or has a non-empty string 'text' ({len(q)} rejected -> {q.path})")
     cfg = (ClusterConfig.fast if fast else ClusterConfig)(k=k, seed=seed)
-    res = fit_clusters(frame, cfg)
+    try: res = fit_clusters(frame, cfg)
+    except ValueError as e: raise click.ClickException(str(e))
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with out_path.open("w") as f:
-        for rec, c, lab in zip(records, res.assignments["cluster"], res.assignments["cluster_label"]):
-            f.write(json.dumps({**rec, "cluster": int(c), "cluster_label": lab}) + "\n")
+    a = res.assignments
+    if out_path.suffix == ".parquet":
+        pl.DataFrame(records).with_columns(a["cluster"], a["cluster_label"]).write_parquet(out_path)
+    else:
+        with out_path.open("w") as f:
+            for rec, c, lab in zip(records, a["cluster"], a["cluster_label"]):
+                f.write(json.dumps({**rec, "cluster": int(c), "cluster_label": lab}, default=str) + "\n")
     if len(q): q.write()
     counts = check_counts(len(records) + len(q), len(records), len(q), "cluster")
     if save_clusterer: res.clusterer.save(save_clusterer)
-    sizes = res.assignments.group_by("cluster", "cluster_label").len().sort("len", descending=True)
+    sizes = a.group_by("cluster", "cluster_label").len().sort("len", descending=True)
     for c, lab, n_ in sizes.iter_rows(): click.echo(f"{c:>4}  {n_:>7}  {lab}")
-    click.echo(f"{counts['n_out']} lines clustered into {len(res.clusterer.clusters)} clusters -> {out_path}"
-               + (f"; {len(q)} quarantined -> {q.path}" if len(q) else ""))
+    click.echo(f"{counts['n_out']} {'chat records' if 'messages' in frame.columns else 'text lines'} clustered into "
+               f"{len(res.clusterer.clusters)} clusters -> {out_path}" + (f"; {len(q)} quarantined -> {q.path}" if len(q) else ""))

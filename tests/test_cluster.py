@@ -109,3 +109,81 @@ def test_duplicated_task_is_a_cluster_not_outliers():
     res = fit_clusters(frame, ClusterConfig(seed=1))
     s = score_clusters(gold, res.assignments["cluster"])
     assert s["nmi"] == 1.0 and s["outlier_share"] == 0.0, s
+
+
+def _bfcl(shared_external):
+    return pl.read_ndjson(shared_external / "bfcl_multiturn_turn_domain.jsonl").with_row_index("n").with_columns(id=pl.col("n").cast(pl.String))
+
+
+def test_k_is_exact_where_hdbscan_finds_fewer(shared_external):
+    "Issue 13: BFCL with HDBSCAN's default minimum size has 16 micro-clusters; asked for 24, S3 returns exactly 24."
+    from slm_research.cluster import Representation, build_parts, embed_parts, micro_clusters, reduce_unique
+    b, cfg = _bfcl(shared_external), ClusterConfig(k=24, min_cluster_size=15)
+    parts = build_parts(b)
+    texts, emb = parts["text"], embed_parts(parts, progress=False)
+    x = Representation.fit(texts, emb, cfg.tfidf_weight, cfg.tfidf_dims, cfg.seed).transform(emb, texts)
+    micro, _ = micro_clusters(reduce_unique(x, texts, cfg), x, 15)
+    assert micro.max() + 1 < 24
+    got = cluster_calls(b, cfg)["cluster"]
+    assert got.n_unique() == 24 and got.min() == 0
+    assert cluster_calls(b, ClusterConfig(k=8))["cluster"].n_unique() == 8  # and when HDBSCAN finds more
+
+
+def test_k_beyond_distinct_calls_is_a_clear_error(tmp_path):
+    few = pl.DataFrame({"id": [str(i) for i in range(40)], "text": ["book a flight", "sort the files"] * 20})
+    with pytest.raises(ValueError, match="k=5 clusters asked for, but there are 2 distinct calls"):
+        fit_clusters(few, ClusterConfig(k=5))
+    src = tmp_path / "few.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in few["text"]))
+    r = CliRunner().invoke(cluster_cmd, ["--in", str(src), "--out", str(tmp_path / "out.jsonl"), "--k", "5"])
+    assert r.exit_code != 0 and "2 distinct calls" in r.output, r.output
+    r = CliRunner().invoke(cluster_cmd, ["--in", str(src), "--out", str(src)])
+    assert r.exit_code != 0 and "overwrite the input" in r.output
+
+
+def test_automatic_k_does_not_collapse_on_apibench(shared_external):
+    "APIBench (58 domains): automatic k used to find 2 clusters (NMI 0.28); now within 0.05 NMI of S3 given the true k."
+    a = pl.read_ndjson(shared_external / "apibench_domain.jsonl").with_row_index("n").with_columns(id=pl.col("n").cast(pl.String))
+    auto = score_clusters(a["label"], cluster_calls(a, ClusterConfig())["cluster"])
+    told = score_clusters(a["label"], cluster_calls(a, ClusterConfig(k=58))["cluster"])
+    assert told["n_clusters"] == 58
+    assert auto["n_clusters"] >= 10 and auto["nmi"] >= told["nmi"] - 0.05, (auto, told)
+
+
+def test_chat_record_representation_does_not_hurt_plain_requests(shared_external):
+    "The same BFCL requests as plain text and as chat records (one user turn, no system prompt, tools or answer)."
+    b = _bfcl(shared_external)
+    chat = b.select("id", messages=pl.col("text").map_elements(lambda t: json.dumps([{"role": "user", "content": t}]), return_dtype=pl.String),
+                    tools=pl.lit("[]"), response=pl.lit(None, dtype=pl.String))
+    for k in (None, 8):
+        as_text = score_clusters(b["label"], cluster_calls(b, ClusterConfig(k=k))["cluster"])["nmi"]
+        as_chat = score_clusters(b["label"], cluster_calls(chat, ClusterConfig(k=k))["cluster"])["nmi"]
+        assert as_chat >= as_text - 0.03, (k, as_text, as_chat)
+
+
+def test_cli_reads_chat_records_text_lines_and_parquet(tmp_path, shared_external):
+    "Chat records (BFCL live OpenAI logs turned into messages / tools / response), as lists or JSON strings, and CLEAN_SCHEMA Parquet."
+    recs = [json.loads(l) for l in (shared_external / "bfcl_live_calls.jsonl").open()][:120]
+    chat = [{"id": r["id"], "messages": r["messages"][:-1], "tools": r["tools"], "response": r["messages"][-1]} for r in recs]
+    chat[1] = {**chat[1], "messages": json.dumps(chat[1]["messages"]), "tools": json.dumps(chat[1]["tools"])}
+    src = tmp_path / "chat.jsonl"
+    src.write_text("\n".join([json.dumps(c) for c in chat] + ["{oops", json.dumps({"text": "a plain line"}), json.dumps({"messages": 3})]) + "\n")
+    r = CliRunner().invoke(cluster_cmd, ["--in", str(src), "--out", str(tmp_path / "out.jsonl"), "--k", "4"])
+    assert r.exit_code == 0, r.output
+    out = [json.loads(l) for l in (tmp_path / "out.jsonl").open()]
+    bad = [json.loads(l) for l in (tmp_path / "out.quarantine.jsonl").open()]
+    assert len(out) + len(bad) == len(chat) + 3 and [o["id"] for o in out] == [c["id"] for c in chat]
+    assert len({o["cluster"] for o in out}) == 4
+    assert [b_["where"] for b_ in bad] == ["chat.jsonl:121", "chat.jsonl:122", "chat.jsonl:123"]
+    assert "text record in a file of chat records" in bad[1]["reason"] and "'messages' is not a JSON list" in bad[2]["reason"]
+    # the text S3 clusters is the chat record's, built as the notebook builds it
+    from slm_research.cluster import build_texts, read_calls
+    from slm_research.core import Quarantine
+    _, frame = read_calls(src, Quarantine(tmp_path / "q.jsonl"))
+    assert build_texts(frame)[0].startswith(chat[0]["messages"][-1]["content"][:40].strip()) or "tools: " in build_texts(frame)[0]
+    frame, _ = calls(90)
+    frame.write_parquet(tmp_path / "calls_clean.parquet")
+    r = CliRunner().invoke(cluster_cmd, ["--in", str(tmp_path / "calls_clean.parquet"), "--out", str(tmp_path / "c.parquet"), "--k", "3"])
+    assert r.exit_code == 0, r.output
+    got = pl.read_parquet(tmp_path / "c.parquet")
+    assert got.height == 90 and got["cluster"].n_unique() == 3 and got["id"].to_list() == frame["id"].to_list()
