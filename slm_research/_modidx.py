@@ -328,6 +328,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'slm_research.cluster._label': ('cluster.html#_label', 'slm_research/cluster.py'),
                                       'slm_research.cluster._loads': ('cluster.html#_loads', 'slm_research/cluster.py'),
                                       'slm_research.cluster._unit': ('cluster.html#_unit', 'slm_research/cluster.py'),
+                                      'slm_research.cluster._write_records': ('cluster.html#_write_records', 'slm_research/cluster.py'),
                                       'slm_research.cluster.build_parts': ('cluster.html#build_parts', 'slm_research/cluster.py'),
                                       'slm_research.cluster.build_texts': ('cluster.html#build_texts', 'slm_research/cluster.py'),
                                       'slm_research.cluster.cache_dir': ('cluster.html#cache_dir', 'slm_research/cluster.py'),
