@@ -90,12 +90,13 @@ def test_clean_ray_gives_the_local_bytes(log, local_out, tmp_path):
 
 
 def test_a_session_split_over_batches_would_number_placeholders_differently(log):
-    "The check above can fail: masking a session's calls in two halves gives other placeholders than in one go."
+    "The check above can fail: masking each session's calls in two batches gives other placeholders than in one."
     raw = pl.concat([read_shard(p, i) for i, p in enumerate(sorted(log.glob("*.jsonl")))]).filter(pl.col("_reason").is_null())
     frame = raw.select(list(CLEAN_SCHEMA))
     whole = clean(frame, progress=False)
-    halves = pl.concat([clean(frame[: len(frame) // 2], progress=False), clean(frame[len(frame) // 2:], progress=False)])
-    assert whole["messages"].to_list() != halves["messages"].to_list()
+    split = pl.concat([clean(frame[0::2], progress=False), clean(frame[1::2], progress=False)]).sort("id")
+    differ = sum(a != b for a, b in zip(whole.sort("id")["messages"], split["messages"]))
+    assert differ > len(frame) // 20, differ
 
 
 def test_killed_worker_loses_and_duplicates_nothing(log, local_out, tmp_path):
