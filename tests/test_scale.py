@@ -82,6 +82,7 @@ def test_clean_ray_gives_the_local_bytes(log, local_out, tmp_path):
     report = clean_ray(log, out_dir=tmp_path, workers=2, batch_calls=300)
     assert (report["n_in"], report["n_out"], report["n_quarantined"]) == (local["n_in"], local["n_out"], 2)
     assert report["n_buckets"] >= 7   # the sessions were really spread over many batches
+    assert report["workers"] == 2 and 0 < report["busy_s"] and report["per_worker_calls_per_s"] > 0
     got, want = pl.read_parquet(tmp_path/"calls_clean.parquet"), pl.read_parquet(out/"calls_clean.parquet")
     assert got.equals(want)   # every column; the masked texts are the same strings, byte for byte:
     assert got["messages"].to_list() == want["messages"].to_list() and got["response"].to_list() == want["response"].to_list()
