@@ -707,6 +707,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'slm_research.scale._merge_parts': ('scale.html#_merge_parts', 'slm_research/scale.py'),
                                     'slm_research.scale._n_buckets': ('scale.html#_n_buckets', 'slm_research/scale.py'),
                                     'slm_research.scale._report': ('scale.html#_report', 'slm_research/scale.py'),
+                                    'slm_research.scale._shuffle_by_session': ('scale.html#_shuffle_by_session', 'slm_research/scale.py'),
                                     'slm_research.scale._stage_source': ('scale.html#_stage_source', 'slm_research/scale.py'),
                                     'slm_research.scale._train_one': ('scale.html#_train_one', 'slm_research/scale.py'),
                                     'slm_research.scale._units': ('scale.html#_units', 'slm_research/scale.py'),

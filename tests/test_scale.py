@@ -79,15 +79,18 @@ def test_local_engine_is_clean_on_the_whole_log(log, local_out):
 
 def test_clean_ray_gives_the_local_bytes(log, local_out, tmp_path):
     out, local = local_out
-    report = clean_ray(log, out_dir=tmp_path, workers=2, batch_calls=300)
+    work = tmp_path/"work"; work.mkdir()
+    report = clean_ray(log, out_dir=tmp_path/"out", workers=2, batch_calls=300, work_dir=work)
     assert (report["n_in"], report["n_out"], report["n_quarantined"]) == (local["n_in"], local["n_out"], 2)
     assert report["n_buckets"] >= 7   # the sessions were really spread over many batches
     assert report["workers"] == 2 and 0 < report["busy_s"] and report["per_worker_calls_per_s"] > 0
-    got, want = pl.read_parquet(tmp_path/"calls_clean.parquet"), pl.read_parquet(out/"calls_clean.parquet")
+    got, want = pl.read_parquet(tmp_path/"out"/"calls_clean.parquet"), pl.read_parquet(out/"calls_clean.parquet")
     assert got.equals(want)   # every column; the masked texts are the same strings, byte for byte:
     assert got["messages"].to_list() == want["messages"].to_list() and got["response"].to_list() == want["response"].to_list()
-    assert (tmp_path/"clean_quarantine.jsonl").read_text() == (out/"clean_quarantine.jsonl").read_text()
-    assert not (tmp_path/"_clean_ray").exists()
+    assert (tmp_path/"out"/"clean_quarantine.jsonl").read_text() == (out/"clean_quarantine.jsonl").read_text()
+    # the raw calls of the shuffle lived in work_dir only, and are gone
+    assert sorted(p.name for p in (tmp_path/"out").iterdir()) == ["calls_clean.parquet", "clean_quarantine.jsonl", "clean_report.json"]
+    assert list(work.iterdir()) == []
 
 
 def test_a_session_split_over_batches_would_number_placeholders_differently(log):
