@@ -1,0 +1,160 @@
+"""S2 masking and S3 assignment: the local engine against Ray with 1 and 2 workers, in the same run.
+
+    .venv/bin/python bench/bench_scale.py                 # 100k and 1M generated calls (hours on 2 cores)
+    .venv/bin/python bench/bench_scale.py --n 2000        # a quick check
+
+Each configuration runs in its own subprocess, so the driver's peak memory (ru_maxrss) is its own. The baseline is the
+local engine (one process, the whole log in memory) measured in the same run; Ray rows give calls/s, the ratio to the
+baseline and the driver's peak memory. The per-worker throughput (calls over the seconds the workers spent inside
+batches, actor start-up excluded) of the largest Ray run projects a 16-worker cluster's time at 100M calls: an
+extrapolation (linear scaling), labelled so. Results: bench/results/bench_scale.json.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT/"bench"/"results"
+
+
+def shards_of(n: int, seed: int, per_shard: int) -> Path:
+    "The generated corpus of `n` calls split into JSONL shards of `per_shard` lines (made once, reused)."
+    from slm_research.corpus import generate_corpus
+    out = RESULTS/f"scale-shards-n{n}-s{seed}-p{per_shard}"
+    if (out/"done").exists(): return out
+    corpus = generate_corpus(n, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(corpus/"calls.jsonl") as src:
+        f, i = None, 0
+        for k, line in enumerate(src):
+            if k % per_shard == 0:
+                if f: f.close()
+                f = open(out/f"part-{i:05d}.jsonl", "w"); i += 1
+            f.write(line)
+        if f: f.close()
+    (out/"done").write_text("")
+    return out
+
+
+def run_one(args) -> dict:
+    "One configuration in this process: returns its report with the driver's peak memory."
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    if args.step == "s2":
+        from slm_research.scale import clean_local, clean_ray, ray_init
+        if args.engine == "local": rep = clean_local(args.source, out_dir=out)
+        else:
+            ray_init(num_cpus=max(2, args.workers)); t0 = time.perf_counter()
+            rep = clean_ray(args.source, out_dir=out, workers=args.workers, batch_calls=args.batch_calls)
+    else:
+        import polars as pl
+        from slm_research.scale import assign_ray, ray_init
+        if args.engine == "local":
+            from slm_research.cluster import load_clusterer
+            frame = pl.read_parquet(args.source)
+            load_clusterer(args.clusterer).assign(frame).select("id", "cluster", "cluster_label").write_parquet(out/"clusters.parquet")
+            rep = {"n_in": frame.height, "n_out": frame.height}
+        else:
+            ray_init(num_cpus=max(2, args.workers)); t0 = time.perf_counter()
+            rep = assign_ray(args.source, args.clusterer, out, workers=args.workers, batch_calls=args.batch_calls)
+    seconds = time.perf_counter() - t0
+    calls_per_s = round(rep["n_in"] / seconds, 1)
+    return {"n": rep["n_in"], "seconds": round(seconds, 2), "calls_per_s": calls_per_s,
+            # Ray: calls over the seconds workers spent inside batches (actor start-up excluded); local: calls/s
+            "per_worker_calls_per_s": rep.get("per_worker_calls_per_s", calls_per_s),
+            "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def spawn(step, engine, workers, source, out, batch_calls, clusterer="") -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLM_CACHE": tempfile.mkdtemp(prefix="bench-scale-cache-")}
+    # the static embedder is distilled once into the project cache: share it, not the embedding cache
+    models = ROOT/".cache"/"models"
+    if models.is_dir(): (Path(env["SLM_CACHE"])/"models").symlink_to(models)
+    cmd = [sys.executable, __file__, "--one", step, "--engine", engine, "--workers", str(workers), "--source", str(source),
+           "--out", str(out), "--batch-calls", str(batch_calls), "--clusterer", str(clusterer)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if p.returncode: raise RuntimeError(f"{step} {engine} x{workers} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def bench(n: int, seed: int, batch_calls: int, workers: list[int]) -> list[dict]:
+    import polars as pl
+    from slm_research.cluster import ClusterConfig, fit_clusters
+    src = shards_of(n, seed, per_shard=max(500, min(50_000, n // 8)))
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-scale-n{n}-"))
+    rows = []
+    base = spawn("s2", "local", 1, src, tmp/"s2-local", batch_calls)
+    rows.append({"step": "S2 mask", "engine": "local", "workers": 1, **base})
+    for w in workers:
+        r = spawn("s2", "ray", w, src, tmp/f"s2-ray{w}", batch_calls)
+        same = pl.read_parquet(tmp/f"s2-ray{w}"/"calls_clean.parquet").equals(pl.read_parquet(tmp/"s2-local"/"calls_clean.parquet"))
+        rows.append({"step": "S2 mask", "engine": "ray", "workers": w, **r, "same_output": same})
+    masked = tmp/"s2-local"/"calls_clean.parquet"
+    sample = pl.read_parquet(masked).sample(min(n, 5000), seed=seed)
+    model = fit_clusters(sample, ClusterConfig.fast(reducer="pca", seed=seed)).clusterer.save(tmp/"clusterer")
+    (tmp/"s3-local").mkdir()
+    base3 = spawn("s3", "local", 1, masked, tmp/"s3-local", batch_calls * 2, model)
+    rows.append({"step": "S3 assign", "engine": "local", "workers": 1, **base3})
+    for w in workers:
+        r = spawn("s3", "ray", w, masked, tmp/f"s3-ray{w}", batch_calls * 2, model)
+        same = pl.read_parquet(tmp/f"s3-ray{w}"/"clusters.parquet").equals(pl.read_parquet(tmp/"s3-local"/"clusters.parquet"))
+        rows.append({"step": "S3 assign", "engine": "ray", "workers": w, **r, "same_output": same})
+    for r in rows:
+        b = base if r["step"] == "S2 mask" else base3
+        r["vs_local"] = round(r["calls_per_s"] / b["calls_per_s"], 2)
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def project(rows: list[dict], n_calls: int = 100_000_000, workers: int = 16) -> list[dict]:
+    "Hours for `n_calls` on `workers` workers from the largest Ray run's per-worker throughput (extrapolated)."
+    from slm_research.scale import project_seconds
+    out = []
+    for step in ("S2 mask", "S3 assign"):
+        ray_rows = [r for r in rows if r["step"] == step and r["engine"] == "ray"]
+        if not ray_rows: continue
+        r = max(ray_rows, key=lambda r: (r["n"], r["workers"]))
+        out.append({"step": step, "n_calls": n_calls, "workers": workers, "from_n": r["n"], "from_workers": r["workers"],
+                    "per_worker_calls_per_s": r["per_worker_calls_per_s"], "kind": "extrapolated",
+                    "hours": round(project_seconds(n_calls, r["per_worker_calls_per_s"], workers) / 3600, 2)})
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-calls", type=int, default=2000)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--one", choices=["s2", "s3"], help=argparse.SUPPRESS)
+    ap.add_argument("--engine", default="local", help=argparse.SUPPRESS)
+    ap.add_argument("--source", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--clusterer", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        args.step, args.workers = args.one, args.workers[0]
+        print(json.dumps(run_one(args))); return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = [r for n in args.n for r in bench(n, args.seed, args.batch_calls, args.workers)]
+    result = {"rows": rows, "projection": project(rows), "cpus": os.cpu_count(),
+              "load_avg": os.getloadavg(), "note": "baseline: the local engine (one process) in the same run"}
+    (RESULTS/"bench_scale.json").write_text(json.dumps(result, indent=1))
+    print(f"{'step':<10} {'engine':<6} {'w':>2} {'n':>8} {'calls/s':>9} {'vs local':>8} {'per worker':>10} {'driver MB':>9} same")
+    for r in rows:
+        print(f"{r['step']:<10} {r['engine']:<6} {r['workers']:>2} {r['n']:>8} {r['calls_per_s']:>9} {r['vs_local']:>8} "
+              f"{r['per_worker_calls_per_s']:>10} {r['driver_peak_mb']:>9} {r.get('same_output', '')}")
+    for p in result["projection"]:
+        print(f"{p['step']}: {p['n_calls']:,} calls on {p['workers']} workers ~ {p['hours']} h "
+              f"(extrapolated from {p['per_worker_calls_per_s']} calls/s per worker at n={p['from_n']})")
+
+
+if __name__ == "__main__":
+    main()
