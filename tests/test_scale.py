@@ -15,8 +15,7 @@ from slm_research.clean import CleanConfig, clean
 from slm_research.cluster import ClusterConfig, fit_clusters
 from slm_research.core import CLEAN_SCHEMA, Quarantine
 from slm_research.corpus import generate_records
-from slm_research.finetune import (FinetuneConfig, base_config, build_stand_in_base, cluster_frame, split_rows,
-                                   synthetic_workspace)
+from slm_research.finetune import FinetuneConfig, base_config, build_stand_in_base, split_rows, synthetic_workspace
 from slm_research.scale import (assign_frame, assign_ray, clean_local, clean_ray, cluster_ray, ray_init, read_shard,
                                 train_clusters_ray)
 
@@ -152,7 +151,7 @@ def test_cluster_ray_equals_fit_clusters_on_a_sample(masked, local_out, tmp_path
 @pytest.mark.slow
 def test_two_clusters_train_as_ray_tasks(tmp_path):
     ws = synthetic_workspace(tmp_path/"ws", n=160, seed=1)
-    frame = cluster_frame(ws, seed=1)
+    frame = ws.cluster_frame(seed=1)
     base = build_stand_in_base(frame.filter(pl.col("split") == "train"), base_config("micro", steps=4, max_length=96), tmp_path/"base")
     cfg = FinetuneConfig(base=str(base), steps=3, batch_size=4, max_length=96, rank=4, alpha=8, save_steps=100)
     result = train_clusters_ray(frame, cfg, tmp_path/"adapters", clusters=[0, 1], num_cpus=1)
