@@ -204,6 +204,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'slm_research.clean._key_words': ('clean.html#_key_words', 'slm_research/clean.py'),
                                     'slm_research.clean._mask_slots': ('clean.html#_mask_slots', 'slm_research/clean.py'),
                                     'slm_research.clean._name_id_ok': ('clean.html#_name_id_ok', 'slm_research/clean.py'),
+                                    'slm_research.clean._nrp_ok': ('clean.html#_nrp_ok', 'slm_research/clean.py'),
                                     'slm_research.clean._phone_ok': ('clean.html#_phone_ok', 'slm_research/clean.py'),
                                     'slm_research.clean._place_ok': ('clean.html#_place_ok', 'slm_research/clean.py'),
                                     'slm_research.clean._raw_offsets': ('clean.html#_raw_offsets', 'slm_research/clean.py'),
