@@ -33,7 +33,7 @@ def test_patterns_checksums_and_secrets(engine):
 def test_names_places_addresses_that_presidio_pattern_only_misses(engine):
     text = "Dr. Okonkwo and Maria Kovacz moved from Berlin to 857 Lawrence Route, Valenzuelaview, WI 39297."
     masked, ents = engine.mask(text)
-    assert masked == "Dr. <PERSON_1> and <PERSON_2> moved from <LOCATION_1> to <ADDRESS_1>."
+    assert masked == "<TITLE_1> <PERSON_1> and <PERSON_2> moved from <LOCATION_1> to <ADDRESS_1>."
     assert all(text[e["start"]:e["end"]] for e in ents)
     assert presidio_pattern_only_results(text) == []   # the offline baseline finds none of them
 
@@ -99,7 +99,7 @@ def test_clean_step_schema_sessions_and_quarantine(engine):
         clean(bad, engine=engine, progress=False)
 
 
-def test_cli_masks_jsonl_and_quarantines_bad_lines(tmp_path):
+def test_cli_masks_jsonl_and_quarantines_bad_lines(workspace, tmp_path):
     src = tmp_path/"in.jsonl"
     lines = [json.dumps({"text": "Call Anna Kowalski at +1 (555) 123-4567", "id": 7}), "{broken", json.dumps([1, 2]),
              json.dumps({"messages": [{"role": "user", "content": "my ssn is 123-45-6789"}]}), json.dumps({"other": 1})]
@@ -107,14 +107,28 @@ def test_cli_masks_jsonl_and_quarantines_bad_lines(tmp_path):
     out = tmp_path/"out.jsonl"
     res = CliRunner().invoke(clean_cmd, ["--in", str(src), "--out", str(out)])
     assert res.exit_code == 0, res.output
-    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    counts = result["jsonl"]
     assert (counts["n_in"], counts["n_out"], counts["n_quarantined"]) == (5, 2, 3)
+    # the workspace's cleaned calls are written too (CLEAN_SCHEMA), from the same lines
+    assert (result["lines"], result["lines_quarantined"], result["n_in"]) == (5, 3, 2)
+    parquet = pl.read_parquet(workspace.processed/"calls_clean.parquet")
+    assert parquet.schema == pl.Schema(CLEAN_SCHEMA) and parquet.height == 2
+    assert "Anna Kowalski" not in parquet.write_csv() and "123-45-6789" not in parquet.write_csv()
     first, second = map(json.loads, out.read_text().splitlines())
     assert first["id"] == 7 and first["text"] == "Call <PERSON_1> at <PHONE_1>"
     assert [(e["start"], e["end"], e["label"]) for e in first["entities"]] == [(5, 18, "PERSON"), (22, 39, "PHONE_NUMBER")]
     assert second["messages"][0]["content"] == "my ssn is <SSN_1>" and second["entities"][0]["field"] == "messages.0.content"
     reasons = [json.loads(l) for l in (tmp_path/"out.quarantine.jsonl").read_text().splitlines()]
     assert [r["where"] for r in reasons] == ["in.jsonl:2", "in.jsonl:3", "in.jsonl:5"] and "bad JSON" in reasons[0]["reason"]
+
+
+def test_cli_option_defaults_come_from_clean_config():
+    import dataclasses
+    defaults = {f.name: f.default for f in dataclasses.fields(CleanConfig)}
+    opts = {p.name: p.default for p in clean_cmd.params}
+    for name in ("dates", "names", "ner", "pseudonym_key"):
+        assert opts[name] == defaults[name], name
 
 
 def test_cli_rejects_undecodable_text(tmp_path):
@@ -126,17 +140,40 @@ def test_cli_rejects_undecodable_text(tmp_path):
 
 
 def test_external_gold_beats_presidio_pattern_only(engine, shared_external):
+    "presidio-research synth v2 (never trained on): PERSON recall >= 0.85 (issue 11's goal); overall measured, not yet 0.80."
     rows = [json.loads(l) for l in (shared_external/"pii_presidio_synth_v2.jsonl").read_text().splitlines()]
-    gold = [r["spans"] for r in rows]
-    ours = score_spans(gold, [[{"start": r.start, "end": r.end, "label": r.entity_type} for r in engine.analyze(x["text"])] for x in rows],
-                       {"GPE": "LOCATION"})
-    base = score_spans(gold, [presidio_pattern_only_results(x["text"]) for x in rows], {"GPE": "LOCATION"})
+    gold, gold_map = [r["spans"] for r in rows], {"GPE": "LOCATION", "DOMAIN_NAME": "URL"}
+    ours = score_spans(gold, [[{"start": r.start, "end": r.end, "label": r.entity_type} for r in engine.analyze(x["text"])] for x in rows], gold_map)
+    base = score_spans(gold, [presidio_pattern_only_results(x["text"]) for x in rows], gold_map)
     o, b = ({r["label"]: r for r in t.iter_rows(named=True)} for t in (ours, base))
-    assert o["PERSON"]["recall"] > 0.6 and o["PERSON"]["precision"] > 0.7          # measured 0.68 / 0.81
-    assert o["STREET_ADDRESS"]["recall"] > 0.5 and o["LOCATION"]["recall"] > 0.4   # measured 0.56 / 0.49
+    overall = lambda t: sum((r["recall"] or 0) * r["n_gold"] for r in t.values() if r["n_gold"]) / sum(r["n_gold"] for r in t.values())
+    assert o["PERSON"]["recall"] >= 0.85 and o["PERSON"]["precision"] > 0.6       # measured 0.883 / 0.679
+    assert overall(o) > 0.72 and overall(b) < 0.2                                   # measured 0.752 against 0.122
+    assert o["STREET_ADDRESS"]["recall"] > 0.55 and o["LOCATION"]["recall"] > 0.55  # measured 0.61 / 0.68
+    for label in ("AGE", "TITLE", "NRP", "ZIP_CODE"):                               # 0 before the context rules
+        assert o[label]["recall"] > 0.45, label
     assert b["PERSON"]["recall"] == 0 and b["STREET_ADDRESS"]["recall"] == 0
     for label in ["EMAIL_ADDRESS", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN", "PHONE_NUMBER"]:
         assert o[label]["recall"] >= b[label]["recall"] - 0.05, label
+
+
+def test_identifiers_that_carry_names_payment_ids_and_zip_codes(engine):
+    "User ids with a name in them (mia_li_3668), payment-method ids and zip codes, in text and under JSON keys."
+    text = "user mia_li_3668 paid with credit_card_4421983 (pm_1Nx2YzAbCdEf), zip code 94107; see read_me.txt, config_v2"
+    masked, _ = engine.mask(text)
+    assert masked == "user <USER_1> paid with <PAYMENT_1> (<PAYMENT_2>), zip code <ZIP_1>; see read_me.txt, config_v2"
+    args = json.dumps({"user_id": "sophia_garcia_1234", "payment_method_id": "paypal_3820", "zip": "10001", "zipcode": 94107})
+    new, _ = mask_messages(engine, [{"role": "tool", "tool_call_id": "t", "content": args}], Placeholders())
+    assert json.loads(new[0]["content"]) == {"user_id": "<USER_1>", "payment_method_id": "<PAYMENT_1>", "zip": "<ZIP_1>", "zipcode": "<ZIP_2>"}
+
+
+def test_names_no_list_holds_are_caught_by_the_name_likeness_model(engine):
+    from slm_research.clean import name_likeness
+    nl = name_likeness()
+    assert min(nl(w) for w in ["Radomir", "Thorvald", "Järvilehto"]) > 0.8 and max(nl(w) for w in ["Invoice", "Summary", "Reliable"]) < 0.2
+    for text in ["Please cc Radomir Haverbrook on the reply.", "Ticket opened by Caspian Quistwater.", "Thanks, Thorvald Brenchley"]:
+        masked = engine.mask(text)[0]
+        assert "<PERSON_1>" in masked and not any(w in masked for w in ("Radomir", "Haverbrook", "Caspian", "Quistwater", "Thorvald", "Brenchley")), masked
 
 
 def test_canary_audit_capture_and_cleaning(workspace, tmp_path, monkeypatch):
@@ -161,3 +198,217 @@ def test_canary_audit_capture_and_cleaning(workspace, tmp_path, monkeypatch):
         if p.suffix == ".parquet": data += pl.read_parquet(p).write_csv().encode()   # parquet pages may be compressed
         leaked = [c for c in canaries if c.encode() in data]
         assert not leaked, f"{p.name} holds canaries {leaked}"
+
+
+# --- issue 11: every field, never losing input ---------------------------------------------------------------
+
+REPRO = {"id": "c1", "user_id": "jane.doe@example.com",
+         "request": {"user": "jane.doe@example.com", "metadata": {"phone": "+1 415-555-0132"},
+                     "messages": [{"role": "user", "name": "Jane_Doe", "content": "I am Jane Doe"}]},
+         "response": {"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [
+             {"id": "x", "type": "function", "function": {"name": "f", "arguments": "{\"ssn\": 123456789, \"card\": 4111111111111111}"}}]}}]}}
+REPRO_PII = ["jane.doe@example.com", "415-555-0132", "Jane_Doe", "Jane Doe", "123456789", "4111111111111111"]
+KEY = "ab" * 32
+
+
+def test_issue_reproduction_every_field_is_masked(tmp_path, workspace):
+    "Issue 11 item 1: user, request.user, metadata, message name and numeric tool arguments came out verbatim."
+    from slm_research.capture import Pseudonymizer
+    src, out = tmp_path/"in.jsonl", tmp_path/"out.jsonl"
+    src.write_text(json.dumps(REPRO) + "\n")
+    res = CliRunner().invoke(clean_cmd, ["--in", str(src), "--out", str(out), "--pseudonym-key", KEY])
+    assert res.exit_code == 0, res.output
+    text = out.read_text()
+    assert [v for v in REPRO_PII if v in text] == []
+    rec = json.loads(text)
+    pseudonym = Pseudonymizer(KEY)("jane.doe@example.com", "user")          # the same pseudonym S1 gives
+    assert rec["user_id"] == rec["request"]["user"] == pseudonym
+    assert rec["request"]["metadata"]["phone"] == "<PHONE_1>" and rec["request"]["messages"][0]["name"].startswith("<PERSON_")
+    args = json.loads(rec["response"]["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])   # still JSON
+    assert args == {"ssn": "<SSN_1>", "card": "<CARD_1>"}
+    assert rec["response"]["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "f"   # structure kept
+    parquet = pl.read_parquet(workspace.processed/"calls_clean.parquet")
+    assert parquet["user"][0] == pseudonym and not [v for v in REPRO_PII if v in parquet.write_csv()]
+
+
+def test_clean_step_masks_user_names_and_identifier_numbers_at_scale(engine):
+    "The frame path (S1 export -> S2) over many records: raw user ids, message names and numeric phones never survive."
+    recs = []
+    for i in range(60):
+        r = _call(i, f"s{i % 7}", f"ticket {i}")
+        r["user_id"] = f"user{i}@corp.example"
+        r["request"]["messages"][0]["name"] = f"Jane_Doe{i}"
+        r["request"]["messages"].append({"role": "assistant", "content": None, "tool_calls": [{"id": "t", "type": "function", "function": {
+            "name": "lookup", "arguments": json.dumps({"phone": 4155550100 + i, "note": f"acct {9_000_000_000 + i}"})}}]})
+        r["request"]["messages"].append({"role": "tool", "tool_call_id": "t", "name": "lookup", "content": json.dumps({"account": 77_000_000 + i})})
+        recs.append(r)
+    out = clean(_frame(recs), CleanConfig(pseudonym_key=KEY), Quarantine(Path("/dev/null")), engine=MaskingEngine(CleanConfig(pseudonym_key=KEY)), progress=False)
+    dump = out.write_csv()
+    for i in range(60):
+        for raw in (f"user{i}@corp.example", f"Jane_Doe{i}", str(4155550100 + i), str(77_000_000 + i)):
+            assert raw not in dump, raw
+    msgs = json.loads(out["messages"][0])
+    assert msgs[-1]["name"] == "lookup"                                 # a tool's name on a tool message is kept
+    assert json.loads(msgs[1]["tool_calls"][0]["function"]["arguments"])["phone"].startswith("<PHONE_")
+    assert out["user"].str.contains(r"^u-[0-9a-f]{20}$").all()
+
+
+def test_tool_definitions_are_kept_but_scanned_and_reported(engine, workspace):
+    tools = [{"type": "function", "function": {"name": "email_owner", "description": "Mail the owner at owner.bob@corp.example",
+                                               "parameters": {"type": "object", "properties": {"to": {"type": "string"}}}}}]
+    r = _call(1, "s1", "hi")
+    r["request"]["tools"] = tools
+    report = clean_to_files(_frame([r]), CleanConfig(pseudonym_key=KEY), engine=engine, progress=False)
+    out = pl.read_parquet(workspace.processed/"calls_clean.parquet")
+    assert json.loads(out["tools"][0]) == tools                          # developer text stays as written
+    assert report["tool_findings"] == {"EMAIL_ADDRESS": 1}
+    assert report["tool_findings_where"][0]["field"] == "tools.0.function.description"
+    assert "owner.bob" not in (workspace.processed/"clean_report.json").read_text()   # reported, never the value
+
+
+@pytest.mark.parametrize("same", ["out", "quarantine"])
+def test_clean_refuses_to_overwrite_its_input(tmp_path, workspace, same):
+    "Issue 11 item 2: --out equal to --in (or --in equal to OUT.quarantine.jsonl) left the input at 0 bytes."
+    out = tmp_path/"x.jsonl"
+    src = out if same == "out" else tmp_path/"x.quarantine.jsonl"
+    data = (json.dumps({"text": "mail a@b.org"}) + "\n") * 3
+    src.write_text(data)
+    res = CliRunner().invoke(clean_cmd, ["--in", str(src), "--out", str(out)])
+    assert res.exit_code == 1 and "never overwrites its input" in res.output
+    assert isinstance(res.exception, SystemExit)                         # a clear message, not a traceback
+    assert src.read_text() == data
+
+
+def test_bad_bytes_deep_nesting_and_stray_cr_are_quarantined_and_the_rest_processed(tmp_path, workspace):
+    "Issue 11 item 3: one invalid UTF-8 byte aborted clean (505 of 2,000 lines lost); 50,000 nested [ gave a RecursionError."
+    lines = [json.dumps({"text": f"note {i} from n{i}@example.org"}).encode() for i in range(2000)]
+    lines[1499] = b'{"text": "bad \xff byte"}'
+    lines[1600] = b"[" * 50_000
+    lines[1700] = b'{"text": "stray\rcarriage"}'
+    lines[10] = lines[10] + b"\r"                                         # a CRLF ending is fine
+    src, out = tmp_path/"in.jsonl", tmp_path/"out.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    old_q = tmp_path/"out.quarantine.jsonl"
+    old_q.write_text('{"where": "old", "reason": "from an earlier run"}\n' * 9)
+    counts = clean_jsonl(src, out, progress=False)
+    assert (counts["n_in"], counts["n_out"], counts["n_quarantined"]) == (2000, 1997, 3)
+    q = [json.loads(l) for l in old_q.read_text().splitlines()]          # the older quarantine file is replaced
+    assert [r["where"] for r in q] == ["in.jsonl:1500", "in.jsonl:1601", "in.jsonl:1701"]
+    assert "invalid UTF-8" in q[0]["reason"] and "nesting" in q[1]["reason"] and "carriage return" in q[2]["reason"]
+    masked = out.read_text().splitlines()
+    assert len(masked) == 1997 and json.loads(masked[-1])["text"] == "note 1999 from <EMAIL_1>"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_missing_output_folder_is_created_and_a_file_parent_refused(tmp_path, workspace):
+    src = tmp_path/"in.jsonl"
+    src.write_text(json.dumps({"text": "mail a@b.org"}) + "\n")
+    out = tmp_path/"new"/"deeper"/"out.jsonl"
+    res = CliRunner().invoke(clean_cmd, ["--in", str(src), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["text"] == "mail <EMAIL_1>"
+    (tmp_path/"afile").write_text("x")
+    res = CliRunner().invoke(clean_cmd, ["--in", str(src), "--out", str(tmp_path/"afile"/"out.jsonl")])
+    assert res.exit_code == 1 and "is not a folder" in res.output and isinstance(res.exception, SystemExit)
+
+
+def test_a_crash_leaves_the_previous_output_intact(tmp_path, monkeypatch):
+    from slm_research import clean as clean_mod
+    src, out = tmp_path/"in.jsonl", tmp_path/"out.jsonl"
+    src.write_text("".join(json.dumps({"text": f"a{i}@b.org"}) + "\n" for i in range(5)))
+    out.write_text("previous output\n")
+    calls = []
+    def boom(*a, **k):
+        calls.append(1)
+        if len(calls) == 3: raise KeyboardInterrupt("crash")
+        return real(*a, **k)
+    real = clean_mod.mask_record
+    monkeypatch.setattr(clean_mod, "mask_record", boom)
+    with pytest.raises(KeyboardInterrupt): clean_jsonl(src, out, progress=False)
+    assert out.read_text() == "previous output\n" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_cli_cleans_the_workspace_store_without_in(tmp_path, workspace, monkeypatch):
+    "`slm-research clean` with no --in reads the encrypted store with the workspace's keys and writes calls_clean.parquet."
+    from slm_research import capture
+    monkeypatch.setenv("SLM_KEYS_DIR", str(tmp_path/"keys"))
+    keys = capture.generate_keys(tmp_path/"keys")
+    recs = [_call(i, "s1", f"I am Anna Kowalski, anna{i}@example.org") for i in range(4)]
+    with capture.SegmentWriter(workspace.processed/"store", keys["public"]) as w:
+        for r in recs: w.append(r)
+    res = CliRunner().invoke(clean_cmd, ["--out", str(tmp_path/"calls.jsonl")])
+    assert res.exit_code == 0, res.output
+    out = pl.read_parquet(workspace.processed/"calls_clean.parquet")
+    assert out.height == 4 and "anna0@example.org" not in out.write_csv()
+    assert len((tmp_path/"calls.jsonl").read_text().splitlines()) == 4
+    empty = CliRunner().invoke(clean_cmd, ["--store", str(tmp_path/"nostore")])
+    assert empty.exit_code == 1 and "holds no calls" in empty.output
+
+
+# --- property: canaries anywhere in a record's structure never survive ---------------------------------------
+
+_NEUTRAL_KEYS = st.sampled_from(["note", "info", "extra", "ref", "who", "contact", "data", "x", "misc"])
+
+
+@st.composite
+def canary_records(draw):
+    "A chat record with canaries (emails, formatted phones, cards, identifier numbers, participant names) at random places."
+    canaries = []
+    def canary(kind=None):
+        kind = kind or draw(st.sampled_from(["email", "phone", "card", "number"]))
+        n = draw(st.integers(10_000, 99_999))
+        value = {"email": f"canary.{n}@example.org", "phone": f"(415) 55{n % 10}-{n % 9000 + 1000}",
+                 "card": "4" + "".join(str((n * 7 + i) % 10) for i in range(14)), "number": 730_000_000_000 + n}[kind]
+        if kind == "card":   # complete the Luhn digit
+            from slm_research.clean import luhn_ok
+            value = next(value + str(d) for d in range(10) if luhn_ok(value + str(d)))
+        canaries.append(str(value))
+        return value
+    def blob(depth=0):   # nested metadata-like JSON with canaries among plain values
+        kind = draw(st.sampled_from(["canary", "plain", "dict", "list"] if depth < 3 else ["canary", "plain"]))
+        if kind == "canary": c = canary(); return c if isinstance(c, int) else f"see {c} ok"
+        if kind == "plain": return draw(st.sampled_from(["ok", 3, True, None, 2.5, "plain words"]))
+        if kind == "dict": return {draw(_NEUTRAL_KEYS): blob(depth + 1) for _ in range(draw(st.integers(1, 3)))}
+        return [blob(depth + 1) for _ in range(draw(st.integers(1, 3)))]
+    rec = {"id": f"r{draw(st.integers(0, 10**6))}", "request": {"messages": [{"role": "user", "content": "hello"}]}}
+    places = draw(st.sets(st.sampled_from(["user", "user_id", "request.user", "metadata", "name", "content", "args", "tool",
+                                           "unknown", "part"]), min_size=1))
+    msgs = rec["request"]["messages"]
+    if "user" in places: rec["user"] = canary("email")
+    if "user_id" in places: rec["user_id"] = str(canary("number"))
+    if "request.user" in places: rec["request"]["user"] = canary("email")
+    if "metadata" in places: rec["request"]["metadata"] = {draw(_NEUTRAL_KEYS): blob()}
+    if "name" in places: msgs[0]["name"] = f"Canary_{draw(st.integers(10_000, 99_999))}"; canaries.append(msgs[0]["name"])
+    if "content" in places: msgs[0]["content"] = f"reach me at {canary()}"
+    if "part" in places: msgs.append({"role": "user", "content": [{"type": "text", "text": f"card {canary('card')}"}]})
+    if "args" in places:
+        msgs.append({"role": "assistant", "content": None, "tool_calls": [{"id": "t1", "type": "function", "function": {
+            "name": "f", "arguments": json.dumps({draw(_NEUTRAL_KEYS): blob(), "id2": canary("number")})}}]})
+    if "tool" in places: msgs.append({"role": "tool", "tool_call_id": "t1", "content": json.dumps({"result": blob()})})
+    if "unknown" in places: rec[draw(st.sampled_from(["trace", "ctx", "labels"]))] = blob()
+    return rec, canaries
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(batch=st.lists(canary_records(), min_size=1, max_size=6), bad=st.lists(st.sampled_from([b"\xff\xfe", b"[" * 3000, b'{"a": 1}\r{', b"{no"]), max_size=3),
+       seed=st.randoms(use_true_random=False))
+def test_property_no_canary_survives_json_valid_counts_kept(tmp_path_factory, batch, bad, seed):
+    tmp = tmp_path_factory.mktemp("prop")
+    lines = [json.dumps(r).encode() for r, _ in batch] + list(bad)
+    seed.shuffle(lines)
+    src, out = tmp/"in.jsonl", tmp/"out.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    counts = clean_jsonl(src, out, CleanConfig(pseudonym_key=KEY), progress=False, engine=_PROP_ENGINE)
+    assert counts["n_in"] == len(lines) == counts["n_out"] + counts["n_quarantined"]
+    assert counts["n_out"] == len(batch)
+    written = out.read_text() + (tmp/"out.quarantine.jsonl").read_text()
+    leaked = [c for _, cs in batch for c in cs if c in written]
+    assert leaked == []
+    for line in out.read_text().splitlines():
+        rec = json.loads(line)
+        for m in rec["request"]["messages"]:
+            for tc in m.get("tool_calls") or []: json.loads(tc["function"]["arguments"])   # JSON stays JSON
+            if m["role"] == "tool": json.loads(m["content"])
+
+
+_PROP_ENGINE = MaskingEngine(CleanConfig(pseudonym_key=KEY))
