@@ -857,6 +857,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'slm_research.slm.bf16_ok': ('slm.html#bf16_ok', 'slm_research/slm.py'),
                                   'slm_research.slm.convert_gguf': ('slm.html#convert_gguf', 'slm_research/slm.py'),
                                   'slm_research.slm.decode_answer': ('slm.html#decode_answer', 'slm_research/slm.py'),
+                                  'slm_research.slm.embedded_available': ('slm.html#embedded_available', 'slm_research/slm.py'),
                                   'slm_research.slm.embedded_gguf': ('slm.html#embedded_gguf', 'slm_research/slm.py'),
                                   'slm_research.slm.embedded_slm_path': ('slm.html#embedded_slm_path', 'slm_research/slm.py'),
                                   'slm_research.slm.generate_batch': ('slm.html#generate_batch', 'slm_research/slm.py'),
