@@ -286,6 +286,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'slm_research.clean.check_output': ('clean.html#check_output', 'slm_research/clean.py'),
                                     'slm_research.clean.clean': ('clean.html#clean', 'slm_research/clean.py'),
                                     'slm_research.clean.clean_cmd': ('clean.html#clean_cmd', 'slm_research/clean.py'),
+                                    'slm_research.clean.clean_engine': ('clean.html#clean_engine', 'slm_research/clean.py'),
                                     'slm_research.clean.clean_jsonl': ('clean.html#clean_jsonl', 'slm_research/clean.py'),
                                     'slm_research.clean.clean_to_files': ('clean.html#clean_to_files', 'slm_research/clean.py'),
                                     'slm_research.clean.common_words': ('clean.html#common_words', 'slm_research/clean.py'),
