@@ -69,7 +69,9 @@ def test_pipeline_shares_on_hand_made_gate():
     gate = {"threshold": 0.8, "clusters": [{"cluster": 0, "passed": True}, {"cluster": 1, "passed": False},
                                             {"cluster": 2, "passed": True}], "replaceable_share": 0.5}
     out = pipeline_shares(calls, clusters, gate)
-    assert out.rows() == [("cradle", 4, 1, 3, 0.75), ("metagpt", 3, 0, 1, 1 / 3)]
+    assert out.rows() == [("cradle", 4, 1, 3, 0.75, 0.75), ("metagpt", 3, 0, 1, 1 / 3, 1 / 3)]
+    maybe = {**gate, "clusters": [*gate["clusters"][:1], {"cluster": 1, "passed": False, "could_pass": True}, gate["clusters"][2]]}
+    assert pipeline_shares(calls, clusters, maybe)["share_high"].to_list() == [0.75, 2 / 3]   # the interval's upper end
     nobody = {"clusters": [{"cluster": c, "passed": False} for c in (0, 1, 2)]}
     assert pipeline_shares(calls, clusters, nobody)["share"].to_list() == [0.0, 0.0]
     with pytest.raises(ValueError, match="no 'clusters'"):
