@@ -123,13 +123,14 @@ def test_explanation_is_generated_from_the_data():
 
 
 def test_load_pipeline_outputs_from_processed_folder(workspace):
-    import json
     from slm_research.agents import load_pipeline_outputs
+    from slm_research.finetune import synthetic_calls
+    from slm_research.workspace import Workspace
+    ws = Workspace(workspace.processed)
     assert load_pipeline_outputs(workspace.processed) is None          # nothing written yet: the notebook says so
-    pl.DataFrame({"id": ["1", "2"], "agent": ["cradle", "cradle"], "messages": ["[]", "[]"]}).write_parquet(workspace.processed / "calls_clean.parquet")
-    pl.DataFrame({"id": ["1", "2"], "cluster": [3, -1], "cluster_label": ["x", "outlier"]},
-                 schema_overrides={"cluster": pl.Int64}).write_parquet(workspace.processed / "clusters.parquet")
-    (workspace.processed / "gate.json").write_text(json.dumps({"threshold": 0.5, "clusters": [{"cluster": 3, "passed": True}]}))
+    ws.write_calls(synthetic_calls(2).with_columns(id=pl.Series(["1", "2"]), agent=pl.lit("cradle")))
+    ws.write_clusters(pl.DataFrame({"id": ["1", "2"], "cluster": [3, -1], "cluster_label": ["x", "outlier"]}), {"clusters": []})
+    ws.write_gate({"threshold": 0.5, "clusters": [{"cluster": 3, "passed": True}]})
     calls, clusters, gate = load_pipeline_outputs(workspace.processed)
     assert calls.columns == ["id", "agent"]
-    assert pipeline_shares(calls, clusters, gate).rows() == [("cradle", 2, 0, 1, 0.5)]
+    assert pipeline_shares(calls, clusters, gate).rows() == [("cradle", 2, 0, 1, 0.5, 0.5)]

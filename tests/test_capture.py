@@ -357,7 +357,7 @@ def conversation_lines(n_conv=40, n_turns=3):
 
 
 def test_conversation_keys_keep_each_conversation_in_one_split(tmp_path, keys, writer):
-    from slm_research.finetune import split_by_session
+    from slm_research.workspace import split_by_session
     lines, owner = conversation_lines()
     lines.append(json.dumps({"id": "meta-1", "metadata": {"conversation_id": "conv-x"}, "user": "u1",
                              "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))

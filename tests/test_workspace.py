@@ -32,6 +32,7 @@ def test_minimum_test_calls_is_the_first_n_whose_perfect_record_passes():
         assert wilson_interval(n, n)[0] >= t > wilson_interval(n - 1, n - 1)[0]
     assert min_test_calls(0.95) == 73
     with pytest.raises(ValueError): min_test_calls(1.0)
+    assert min_test_calls(0.0) == 1          # a 0 gate passes any scored cluster
 
 
 def test_bootstrap_interval_of_graded_scores():
