@@ -22,7 +22,7 @@ from .runner import NOTEBOOK_RE
 # %% auto #0
 __all__ = ['DIRECTIVE', 'CONF_PY', 'FAVICON', 'SITE_CSS', 'MATHJAX_PARTS', 'PLOTLY_MIME', 'WIDGET_MIME', 'notebook_markdown',
            'build_readme', 'copy_static', 'latest_run', 'exported_modules', 'show_doc_markdown', 'fold_code',
-           'strip_directives', 'plotly_outputs_to_html', 'assemble_site_source', 'build_site', 'docs_cmd']
+           'plotly_outputs_to_html', 'assemble_site_source', 'build_site', 'docs_cmd']
 
 # %% ../nbs/91_docs.ipynb #bb2fbfd6
 DIRECTIVE = re.compile(r"^\s*#\|\s*(.*)$")
@@ -175,18 +175,6 @@ def fold_code(nb, module: str | None = None):
             cell.source = code
             tags = [t for t in cell.metadata.get("tags", []) if t not in ("hide-input", "remove-input")]
             cell.metadata["tags"] = tags + ["hide-input"]
-        cells.append(cell)
-    nb.cells = cells
-    return nb
-
-def strip_directives(nb):
-    "Drop `#| hide` cells and the `#|` directive lines of the others, as nbdev's own docs do (nothing folded)."
-    cells = []
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            dirs, code = _directives(cell.source)
-            if any(d.startswith("hide") for d in dirs) or not (code or cell.get("outputs")): continue
-            cell.source = code
         cells.append(cell)
     nb.cells = cells
     return nb
