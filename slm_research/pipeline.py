@@ -20,7 +20,7 @@ from .cluster import ClusterConfig, fit_clusters_with_engine, write_outputs
 from .core import Quarantine, content_hash
 from .finetune import TRAIN_OPTIONS, FinetuneConfig, print_gate, specialise
 from .iterate import IterateConfig, iterate
-from .selection import Constraints, select_models
+from .selection import SelectConfig, select_to_files
 from .workspace import Config, Workspace
 
 # %% auto #0
@@ -97,7 +97,7 @@ def _held_back(calls: pl.DataFrame, config: PipelineConfig) -> tuple[pl.DataFram
 # %% ../nbs/18_pipeline.ipynb #6d5f618d
 def run_pipeline(config: PipelineConfig, finetune: FinetuneConfig | None = None, ws: Workspace | None = None,
                  clean_config: CleanConfig | None = None, cluster_config: ClusterConfig | None = None,
-                 constraints: Constraints | None = None, echo=print) -> PipelineResult:
+                 select_config: SelectConfig | None = None, echo=print) -> PipelineResult:
     "S1-S5 (and S6 rounds) on `config.logs`, writing every hand-off to the workspace `ws`."
     ws, finetune = ws or Workspace(), finetune or FinetuneConfig(seed=config.seed)
     counts, seconds = {}, {}
@@ -119,8 +119,7 @@ def run_pipeline(config: PipelineConfig, finetune: FinetuneConfig | None = None,
         counts["S3"] = {"n_calls": calls.height, "n_clusters": len(result.clusterer.clusters), "held_back": sum(map(len, batches))}
         echo(f"  {calls.height} calls in {counts['S3']['n_clusters']} clusters")
     with _step("S4 selection", seconds, echo):
-        selection = select_models(ws.read_clusters_summary(), constraints or Constraints())
-        ws.write_selection(selection)
+        selection = select_to_files(ws, select_config)
         counts["S4"] = {"loadable": sorted({s["loadable_model"] for s in selection["selections"]})}
         echo(f"  S5 trains on: {', '.join(counts['S4']['loadable'])}")
     with _step("S5 fine-tuning", seconds, echo):

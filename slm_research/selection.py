@@ -15,13 +15,13 @@ import polars as pl
 
 from . import slm
 from .core import paths, raw_file
-from .workspace import Workspace
+from .workspace import Config, Workspace
 from .models import kv_cache_bytes, load_arch_configs, param_count, weight_bytes
 
 # %% auto #0
 __all__ = ['NON_COMMERCIAL', 'BENCHMARKS', 'REQUIRED', 'catalog_path', 'unsourced', 'load_catalog', 'Constraints', 'Thresholds',
            'requirements', 'Weights', 'estimate', 'check', 'score', 'rank_models', 'local_spec', 'loadable_choice',
-           'select_models', 'select_cmd']
+           'select_models', 'SelectConfig', 'select', 'select_to_files', 'select_cmd']
 
 # %% ../nbs/13_select.ipynb #e0d7eae3
 NON_COMMERCIAL = {"CC-BY-NC-4.0", "Qwen-Research", "NVIDIA-Internal-Scientific-Research", "NVIDIA-Research-Only"}
@@ -198,31 +198,60 @@ def select_models(clusters: dict, user: Constraints = Constraints(), weights: We
                         loadable_model=model, loadable=spec, loadable_why=why))
     return dict(selections=out, weights=asdict(weights), thresholds=asdict(thresholds))
 
+# %% ../nbs/13_select.ipynb #11e68b13
+@dataclass
+class SelectConfig(Config):
+    "S4's settings: the user's constraints, and how many ranked models to keep per cluster."
+    memory_gb: float | None = field(default=None, metadata={"help": "Device memory for weights + KV cache (GB)."})
+    bits: int = field(default=16, metadata={"help": "Weight precision for the memory check: 16, 8 or 4."})
+    non_commercial_ok: bool = field(default=False, metadata={"help": "Keep models whose licence forbids commercial use."})
+    latency_budget_ms: float | None = field(default=None, metadata={"help": "Estimated milliseconds per call, at most."})
+    reasoning_heavy: bool = field(default=False, metadata={"help": "Count reasoning scores for every cluster."})
+    top: int = field(default=3, metadata={"help": "Ranked models kept per cluster."})
+
+    def __post_init__(self):
+        if self.bits not in (16, 8, 4): raise ValueError(f"bits {self.bits} is not 16, 8 or 4")
+
+    def constraints(self) -> Constraints:
+        return Constraints(device_memory_gb=self.memory_gb, bits=self.bits, commercial_use=not self.non_commercial_ok,
+                           latency_budget_ms=self.latency_budget_ms, reasoning_heavy=self.reasoning_heavy)
+
+def select(clusters: dict, config: SelectConfig | None = None) -> dict:
+    "S4 on a `clusters.json` document: the selection per cluster."
+    config = config or SelectConfig()
+    if not isinstance(clusters, dict) or not isinstance(clusters.get("clusters"), list):
+        raise ValueError("expected an object with a 'clusters' list (clusters.json of S3)")
+    return select_models(clusters, config.constraints(), top=config.top)
+
+def select_to_files(ws: Workspace, config: SelectConfig | None = None) -> dict:
+    "S4 on the workspace: S3's `clusters.json` in, `selection.json` out."
+    selection = select(ws.read_clusters_summary(), config)
+    ws.write_selection(selection)
+    return selection
+
 # %% ../nbs/13_select.ipynb #4832c322
 @click.command("select")
 @click.option("--clusters", "clusters_path", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="clusters.json of S3; default: the workspace's.")
-@click.option("--memory-gb", type=float, default=None, help="Device memory for weights + KV cache.")
-@click.option("--bits", type=click.Choice(["16", "8", "4"]), default="16", show_default=True)
-@click.option("--non-commercial-ok", is_flag=True, help="Keep models whose licence forbids commercial use.")
-@click.option("--latency-budget-ms", type=float, default=None)
-@click.option("--reasoning-heavy", is_flag=True, help="Count reasoning scores for every cluster.")
-@click.option("--top", type=int, default=3, show_default=True)
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write selection.json here.")
-def select_cmd(clusters_path, memory_gb, bits, non_commercial_ok, latency_budget_ms, reasoning_heavy, top, out_path):
+@SelectConfig.click_options()
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write selection.json here.")
+def select_cmd(clusters_path, out_path, **options):
     "S4: rank small models for each cluster (the workspace's clusters.json by default) and write the selection."
     ws = Workspace()
-    try: clusters_path = clusters_path or ws.require("clusters_summary")
+    try: config = SelectConfig.from_dict(options)
+    except ValueError as e: raise click.UsageError(str(e))
+    try:
+        clusters_path = clusters_path or ws.require("clusters_summary")
+        try: doc = json.loads(clusters_path.read_text())
+        except json.JSONDecodeError as e: raise ValueError(f"not JSON ({e.msg})")
+        sel = select(doc, config)
     except FileNotFoundError as e: raise click.ClickException(str(e))
-    try: doc = json.loads(clusters_path.read_text())
-    except json.JSONDecodeError as e: raise click.ClickException(f"{clusters_path}: not JSON ({e.msg})")
-    if not isinstance(doc, dict) or not isinstance(doc.get("clusters"), list):
-        raise click.ClickException(f"{clusters_path}: expected an object with a 'clusters' list (clusters.json of S3)")
-    sel = select_models(doc, Constraints(device_memory_gb=memory_gb, bits=int(bits), commercial_use=not non_commercial_ok,
-                                         latency_budget_ms=latency_budget_ms, reasoning_heavy=reasoning_heavy), top=top)
+    except ValueError as e: raise click.ClickException(f"{clusters_path}: {e}")
     for s in sel["selections"]:
         need = [k for k in ("tool_calling", "json_output", "code", "reasoning") if s["requirements"][k]]
-        click.echo(f"cluster {s['cluster']} ({s['label']}): needs {', '.join(need) or 'text'}, {s['requirements']['context_tokens']} tokens of context")
+        click.echo(f"cluster {s['cluster']} ({s['label']}): needs {', '.join(need) or 'text'}, "
+                   f"{s['requirements']['context_tokens']} tokens of context")
         for i, r in enumerate(s["ranking"], 1):
             click.echo(f"  {i}. {r['model']:<28} {r['score']:.2f}  " + "; ".join(r["reasons"]))
         if not s["ranking"]: click.echo("  no model passes the constraints")

@@ -21,7 +21,7 @@ from .capture import (Pseudonymizer, RouteResult, SegmentWriter, create_app, def
                                   one_line_errors)
 from .core import paths
 from .finetune import generate, load_adapter, load_base
-from .iterate import RequestAssigner, _load_history, known_calls
+from .iterate import RequestAssigner, load_history, known_calls
 from .workspace import Workspace
 
 # %% auto #0
@@ -143,7 +143,7 @@ def load_router(processed: Path | None = None, server: AdapterServer | None = No
     are served by it; a cluster whose logged answers are JSON (at least `json_share` of them) must answer valid JSON."""
     ws = Path(processed or paths().processed)
     gate, registry = json.loads(Workspace(ws).require("gate").read_text()), Workspace(ws).registry()
-    history = _load_history(ws)
+    history = load_history(ws)
     ra_dir = ws/"iterate"/"request_assigner"
     if (ra_dir/"request_assigner.json").exists(): assigner = RequestAssigner.load(ra_dir)
     else:   # S6 has not run yet: learn where S3's clusters' requests sit
