@@ -81,6 +81,7 @@ def generate_keys(key_dir: Path | None = None) -> dict:
     if not (key_dir/"pseudonym.key").exists(): _write_secret(key_dir/"pseudonym.key", os.urandom(32).hex().encode())
     return {"key_id": kid, "private": key_dir/f"analyst-{kid}.pem", "public": key_dir/"capture.pub.pem", "pseudonym": key_dir/"pseudonym.key"}
 
+# %% ../nbs/10_capture.ipynb #f9d74ef0
 def _text_or_file(value: str) -> str:
     return value if value.lstrip().startswith("-----BEGIN") else Path(value).expanduser().read_text()
 
@@ -120,6 +121,7 @@ def load_private_keys(sources: str | Path | Iterable | None = None) -> dict[str,
     if not keys: raise CaptureKeyError("no analyst private key found; pass --key, set SLM_ANALYST_PRIVATE_KEYS, or run `slm-research capture keygen`")
     return keys
 
+# %% ../nbs/10_capture.ipynb #69f1802a
 def load_pseudonym_key(source: str | Path | bytes | None = None) -> bytes:
     "The HMAC key for pseudonyms: `source` (hex text, bytes, or a path), else `$SLM_PSEUDONYM_KEY`, else `pseudonym.key` in the key folder."
     if isinstance(source, bytes): return source
@@ -270,6 +272,7 @@ class StoreWarning(UserWarning):
 
 def _segment_error(path, msg, kind=StoreError): return kind(f"segment {Path(path).name}: {msg}")
 
+# %% ../nbs/10_capture.ipynb #65cf8b05
 def read_segment(path: Path, private_keys: dict[str, X25519PrivateKey], report: list | None = None) -> Iterator[dict]:
     "Decrypt and yield the records of one segment; raises `StoreError` naming the segment on a wrong key or any tampering."
     path = Path(path)
@@ -322,6 +325,7 @@ def read_segment(path: Path, private_keys: dict[str, X25519PrivateKey], report: 
         lost_records = 0 if sealed else max(0, n_counted - index)
         report.append(SegmentReport(path.name, kid, index, n_seal is not None, lost, lost_records))
 
+# %% ../nbs/10_capture.ipynb #b45842e2
 def list_segments(store_dir: Path) -> list[Path]:
     "Sealed (`.seg`) and unsealed (`.open`, from a crashed or still-running writer) segments, oldest first."
     return sorted([*Path(store_dir).glob("*.seg"), *Path(store_dir).glob("*.open")], key=lambda p: p.stem)
@@ -343,6 +347,7 @@ def _gap(report: SegmentReport, strict: bool):
     warnings.warn(msg, StoreWarning, stacklevel=3)
     return report
 
+# %% ../nbs/10_capture.ipynb #c54e8da7
 def read_store(store_dir: Path | None = None, private_keys: dict | str | Path | list | None = None, report: list | None = None,
                strict: bool = False) -> Iterator[dict]:
     """Every record in the store, decrypted with the analyst's keys (see `load_private_keys`).
@@ -459,6 +464,7 @@ def to_frame(records: Iterable[dict]) -> pl.DataFrame:
         })
     return check_schema(pl.DataFrame(rows, schema=RAW_SCHEMA), RAW_SCHEMA, "capture.to_frame")
 
+# %% ../nbs/10_capture.ipynb #40ab5e10
 @dataclass
 class ExportStats:
     "What one export read: records, duplicates dropped (same id), and the report of every segment."
@@ -585,6 +591,7 @@ def _from_openai(obj: dict, where: str, agent: str, ts: str | None) -> list[dict
              "user_id": None if user is None else str(user),
              "request": req, "response": _completion(last, obj.get("model")), "latency_ms": None, "error": None}]
 
+# %% ../nbs/10_capture.ipynb #fd47e68e
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant",
                    "bard": "assistant", "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
 
@@ -622,6 +629,7 @@ def _from_sharegpt(obj: dict, where: str, agent: str, ts: str | None) -> list[di
     if not out: raise RecordError("no assistant turn after a user turn")
     return out
 
+# %% ../nbs/10_capture.ipynb #5863f8ab
 def _attr_value(v: dict):
     if not isinstance(v, dict): return v
     for k in ("stringValue", "boolValue", "doubleValue"):
@@ -646,6 +654,7 @@ def _otel_messages(attrs: dict, key: str, prefix: str) -> list | None:
     if not idx: return None
     return [{"role": attrs.get(f"{prefix}.{i}.role"), "content": attrs.get(f"{prefix}.{i}.content")} for i in idx]
 
+# %% ../nbs/10_capture.ipynb #08c95f62
 def _from_otel_span(span: dict, where: str, agent: str) -> list[dict] | None:
     attrs = {a["key"]: _attr_value(a.get("value")) for a in span.get("attributes") or [] if isinstance(a, dict) and "key" in a}
     if not any(k.startswith("gen_ai.") for k in attrs): return None
@@ -675,6 +684,7 @@ def _otel_spans(obj) -> Iterator[dict]:
             if not isinstance(ss, dict): raise RecordError("a scopeSpans entry is not an object")
             for span in ss.get("spans") or []: yield span
 
+# %% ../nbs/10_capture.ipynb #dcae4fc7
 def parse_lines(lines: Iterable[str | bytes], fmt: str, agent: str, source: str = "input", quarantine: Quarantine | None = None,
                 timestamp: str | None = None, stats: ImportStats | None = None) -> Iterator[dict]:
     "Validated raw call records from the lines of a log in format `fmt`; bad lines go to `quarantine` with `source:line` and the reason."
@@ -715,6 +725,7 @@ def parse_lines(lines: Iterable[str | bytes], fmt: str, agent: str, source: str 
             stats.n_units_ok += 1; stats.n_records += len(recs)
             yield from recs
 
+# %% ../nbs/10_capture.ipynb #b8fb9614
 def import_file(path: Path, fmt: str, writer: SegmentWriter, agent: str = "imported", quarantine: Quarantine | None = None) -> ImportStats:
     "Import one log file into the store; returns the counts (in = ok + quarantined + skipped, checked)."
     path = Path(path)
@@ -805,6 +816,7 @@ class _LoggedStream:
         if hasattr(self._s, "close"): await self._s.close()
     def __getattr__(self, name): return getattr(self._s, name)
 
+# %% ../nbs/10_capture.ipynb #a597eccc
 def capture_openai(client, writer: SegmentWriter, agent: str = "app", user_id: str | None = None, session_id: str | None = None):
     "Make `client.chat.completions.create` log every call to `writer`; returns the same client."
     import inspect
@@ -861,6 +873,7 @@ def _parse_sse(raw: bytes) -> tuple[dict | None, None]:
             except ValueError: pass
     return assemble_stream(chunks), None
 
+# %% ../nbs/10_capture.ipynb #26712b92
 async def _relay(r, request, body, t0, route, log, log_nowait):
     """Pass an upstream stream through chunk by chunk. The answer is logged as soon as the upstream's `[DONE]` arrives
     and before it is passed on, so a client that saw the end of its stream has its call in the store; a client that
@@ -888,6 +901,7 @@ async def _relay(r, request, body, t0, route, log, log_nowait):
         if not logged: log_nowait(request, body, answer, t0, ABANDONED, route, abandoned=True)
         await r.aclose()
 
+# %% ../nbs/10_capture.ipynb #f8bd7dd6
 def create_app(upstream_url: str, store: SegmentWriter | None = None, router=None, agent: str = "proxy",
                upstream_api_key: str | None = None, timeout: float = 600.0, background: bool = True):
     """The capture proxy as a FastAPI app; `store` is anything with `append(record)` (usually a `SegmentWriter`, which is
@@ -1056,6 +1070,7 @@ def demo_upstream_app(model: str = "demo-llm", delay_s: float = 0.0):
     app.state.calls = n
     return app
 
+# %% ../nbs/10_capture.ipynb #5b88ba4e
 @dataclass
 class Served:
     "A uvicorn server running in a background thread."
@@ -1104,6 +1119,7 @@ class _UpstreamResponse:
     async def aclose(self):
         if not self._done: self._done = True; self._writer.close()  # cut short: the connection cannot be reused
 
+# %% ../nbs/10_capture.ipynb #058404d8
 class Upstream:
     "A small HTTP/1.1 client for one upstream base URL: a keep-alive pool, streamed bodies, a timeout per read."
     def __init__(self, base_url: str, timeout: float = 600.0, max_idle: int = 64):
@@ -1204,6 +1220,7 @@ def import_cmd(files, fmt, agent, store, public_key, pseudonym_key, quarantine):
             click.echo(f"{f}: {s.n_in} in, {s.n_records} records stored, {s.n_quarantined} quarantined, {s.n_skipped} skipped")
     if len(q): click.echo(f"quarantine: {q.write()}")
 
+# %% ../nbs/10_capture.ipynb #45b88693
 @capture_cmd.command("export")
 @click.option("--key", "keys", multiple=True, help="Analyst private key file (repeat for rotated keys); default $SLM_ANALYST_PRIVATE_KEYS or the key folder.")
 @click.option("--store", type=click.Path(path_type=Path), default=None)

@@ -139,6 +139,7 @@ class PiiSource:
         b64 = lambda n: base64.urlsafe_b64encode(bytes(r.getrandbits(8) for _ in range(n))).decode().rstrip("=")
         return self.take(f"eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.{b64(r.randint(30, 60))}.{b64(32)}", "ACCESS_TOKEN")
 
+# %% ../nbs/05_corpus.ipynb #95b11fe5
 def locate_pii(record: dict, used: dict[str, str]) -> list[dict]:
     "Gold spans: every occurrence of every used PII value in every text field of `record`."
     spans = []
@@ -164,6 +165,7 @@ def text_fields(record: dict) -> Iterator[tuple[str, str]]:
     for i, ch in enumerate((record.get("response") or {}).get("choices") or []):
         yield from message(f"response.choices.{i}.message", ch.get("message") or {})
 
+# %% ../nbs/05_corpus.ipynb #a0c5b105
 def get_field(record: dict, path: str):
     "The value at a dotted `path` (list indices as numbers) in `record`."
     cur = record
@@ -249,6 +251,7 @@ def _image(ctx):
     blob = base64.b64encode(bytes(ctx.rng.getrandbits(8) for _ in range(45))).decode()
     return {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo" + blob, "detail": ctx.pick(["low", "high", "auto"])}}
 
+# %% ../nbs/05_corpus.ipynb #6cfa7db4
 def _metagpt_system(ctx, role):
     name, goal, constraint = METAGPT_ROLES[role]
     v = ctx.rng.random()
@@ -270,6 +273,7 @@ def _requirement(ctx):
     else: ctx.pii.used.update(ctx.s["req_pii"])
     return ctx.s["requirement"]
 
+# %% ../nbs/05_corpus.ipynb #ce1929c5
 def _files(ctx):
     name, _, classes = ctx.s["project"]
     if "files" not in ctx.s:
@@ -312,6 +316,7 @@ def _code(ctx, filename, with_pii=True, broken=False):
     if filename == "main.py": lines += ["", "", 'if __name__ == "__main__":', f"    print({cls}.__name__)"]
     return "\n".join(lines)
 
+# %% ../nbs/05_corpus.ipynb #35e372b0
 def _node_fill(ctx, context: str, nodes: list[tuple[str, str]], example: dict):
     "MetaGPT ActionNode prompt: context, format example, node list, constraint, action."
     v2 = ctx.maybe(0.35)
@@ -350,6 +355,7 @@ def gen_write_prd(ctx):
         "UI Design draft": ctx.para(ctx.rng.randint(1, 3)), "Anything UNCLEAR": ctx.pick(["", "None.", ctx.words(6, 12)])})
     return [_msg("system", _metagpt_system(ctx, "ProductManager")), _msg("user", user)], None, None, dict(content=answer)
 
+# %% ../nbs/05_corpus.ipynb #69e06c04
 def gen_system_design(ctx):
     name, desc, classes = ctx.s["project"]
     files = _files(ctx)
@@ -371,6 +377,7 @@ def gen_system_design(ctx):
                              "Anything UNCLEAR": ctx.pick(["", ctx.words(6, 12)])})
     return [_msg("system", _metagpt_system(ctx, "Architect")), _msg("user", user)], None, None, dict(content=answer)
 
+# %% ../nbs/05_corpus.ipynb #4facde8a
 def gen_task_breakdown(ctx):
     name, desc, classes = ctx.s["project"]
     files = _files(ctx)
@@ -391,6 +398,7 @@ def gen_task_breakdown(ctx):
                              "Full API spec": "", "Shared Knowledge": ctx.words(8, 16), "Anything UNCLEAR": ctx.pick(["", ctx.words(5, 10)])})
     return [_msg("system", _metagpt_system(ctx, "ProjectManager")), _msg("user", user)], None, None, dict(content=answer)
 
+# %% ../nbs/05_corpus.ipynb #999ec61d
 WRITE_CODE_HEAD = ["NOTICE\nRole: You are a professional engineer; the main goal is to write google-style, elegant, modular, easy to read and maintain code\nLanguage: Please use the same language as the user requirement, but the title and code should be still in English. For example, if the user speaks Chinese, the specific text of your answer should also be in Chinese.\nATTENTION: Use '##' to SPLIT SECTIONS, not '#'. Output format carefully referenced \"Format example\".\n",
                    "NOTICE\nRole: You are a professional engineer; the main goal is to write PEP8 compliant, elegant, modular, easy to read and maintain Python 3.9 code (but you can also use other programming language)\nATTENTION: Use '##' to SPLIT SECTIONS, not '#'.\n"]
 
@@ -413,6 +421,7 @@ def gen_write_code(ctx):
     answer = f"## Code: {f}\n```python\n{_code(ctx, f)}\n```"
     return [_msg("system", _metagpt_system(ctx, "Engineer")), _msg("user", user)], None, None, dict(content=answer)
 
+# %% ../nbs/05_corpus.ipynb #2182f2c4
 def gen_code_review(ctx):
     files = _files(ctx)
     f = ctx.pick(files)
@@ -439,6 +448,7 @@ def gen_code_review(ctx):
               f"\n\n## Code Review Result\n{'LGTM' if ok else 'LBTM'}")
     return [_msg("system", _metagpt_system(ctx, "Engineer")), _msg("user", user)], None, None, dict(content=answer)
 
+# %% ../nbs/05_corpus.ipynb #9fb5ba3f
 def gen_summarize_code(ctx):
     files = _files(ctx)
     shown = ctx.rng.sample(files, min(len(files), ctx.rng.randint(2, 4)))
@@ -478,6 +488,7 @@ def gen_write_test(ctx):
     answer = f"## test_{f}\n```python\nimport unittest\nfrom {mod} import {cls}\n\n\nclass Test{cls}(unittest.TestCase):\n{tests}\n\n\nif __name__ == '__main__':\n    unittest.main()\n```"
     return [_msg("system", _metagpt_system(ctx, "QaEngineer")), _msg("user", user)], None, None, dict(content=answer)
 
+# %% ../nbs/05_corpus.ipynb #57d92b59
 def _test_output(ctx, f, fail):
     n = ctx.rng.randint(2, 9)
     if not fail: return f"{'.' * n}\n----------------------------------------------------------------------\nRan {n} tests in 0.0{ctx.rng.randint(1, 9)}s\n\nOK", ""
@@ -510,6 +521,7 @@ def gen_judge_test_run(ctx):
               f"## File To Rewrite:\n{(f if to == 'Engineer' else 'test_' + f) if fail else 'None'}\n## Status:\n{'FAIL' if fail else 'PASS'}\n## Send To:\n{to}\n---")
     return [_msg("system", _metagpt_system(ctx, "QaEngineer")), _msg("user", user)], None, None, dict(content=answer)
 
+# %% ../nbs/05_corpus.ipynb #c1f944a0
 def gen_debug_error(ctx):
     files = _files(ctx)
     f = ctx.pick(files)
@@ -573,6 +585,7 @@ def _oo_goal(ctx):
     ctx.s.update(goal=goal, goal_pii=dict(p.used), url=r.choice(SITES), steps=[])
     return goal
 
+# %% ../nbs/05_corpus.ipynb #08d0dec6
 def _oo_history(ctx, n):
     "Previous steps as assistant tool calls and tool results."
     msgs = []
@@ -602,6 +615,7 @@ def gen_start_url(ctx):
     answer = json.dumps({"url": ctx.s["url"], "reasoning": ctx.words(8, 18)})
     return [_msg("system", ctx.pick(OO_SYSTEM)), _msg("user", user)], None, fmt, dict(content=answer)
 
+# %% ../nbs/05_corpus.ipynb #760e5ba3
 LOOKUP_GOALS = ("What is", "Find the", "Check the", "Summarise")
 
 def _next_tool(goal: str, hist: list) -> str:
@@ -634,6 +648,7 @@ def gen_next_step(ctx):
                                "OBSERVE": f"find {target}"}[name]
     return [_msg("system", ctx.pick(OO_SYSTEM)), *hist, _msg("user", content)], OO_TOOLS, None, dict(content=None, tool_calls=[_tool_call(ctx, name, args)])
 
+# %% ../nbs/05_corpus.ipynb #b7d271e5
 EXTRACT_SYSTEM = ["You are extracting content on behalf of a user.\nIf a user asks you to extract a 'list' of information, or 'all' information, YOU MUST EXTRACT ALL OF THE INFORMATION THAT THE USER REQUESTS.\n\nYou will be given:\n1. An instruction\n2. A list of DOM elements to extract from.\n\nPrint the exact text from the DOM elements with all symbols, characters, and endlines as is.\nPrint null or an empty string if no new information is found.",
                   "You extract structured data from web page text. Return only JSON matching the schema. Copy values exactly as they appear."]
 
@@ -655,6 +670,7 @@ def gen_extract_page(ctx):
     fmt = {"type": "json_schema", "json_schema": {"name": "extraction", "schema": {"type": "object", "properties": {"records": {"type": "array", "items": {"type": "object"}}}}}}
     return [_msg("system", ctx.pick(EXTRACT_SYSTEM)), _msg("user", user)], None, fmt, dict(content=json.dumps({"records": people}))
 
+# %% ../nbs/05_corpus.ipynb #93b925e6
 def gen_goal_check(ctx):
     goal = _oo_goal(ctx)
     found = ctx.maybe(0.5)
@@ -683,6 +699,7 @@ def gen_status_message(ctx):
     answer = "Couldn't find that on the page, trying again." if result == "element not found" else STATUS_LINES[tool]
     return [_msg("system", system), _msg("user", user)], None, None, dict(content=answer)
 
+# %% ../nbs/05_corpus.ipynb #f6bfca07
 def gen_fill_form(ctx):
     goal = _oo_goal(ctx)
     nm = ctx.pii.name()
@@ -729,6 +746,7 @@ def _cradle_task(ctx):
     ctx.s.update(task=task, task_pii=dict(p.used))
     return task
 
+# %% ../nbs/05_corpus.ipynb #19c7ab62
 def _screen(ctx):
     app = ctx.s["app"]
     items = {"Outlook": ["the Inbox folder", "the 'New mail' button", "the search bar", "an open message", "the calendar pane"],
@@ -756,6 +774,7 @@ def gen_gather_info(ctx):
     answer = f"Description: {_screen(ctx)}\nTarget_object_name: {TARGET_OBJECT[ctx.s['app']]}\nReasoning: {ctx.words(8, 18)}"
     return [_msg("system", CRADLE_SYSTEM.format(app=ctx.s["app"])), _msg("user", _cradle_user(ctx, body, fmt))], None, None, dict(content=answer)
 
+# %% ../nbs/05_corpus.ipynb #1fe9e7c7
 LAST_ACTIONS = ["click_at_position(x=0.52, y=0.31)", "type_text()", "press_key(key='enter')", "None"]
 
 def gen_plan_actions(ctx):
@@ -773,6 +792,7 @@ def gen_plan_actions(ctx):
         else: calls.append(_tool_call(ctx, "press_hotkey", {"keys": ctx.pick([["ctrl", "s"], ["ctrl", "enter"], ["ctrl", "f"]])}))
     return [_msg("system", CRADLE_SYSTEM.format(app=ctx.s["app"])), _msg("user", _cradle_user(ctx, body, ""))], CRADLE_TOOLS, None, dict(content=None, tool_calls=calls)
 
+# %% ../nbs/05_corpus.ipynb #43ff6524
 SCREEN_CHANGES = ["a new window opened", "the field shows the typed text", "the dialog closed",
                   "nothing changed", "an error message appeared", "the page is still loading"]  # the first three mean success
 
@@ -802,6 +822,7 @@ def gen_self_reflection(ctx):
               f"Criteria: {ctx.words(6, 12)}")
     return [_msg("system", CRADLE_SYSTEM.format(app=ctx.s["app"])), _msg("user", _cradle_user(ctx, body, fmt))], None, None, dict(content=answer)
 
+# %% ../nbs/05_corpus.ipynb #f0fb5d83
 def gen_task_inference(ctx):
     task = _cradle_task(ctx)
     hist = "\n".join(f"- {ctx.words(4, 10)}" for _ in range(ctx.rng.randint(1, 5)))

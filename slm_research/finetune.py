@@ -252,6 +252,7 @@ class FinetuneConfig(Config):
         if self.backend not in ("auto", "trl", "unsloth"): raise ValueError(f"backend {self.backend!r} is not auto|trl|unsloth")
         if self.method == "distill" and not self.teacher: raise ValueError("method 'distill' needs a local `teacher` model")
 
+# %% ../nbs/14_finetune.ipynb #c009ba24
 @dataclass
 class AdapterResult:
     "What a training run produced."
@@ -274,6 +275,7 @@ class AdapterResult:
     @property
     def last_loss(self) -> float: return float(np.mean(self.losses[-max(1, len(self.losses) // 5):]))
 
+# %% ../nbs/14_finetune.ipynb #40f05e49
 def pick_backend(config: FinetuneConfig) -> str:
     "`trl` on CPU; `unsloth` when asked for, or on `auto` when CUDA is present and unsloth is installed."
     if config.backend == "unsloth" and not torch.cuda.is_available():
@@ -320,6 +322,7 @@ def _load_for_training(config: FinetuneConfig, backend: str):
         model = get_peft_model(model, lcfg)
     return model, tok
 
+# %% ../nbs/14_finetune.ipynb #ef74cd07
 def _kd_trainer_class(base_cls, teacher, alpha: float, temperature: float):
     """`base_cls` with the loss `(1 - alpha) * CE + alpha * T^2 * KL(teacher || student)` on the answer tokens
     (logit-level distillation). The student's full logits come from its own forward pass: trl's loss uses a fused
@@ -344,6 +347,7 @@ def last_checkpoint(out_dir: Path) -> Path | None:
     ckpts = [p for p in (Path(out_dir)/"checkpoints").glob("checkpoint-*") if (p/"trainer_state.json").exists()]
     return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
 
+# %% ../nbs/14_finetune.ipynb #7d24c188
 def _trainer_callback(losses: list, desc: str):
     "Collects the logged training losses into `losses` and shows one compact progress bar (steps, loss)."
     from transformers import TrainerCallback
@@ -514,6 +518,7 @@ def _json_fields(pred, gold) -> dict:
         values = sum(k in pred and pred[k] == v for k, v in gold.items()) / len(gold)
     return {"json_keys": keys, "json_values": values, "json_fields": (keys + values) / 2}
 
+# %% ../nbs/14_finetune.ipynb #7bd87b95
 _LINE_FIELD = re.compile(r"^([A-Za-z][\w ]{0,30}):[ \t]*(.*)$", re.M)
 _SECTION = re.compile(r"^#{2,3} *([^\n]+?) *:? *\n(.*?)(?=^#{2,3} |^---|\Z)", re.M | re.S)
 
@@ -535,6 +540,7 @@ def decision_fields(targets: list[dict], min_presence: float = 0.25, max_values:
     return sorted(k for k, vals in seen.items() if (m := sum(vals.values())) >= min_presence * n and m >= 4
                   and len(vals) <= min(max_values, max(2, max_share * m)))
 
+# %% ../nbs/14_finetune.ipynb #e69571dc
 def output_kind(targets: list[dict], short_chars: int = 40) -> str:
     "What a cluster outputs, from its logged answers: `tool_call`, `json`, `short` or `text` (by majority)."
     kinds = []

@@ -89,6 +89,7 @@ def emerging_clusters(vectors: np.ndarray, min_size: int = 20, merge_similarity:
     merged = {g: groups[root(i)] for i, g in enumerate(groups)}
     return np.array([merged.get(l, -1) for l in labels])
 
+# %% ../nbs/15_iterate.ipynb #3d1d4244
 @dataclass
 class NewCluster:
     "A task found among the outliers: its id, a label, and where it sits in embedding space."

@@ -184,6 +184,7 @@ def build_random_model(cfg: ArchConfig, dtype: str = "auto", seed: int = 0, max_
     hf = LlamaConfig(**cfg.to_llama(max_position_embeddings))
     return LlamaForCausalLM._from_config(hf, dtype=resolve_dtype(dtype)).eval()
 
+# %% ../nbs/02_models.ipynb #2a993311
 @dataclass
 class LatencyResult:
     "Decode latency of one model on this CPU."
@@ -206,6 +207,7 @@ def measure_decode_latency(cfg: ArchConfig, n_new_tokens: int = 8, prompt_len: i
     try: return _measure(cfg, n_new_tokens, prompt_len, n_warmup, dtype, seed, model)
     finally: torch.set_num_threads(threads_before)
 
+# %% ../nbs/02_models.ipynb #de414494
 def _measure(cfg, n_new_tokens, prompt_len, n_warmup, dtype, seed, model) -> LatencyResult:
     import torch
     from transformers import DynamicCache

@@ -127,6 +127,7 @@ class AdapterServer:
                 return generate(model, tok, request["messages"], request.get("tools"), limit)
         return serve
 
+# %% ../nbs/16_serve.ipynb #d7372522
 def json_answer_share(frame: pl.DataFrame) -> float:
     "Share of the calls whose logged answer is a JSON object or list (no tool call)."
     def is_json(r):
@@ -160,8 +161,6 @@ def load_router(processed: Path | None = None, server: AdapterServer | None = No
         expects_json = json_answer_share(calls.filter(pl.col("cluster") == c)) >= json_share
         routes.append(Route(c, backend(ws/rec.path), f"slm/cluster-{c}/v{rec.version}", expects_json))
     return Router(assigner.assign_request, routes)
-
-
 
 # %% ../nbs/16_serve.ipynb #80983468
 @click.command("proxy")
