@@ -37,7 +37,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fastapi import Request  # at module level: FastAPI resolves the (postponed) annotations of the routes here
 
-from .core import Quarantine, check_counts, check_schema, paths
+from .core import Quarantine, check_counts, check_schema, content_hash, paths
+from .workspace import Config, Workspace
 
 # %% auto #0
 __all__ = ['MAGIC', 'MANIFEST', 'RAW_SCHEMA', 'ROLES', 'CONVERSATION_KEYS', 'FORMATS', 'ABANDONED', 'CaptureKeyError',
@@ -47,7 +48,8 @@ __all__ = ['MAGIC', 'MANIFEST', 'RAW_SCHEMA', 'ROLES', 'CONVERSATION_KEYS', 'FOR
            'ExportStats', 'dedupe', 'export_frame', 'RecordError', 'validate_record', 'conversation_key', 'ImportStats',
            'parse_lines', 'import_file', 'assemble_stream', 'completion_to_chunks', 'capture_openai', 'RouteResult',
            'create_app', 'demo_upstream_app', 'Served', 'serve', 'UpstreamError', 'Upstream', 'write_private_parquet',
-           'default_store', 'one_line_errors', 'capture_cmd', 'keygen_cmd', 'import_cmd', 'export_cmd']
+           'CaptureConfig', 'CaptureResult', 'ensure_keys', 'capture_to_files', 'default_store', 'one_line_errors',
+           'capture_cmd', 'keygen_cmd', 'import_cmd', 'export_cmd']
 
 # %% ../nbs/10_capture.ipynb #45b1370c
 class CaptureKeyError(ValueError):
@@ -1182,6 +1184,43 @@ def write_private_parquet(frame: pl.DataFrame, out: Path) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True); raise
     return out
+
+# %% ../nbs/10_capture.ipynb #31122bfc
+@dataclass
+class CaptureConfig(Config):
+    "S1's settings: which log file, in which format, for which application."
+    logs: str = field(default="", metadata={"help": "The log file (JSONL) to run on."})
+    format: str = field(default="openai", metadata={"help": "Log format: openai | sharegpt | otlp | raw."})
+    agent: str = field(default="imported", metadata={"help": "Application name for records that carry none."})
+
+    def __post_init__(self):
+        if self.format not in FORMATS: raise ValueError(f"format {self.format!r} is not one of {list(FORMATS)}")
+
+@dataclass
+class CaptureResult:
+    "Where S1 stored the calls, and its counts (lines in = calls stored + quarantined)."
+    store: Path
+    n_in: int
+    n_records: int
+    n_quarantined: int
+
+def ensure_keys() -> Path:
+    "The key folder, with a key pair and pseudonym key made there when it has none."
+    try: load_public_key()
+    except CaptureKeyError: generate_keys()
+    return default_key_dir()
+
+def capture_to_files(ws: Workspace, config: CaptureConfig) -> CaptureResult:
+    "S1: import `config.logs` into the workspace's store for that file (encrypted, pseudonymised)."
+    logs = Path(config.logs)
+    if not logs.is_file(): raise FileNotFoundError(f"no log file at {logs}")
+    ensure_keys()
+    store = ws.root/"stores"/f"{logs.stem}-{content_hash(logs.read_bytes())}"
+    quarantine = Quarantine(store.with_name(store.name + ".quarantine.jsonl"))
+    with SegmentWriter(store, None, Pseudonymizer()) as writer:
+        stats = import_file(logs, "otel" if config.format == "otlp" else config.format, writer, config.agent, quarantine)
+    if len(quarantine): quarantine.write()
+    return CaptureResult(store, stats.n_in, stats.n_records, stats.n_quarantined)
 
 # %% ../nbs/10_capture.ipynb #003b4d90
 def default_store() -> Path: return paths().processed/"store"

@@ -7,28 +7,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import click
 import numpy as np
 import polars as pl
 
-from .capture import (CaptureKeyError, Pseudonymizer, SegmentWriter, default_key_dir, export_frame,
-                                  generate_keys, import_file, load_public_key)
+from .capture import FORMATS, CaptureConfig, capture_to_files, export_frame
 from .clean import CleanConfig, clean_to_files
 from .cluster import ClusterConfig, fit_clusters_with_engine, write_outputs
-from .core import Quarantine, content_hash
 from .finetune import TRAIN_OPTIONS, FinetuneConfig, print_gate, specialise
 from .iterate import IterateConfig, iterate
 from .selection import SelectConfig, select_to_files
 from .workspace import Config, Workspace
 
 # %% auto #0
-__all__ = ['FORMATS', 'PipelineConfig', 'ensure_keys', 'capture_logs', 'PipelineResult', 'run_pipeline', 'pipeline_cmd']
+__all__ = ['PipelineConfig', 'PipelineResult', 'run_pipeline', 'pipeline_cmd']
 
 # %% ../nbs/18_pipeline.ipynb #e636b39e
-FORMATS = {"openai": "openai", "sharegpt": "sharegpt", "otlp": "otel", "otel": "otel", "raw": "raw"}
-
 @dataclass
 class PipelineConfig(Config):
     "The chain S1-S6 over one log file."
@@ -44,29 +39,9 @@ class PipelineConfig(Config):
     seed: int = 0
 
     def __post_init__(self):
-        if self.format not in FORMATS: raise ValueError(f"format {self.format!r} is not one of {sorted(FORMATS)}")
+        if self.format not in FORMATS: raise ValueError(f"format {self.format!r} is not one of {list(FORMATS)}")
         if not 0 < self.holdout < 1: raise ValueError(f"holdout {self.holdout} must be between 0 and 1")
         if self.engine not in ("local", "ray"): raise ValueError(f"engine {self.engine!r} is not local or ray")
-
-# %% ../nbs/18_pipeline.ipynb #3e8f07d1
-def ensure_keys() -> Path:
-    "The key folder, with a key pair and pseudonym key made there when it has none."
-    try: load_public_key()
-    except CaptureKeyError:
-        generate_keys()
-    return default_key_dir()
-
-def capture_logs(logs: Path, fmt: str, ws: Workspace, agent: str = "imported") -> tuple[Path, dict]:
-    "S1: import `logs` into the workspace's store for that file; returns the store and the counts."
-    logs = Path(logs)
-    if not logs.is_file(): raise FileNotFoundError(f"no log file at {logs}")
-    ensure_keys()
-    store = ws.root/"stores"/f"{logs.stem}-{content_hash(logs.read_bytes())}"
-    quarantine = Quarantine(store.with_name(store.name + ".quarantine.jsonl"))
-    with SegmentWriter(store, None, Pseudonymizer()) as writer:
-        stats = import_file(logs, FORMATS[fmt], writer, agent, quarantine)
-    if len(quarantine): quarantine.write()
-    return store, {"n_in": stats.n_in, "n_records": stats.n_records, "n_quarantined": stats.n_quarantined}
 
 # %% ../nbs/18_pipeline.ipynb #6f0407d2
 @dataclass
@@ -102,7 +77,8 @@ def run_pipeline(config: PipelineConfig, finetune: FinetuneConfig | None = None,
     ws, finetune = ws or Workspace(), finetune or FinetuneConfig(seed=config.seed)
     counts, seconds = {}, {}
     with _step("S1 capture", seconds, echo):
-        store, counts["S1"] = capture_logs(config.logs, config.format, ws, config.agent)
+        s1 = capture_to_files(ws, CaptureConfig(logs=config.logs, format=config.format, agent=config.agent))
+        store, counts["S1"] = s1.store, {"n_in": s1.n_in, "n_records": s1.n_records, "n_quarantined": s1.n_quarantined}
         echo(f"  {counts['S1']['n_in']} lines in, {counts['S1']['n_records']} calls stored (encrypted), "
              f"{counts['S1']['n_quarantined']} quarantined")
     with _step("S2 masking", seconds, echo):
