@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from .core import CLEAN_SCHEMA, Quarantine, check_counts, check_schema, paths
+from .workspace import Workspace
 
 # %% auto #0
 __all__ = ['SHARD_SUFFIXES', 'ORDER', 'RETRY_ON', 'ray_init', 'shard_paths', 'read_shard', 'mask_batch', 'TransientBatchError',
@@ -238,7 +239,7 @@ def clean_ray(source, config=None, out_dir=None, *, workers: int | None = None, 
                           config=config, work=str(work), fault=_fault)
         out_dir.mkdir(parents=True, exist_ok=True)
         rejected = [r for row in rows for r in json.loads(row["rejected"])]
-        q = _write_quarantine(rejected, out_dir/"clean_quarantine.jsonl")
+        q = _write_quarantine(rejected, Workspace(out_dir).path("clean_quarantine"))
         parts = sorted((work/"out").glob("b*.parquet"))
         if len(parts) != len(buckets) or sorted(int(r["bucket"]) for r in rows) != buckets:
             raise AssertionError(f"clean_ray: {len(buckets)} buckets, {len(parts)} parts, {len(rows)} results")
@@ -246,9 +247,9 @@ def clean_ray(source, config=None, out_dir=None, *, workers: int | None = None, 
         report = _report("clean", n_in, n_out, q, t0, sum(float(r["busy_s"]) for r in rows), engine="ray",
                          workers=workers, n_buckets=n_buckets,
                          config={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()})
-        _merge_parts(parts, out_dir/"calls_clean.parquet")
+        _merge_parts(parts, Workspace(out_dir).path("calls"))
     finally: shutil.rmtree(work, ignore_errors=True)
-    (out_dir/"clean_report.json").write_text(json.dumps(report, indent=1))
+    Workspace(out_dir).path("clean_report").write_text(json.dumps(report, indent=1))
     return report
 
 # %% ../nbs/17_scale.ipynb #6cd85059
@@ -262,10 +263,10 @@ def clean_local(source, config=None, out_dir=None) -> dict:
                                 _reason=pl.lit(None, pl.String)) if isinstance(source, pl.DataFrame) \
         else pl.concat([read_shard(p, i) for i, p in enumerate(shard_paths(source))], how="diagonal_relaxed")
     masked, rejected = mask_batch(frame, config, MaskingEngine(config))
-    q = _write_quarantine(rejected.to_dicts(), out_dir/"clean_quarantine.jsonl")
+    q = _write_quarantine(rejected.to_dicts(), Workspace(out_dir).path("clean_quarantine"))
     report = _report("clean", frame.height, masked.height, q, t0, engine="local", workers=1)
-    masked.sort(ORDER).drop(ORDER).write_parquet(out_dir/"calls_clean.parquet")
-    (out_dir/"clean_report.json").write_text(json.dumps(report, indent=1))
+    masked.sort(ORDER).drop(ORDER).write_parquet(Workspace(out_dir).path("calls"))
+    Workspace(out_dir).path("clean_report").write_text(json.dumps(report, indent=1))
     return report
 
 # %% ../nbs/17_scale.ipynb #d4017173
@@ -331,7 +332,7 @@ def assign_ray(source, clusterer, out_dir=None, *, workers: int | None = None, b
     n_out = sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in parts)
     report = _report("cluster", n_in, n_out, [], t0, sum(float(r["busy_s"]) for r in rows), engine="ray",
                      workers=workers, n_units=len(units))
-    _merge_parts(parts, out_dir/"clusters.parquet")
+    _merge_parts(parts, Workspace(out_dir).path("clusters"))
     shutil.rmtree(work, ignore_errors=True)
     return report
 
@@ -351,17 +352,17 @@ def cluster_ray(source, cfg=None, out_dir=None, *, workers: int | None = None, b
     idx = np.sort(rng.choice(n, cfg.fit_sample, replace=False)) if sampled else np.arange(n)
     sample = scan.filter(pl.col("_i").is_in(idx.tolist())).collect()
     res = fit_clusters(sample.drop("_i"), replace(cfg, fit_sample=None))
-    model_dir = res.clusterer.save(out_dir/"clusterer")
+    model_dir = res.clusterer.save(Workspace(out_dir).clusterer)
     report = assign_ray(source, model_dir, out_dir, workers=workers, batch_calls=batch_calls,
                         assign_all=cfg.assign_all, address=address)
     fitted = res.assignments.with_columns(_i=pl.Series(idx, dtype=pl.Int64))
-    assigned = pl.scan_parquet(out_dir/"clusters.parquet").with_row_index("_i")
+    assigned = pl.scan_parquet(Workspace(out_dir).path("clusters")).with_row_index("_i")
     assigned = assigned.with_columns(pl.col("_i").cast(pl.Int64))
     out = (assigned.join(fitted.lazy(), on="_i", how="left", suffix="_fit").sort("_i")
            .select("id", cluster=pl.coalesce("cluster_fit", "cluster"),
                    cluster_label=pl.coalesce("cluster_label_fit", "cluster_label")))
     out.sink_parquet(out_dir/".clusters.tmp.parquet")
-    os.replace(out_dir/".clusters.tmp.parquet", out_dir/"clusters.parquet")
+    os.replace(out_dir/".clusters.tmp.parquet", Workspace(out_dir).path("clusters"))
     return {**report, "n_fit": len(idx), "n_clusters": len(res.clusterer.clusters)}
 
 def fit_clusters_ray(frame: pl.DataFrame, cfg):
@@ -369,7 +370,7 @@ def fit_clusters_ray(frame: pl.DataFrame, cfg):
     from slm_research.cluster import ClusterResult, load_clusterer
     with tempfile.TemporaryDirectory() as d:
         cluster_ray(frame, replace(cfg, fit_sample=cfg.fit_sample or 5_000), d)
-        assignments, clusterer = pl.read_parquet(Path(d)/"clusters.parquet"), load_clusterer(Path(d)/"clusterer")
+        assignments, clusterer = pl.read_parquet(Workspace(Path(d)).path("clusters")), load_clusterer(Workspace(Path(d)).clusterer)
     return ClusterResult(assignments, clusterer, [], None, cfg)
 
 def _register_engines():

@@ -241,10 +241,12 @@ class Workspace:
     root: Path = None
 
     FILES = {"calls": "calls_clean.parquet", "clusters": "clusters.parquet", "clusters_summary": "clusters.json",
-             "selection": "selection.json", "registry": "registry.json", "gate": "gate.json"}
+             "selection": "selection.json", "registry": "registry.json", "gate": "gate.json",
+             "clean_quarantine": "clean_quarantine.jsonl", "clean_report": "clean_report.json"}
     WRITERS = {"calls": "S2 (`slm-research clean`)", "clusters": "S3 (`slm-research cluster`)",
                "clusters_summary": "S3 (`slm-research cluster`)", "selection": "S4 (`slm-research select`)",
-               "gate": "S5 (`slm-research finetune`)", "registry": "S5 (`slm-research finetune`)"}
+               "gate": "S5 (`slm-research finetune`)", "registry": "S5 (`slm-research finetune`)",
+               "clean_quarantine": "S2 (`slm-research clean`)", "clean_report": "S2 (`slm-research clean`)"}
 
     def __post_init__(self): self.root = Path(self.root) if self.root is not None else paths().processed
     def path(self, name: str) -> Path: return self.root/self.FILES[name]
