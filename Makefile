@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: help install demo test check-sync nbtest pytest ci-run docs site-check readme lock bench clean-runs
+.PHONY: help install demo test check-sync nbtest pytest lab-check ci-run docs site-check readme lock bench clean-runs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -39,10 +39,11 @@ install: $(STAMP)  ## create .venv with the pinned dependencies
 demo: $(STAMP)  ## run every notebook end to end under the demo profile into runs/<timestamp>-demo/
 	$(BIN)/slm-research run --profile $(PROFILE)
 
-test: $(STAMP)  ## the whole check: sync, nbdev-test, pytest, papermill ci run, docs, browser check
+test: $(STAMP)  ## the whole check: sync, nbdev-test, pytest, JupyterLab check, papermill ci run, docs, browser check
 	$(MAKE) check-sync
 	$(MAKE) nbtest
 	$(MAKE) pytest
+	$(MAKE) lab-check
 	$(MAKE) ci-run
 	$(MAKE) docs RUN_DIR=runs/latest-ci
 	$(MAKE) site-check
@@ -54,7 +55,12 @@ nbtest: $(STAMP)  ## nbdev-test: every notebook with its default parameters, in 
 	SLM_PROFILE=nbtest SLM_RUN_DIR=runs/nbtest $(BIN)/nbdev-test --n-workers 0 --do-print
 
 pytest: $(STAMP)  ## unit and integration tests
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not site and not lab"
+
+# About 2 minutes on 2 cores, most of it S2 + S3 making the clusters notebook 13 reads (run beside notebook 01).
+lab-check: $(STAMP)  ## run and save notebooks 01 and 13 in a real JupyterLab in headless Chromium (temporary copies)
+	$(BIN)/pytest -q -m lab -p no:cacheprovider tests/test_lab.py
+	@echo "screenshots for review: _build/lab/*.png"
 
 ci-run: $(STAMP)  ## rerun every notebook with papermill under the ci profile
 	rm -rf runs/latest-ci

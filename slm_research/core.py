@@ -24,11 +24,11 @@ for _var, _val in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_
                    ("TOKENIZERS_PARALLELISM", "false")): os.environ.setdefault(_var, _val)
 
 # %% auto #0
-__all__ = ['SHIPPED_RAW', 'NON_TTY_INTERVAL', 'TABLE_ROWS', 'TABLE_STR_LEN', 'KINDS', 'CLEAN_SCHEMA', 'WorkspaceNotFound',
-           'find_workspace', 'project_root', 'Paths', 'current_profile', 'paths', 'raw_file', 'read_profiles',
-           'profile_params', 'set_seed', 'content_hash', 'progress_mode', 'progress', 'setup_display', 'setup_plotly',
-           'save_fig', 'show', 'headline', 'read_headlines', 'SchemaError', 'check_schema', 'Rejected', 'Quarantine',
-           'check_counts']
+__all__ = ['SHIPPED_RAW', 'NON_TTY_INTERVAL', 'TABLE_ROWS', 'TABLE_STR_LEN', 'TABLE_LIST_LEN', 'KINDS', 'CLEAN_SCHEMA',
+           'WorkspaceNotFound', 'find_workspace', 'project_root', 'Paths', 'current_profile', 'paths', 'raw_file',
+           'read_profiles', 'profile_params', 'set_seed', 'content_hash', 'progress_mode', 'progress', 'setup_display',
+           'setup_plotly', 'save_fig', 'show', 'headline', 'read_headlines', 'SchemaError', 'check_schema', 'Rejected',
+           'Quarantine', 'check_counts']
 
 # %% ../nbs/00_core.ipynb #0fd7d5e3
 class WorkspaceNotFound(click.ClickException, ValueError):
@@ -166,12 +166,13 @@ def progress(iterable=None, **tqdm_kwargs):
     return tqdm(iterable, **tqdm_kwargs)
 
 # %% ../nbs/00_core.ipynb #c3ed4d02
-TABLE_ROWS, TABLE_STR_LEN = 40, 120
+TABLE_ROWS, TABLE_STR_LEN, TABLE_LIST_LEN = 40, 400, 12
 
-def setup_display(rows: int = TABLE_ROWS, str_len: int = TABLE_STR_LEN) -> None:
-    "Show up to `rows` rows and `str_len` characters of each string in polars tables."
+def setup_display(rows: int = TABLE_ROWS, str_len: int = TABLE_STR_LEN, list_len: int = TABLE_LIST_LEN) -> None:
+    "Show up to `rows` rows, `str_len` characters of each string and `list_len` items of each list in polars tables."
     pl.Config.set_tbl_rows(rows)
     pl.Config.set_fmt_str_lengths(str_len)
+    pl.Config.set_fmt_table_cell_list_len(list_len)
     pl.Config.set_tbl_width_chars(max(160, str_len + 40))
 
 # %% ../nbs/00_core.ipynb #b058a7f6
