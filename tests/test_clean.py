@@ -139,22 +139,72 @@ def test_cli_rejects_undecodable_text(tmp_path):
     assert "UnicodeEncodeError" in (tmp_path/"out.quarantine.jsonl").read_text()
 
 
+GOLD_MAP = {"GPE": "LOCATION", "DOMAIN_NAME": "URL"}
+
+
+def _synth_v2(shared_external) -> list[dict]:
+    path = shared_external/"pii_presidio_synth_v2.jsonl"
+    if not path.exists():
+        pytest.skip(f"presidio-research synth v2 gold not found at {path} (shared/external): recall goal not checked")
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def _per_label(rows, pred) -> dict:
+    return {r["label"]: r for r in score_spans([x["spans"] for x in rows], pred, GOLD_MAP).iter_rows(named=True)}
+
+
+def _ours(engine, rows) -> dict:
+    pred = [[{"start": r.start, "end": r.end, "label": r.entity_type} for r in engine.analyze(x["text"])] for x in rows]
+    return _per_label(rows, pred)
+
+
+def _overall(table: dict) -> float:
+    n_gold = sum(r["n_gold"] for r in table.values())
+    return sum((r["recall"] or 0) * r["n_gold"] for r in table.values() if r["n_gold"]) / n_gold
+
+
 def test_external_gold_beats_presidio_pattern_only(engine, shared_external):
-    "presidio-research synth v2 (never trained on): PERSON recall >= 0.85 (issue 11's goal); overall measured, not yet 0.80."
-    rows = [json.loads(l) for l in (shared_external/"pii_presidio_synth_v2.jsonl").read_text().splitlines()]
-    gold, gold_map = [r["spans"] for r in rows], {"GPE": "LOCATION", "DOMAIN_NAME": "URL"}
-    ours = score_spans(gold, [[{"start": r.start, "end": r.end, "label": r.entity_type} for r in engine.analyze(x["text"])] for x in rows], gold_map)
-    base = score_spans(gold, [presidio_pattern_only_results(x["text"]) for x in rows], gold_map)
-    o, b = ({r["label"]: r for r in t.iter_rows(named=True)} for t in (ours, base))
-    overall = lambda t: sum((r["recall"] or 0) * r["n_gold"] for r in t.values() if r["n_gold"]) / sum(r["n_gold"] for r in t.values())
-    assert o["PERSON"]["recall"] >= 0.85 and o["PERSON"]["precision"] > 0.6       # measured 0.883 / 0.679
-    assert overall(o) > 0.72 and overall(b) < 0.2                                   # measured 0.752 against 0.122
-    assert o["STREET_ADDRESS"]["recall"] > 0.55 and o["LOCATION"]["recall"] > 0.55  # measured 0.61 / 0.68
-    for label in ("AGE", "TITLE", "NRP", "ZIP_CODE"):                               # 0 before the context rules
+    "presidio-research synth v2 (never trained on): every label at least the offline baseline's recall, most above."
+    rows = _synth_v2(shared_external)
+    o, b = _ours(engine, rows), _per_label(rows, [presidio_pattern_only_results(x["text"]) for x in rows])
+    assert o["PERSON"]["precision"] > 0.75 and _overall(b) < 0.2          # measured 0.838; the baseline 0.122
+    assert o["STREET_ADDRESS"]["recall"] > 0.8 and o["LOCATION"]["recall"] > 0.75   # 0.888 / 0.842 (0.61 / 0.65)
+    assert o["ORGANIZATION"]["recall"] > 0.7 and o["ORGANIZATION"]["precision"] > 0.9   # 0.788 / 0.975 (0.348 before)
+    assert o["DATE_TIME"]["recall"] > 0.85 and o["CREDIT_CARD"]["recall"] > 0.95        # timestamps, cards by cue
+    for label in ("AGE", "TITLE", "NRP", "ZIP_CODE"):                      # 0 before the context rules
         assert o[label]["recall"] > 0.45, label
     assert b["PERSON"]["recall"] == 0 and b["STREET_ADDRESS"]["recall"] == 0
     for label in ["EMAIL_ADDRESS", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN", "PHONE_NUMBER"]:
         assert o[label]["recall"] >= b[label]["recall"] - 0.05, label
+
+
+def test_synth_v2_meets_issue_11_recall_goal(engine, shared_external):
+    "Issue 11's goal on synth v2: overall recall >= 0.80, PERSON >= 0.85 (0.746 / 0.883 before the address grammar)."
+    o = _ours(engine, _synth_v2(shared_external))
+    assert o["PERSON"]["recall"] >= 0.85, o["PERSON"]
+    assert _overall(o) >= 0.80, {k: round(v["recall"] or 0, 3) for k, v in o.items()}   # measured 0.883
+
+
+def _found(engine, text) -> set:
+    return {(text[r.start:r.end], r.entity_type) for r in engine.analyze(text)}
+
+
+def test_address_grammar_and_organisation_cues(engine):
+    "Invented text: building numbers, cities after streets, codes after countries, company lines, firms by their cues."
+    block = "Nadia Borelli\nSenior buyer\nQuintessa Labs\n4417 Vaskikatu 12\nApt. 31\nKorvenmaa\nFinland 44120"
+    found = _found(engine, block)
+    for value, label in [("Nadia Borelli", "PERSON"), ("Quintessa Labs", "ORGANIZATION"), ("Korvenmaa", "LOCATION"),
+                         ("4417 Vaskikatu 12", "STREET_ADDRESS"), ("44120", "STREET_ADDRESS")]:
+        assert (value, label) in found, (value, found)
+    text = ("Yesterday Odile Marchetti from Brightwater Analytics met us at the Zentrix office; ask the driver to "
+            "stop at the corner of Halvard Road and Pine Street. Logged 2031-05-06 14:22:10, card 630427373398 lost.")
+    found = _found(engine, text)
+    for value, label in [("Odile Marchetti", "PERSON"), ("Brightwater Analytics", "ORGANIZATION"),
+                         ("Zentrix", "ORGANIZATION"), ("the corner of Halvard Road and Pine Street", "STREET_ADDRESS"),
+                         ("2031-05-06 14:22:10", "DATE_TIME"), ("630427373398", "CREDIT_CARD")]:
+        assert (value, label) in found, (value, found)
+    plain = "The Settings page lists the London office. During 2019 the team shipped 3 releases; see March 15 notes."
+    assert {v for v, _ in _found(engine, plain)} <= {"London", "2019", "March 15"}   # no ordinary word masked
 
 
 def test_identifiers_that_carry_names_payment_ids_and_zip_codes(engine):
