@@ -32,6 +32,10 @@ import click
 import polars as pl
 from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer
 
+from .capture import export_frame
+from .core import plugin
+from .workspace import Config, Workspace
+
 # %% auto #0
 __all__ = ['ADDRESS_PATTERNS', 'DATE_PATTERNS', 'SECRET_PATTERNS', 'KEY_VALUE_SECRET', 'BEARER', 'ORGANIZATION_PATTERN',
            'NRP_WORDS', 'TAGS', 'ENGINES', 'ENGINE_MODULES', 'NER_LABELS', 'luhn_ok', 'iban_ok', 'ssn_ok', 'ip_ok',
@@ -40,9 +44,9 @@ __all__ = ['ADDRESS_PATTERNS', 'DATE_PATTERNS', 'SECRET_PATTERNS', 'KEY_VALUE_SE
            'Placeholders', 'PlaceholderOperator', 'key_label', 'address_first', 'address_blocks', 'CleanConfig',
            'MaskingEngine', 'propagate', 'number_label', 'Pseudonyms', 'json_depth', 'loads_checked', 'message_slots',
            'tool_names', 'mask_messages', 'scan_developer', 'mask_record', 'score_spans', 'presidio_pattern_only',
-           'presidio_pattern_only_results', 'clean', 'clean_engine', 'clean_to_files', 'quarantine_path',
-           'check_output', 'parse_line', 'read_lines', 'clean_jsonl', 'jsonl_frame', 'clean_cmd', 'ModelNerRecognizer',
-           'ner_recognizer']
+           'presidio_pattern_only_results', 'clean', 'mask_to_files', 'clean_engine', 'clean_to_files',
+           'quarantine_path', 'check_output', 'parse_line', 'read_lines', 'clean_jsonl', 'jsonl_frame', 'clean_cmd',
+           'ModelNerRecognizer', 'ner_recognizer']
 
 # %% ../nbs/11_clean.ipynb #6be780bb
 def luhn_ok(digits: str) -> bool:
@@ -784,23 +788,29 @@ def address_blocks(text: str, results: list, labels: set | None = None) -> list:
 
 # %% ../nbs/11_clean.ipynb #8a2a69a2
 @dataclass
-class CleanConfig:
+class CleanConfig(Config):
     "S2 settings. `ner` plugs in a model (`spacy:NAME`, `gliner:NAME`, `transformers:NAME`) beside the offline recognizers."
     entities: tuple | None = None   # labels to mask; None = every label the recognizers produce
     score_threshold: float = 0.5
-    names: bool = True              # offline PERSON/LOCATION detector (name lists + GeoNames)
-    dates: str = "all"              # "all" dates, or only dates of "birth" (near born/DOB/birthday)
-    ner: str | None = None
+    names: bool = field(default=True, metadata={"help": "The offline PERSON/LOCATION detector (name lists, GeoNames)."})
+    dates: str = field(default="all", metadata={"help": "Mask every date (all), or dates of birth only (birth)."})
+    ner: str | None = field(default=None, metadata={"help": "Also run an NER model: spacy:NAME, gliner:NAME or "
+                                                            "transformers:NAME (local)."})
     allow: tuple = ()               # exact values never masked
     max_chars: int = 200_000        # longer records are quarantined, not silently cut
     min_place_population: int = 15000
     max_depth: int = 64             # deeper JSON nesting is quarantined (never a RecursionError)
-    min_id_digits: int = 7          # a JSON integer with this many digits is an identifier (masked) unless its key says quantity
-    pseudonym_key: str | None = None  # S1's HMAC key (hex or path); None: $SLM_PSEUDONYM_KEY or the key folder
+    min_id_digits: int = 7          # a JSON integer with this many digits is an identifier unless its key says quantity
+    pseudonym_key: str | None = field(default=None, metadata={"help": "S1's pseudonym key (hex or path); default "
+                                                                      "$SLM_PSEUDONYM_KEY or the key folder."})
     name_model: bool = True         # the name-likeness model for names no list holds (with `names`)
     context: bool = True            # context rules: titles, ages, zip codes, years, weekdays, NRP, employers
     seed: int = 0                   # seeds the name-likeness model
-    engine: str = "local"           # "ray": mask on a Ray cluster, one masking engine per worker (`scale.clean_ray`)
+    engine: str = field(default="local", metadata={"help": "local, or ray: mask on a Ray cluster ($RAY_ADDRESS, else a "
+                                                           "local one), one masking engine per worker."})
+
+    def __post_init__(self):
+        if self.dates not in ("all", "birth"): raise ValueError(f"dates {self.dates!r} is not all or birth")
 
 class MaskingEngine:
     "Presidio analyzer (no_op NLP engine, our recognizers) + anonymizer with conversation-consistent placeholders."
@@ -1304,41 +1314,49 @@ def _write_quarantine(q) -> Path:
     "Write (or replace, even with no record) a quarantine file atomically."
     return _atomic_write(q.path, lambda p: p.write_text("".join(json.dumps(r.__dict__) + "\n" for r in q.items)))
 
-ENGINES = {}                                    # engine name -> (frame, config, out_dir) -> report, like `clean_to_files`
-ENGINE_MODULES = {"ray": "slm_research.scale"}  # engines that live elsewhere register themselves when imported
-
-def clean_engine(name: str):
-    "The S2 engine `name` (loaded on first use): a function with `clean_to_files`'s contract."
-    if name not in ENGINES and name in ENGINE_MODULES:
-        import importlib
-        importlib.import_module(ENGINE_MODULES[name])
-    if name not in ENGINES: raise ValueError(f"S2 engine {name!r} is not one of {sorted({'local', *ENGINES, *ENGINE_MODULES})}")
-    return ENGINES[name]
-
-def clean_to_files(frame: "pl.DataFrame", config: CleanConfig | None = None, processed_dir=None, engine: "MaskingEngine | None" = None,
-                   progress: bool = True) -> dict:
-    """Run `clean` and write S2's hand-off to `processed_dir` (default `paths().processed`): `calls_clean.parquet`,
-    `clean_quarantine.jsonl` and `clean_report.json` (counts in = out + quarantined, placeholders per type, tool-definition
-    findings). Each file is written to a temporary file and renamed. Returns the report."""
+def mask_to_files(frame: "pl.DataFrame", config: CleanConfig, out_dir: Path, engine: "MaskingEngine | None" = None,
+                  progress: bool = True) -> dict:
+    """The local engine: `clean` `frame` and write S2's hand-off to the workspace `out_dir` (the masked calls, the
+    quarantine and the report: counts in = out + quarantined, placeholders per type, tool-definition findings).
+    Each file is written to a temporary file and renamed. Returns the report."""
     import time
-    from slm_research.core import Quarantine, check_counts, paths
-    out_dir = Path(processed_dir or paths().processed)
-    config = config or CleanConfig()
-    if config.engine != "local": return clean_engine(config.engine)(frame, config, out_dir)
-    q = Quarantine(out_dir/"clean_quarantine.jsonl")
+    from slm_research.core import Quarantine, check_counts
+    ws = Workspace(out_dir)
+    q = Quarantine(ws.path("clean_quarantine"))
     t0, extra = time.perf_counter(), {}
     masked = clean(frame, config, q, engine=engine, progress=progress, report=extra)
     seconds = time.perf_counter() - t0
     report = check_counts(frame.height, masked.height, len(q), "clean")
-    _atomic_write(out_dir/"calls_clean.parquet", masked.write_parquet)
+    ws.write_calls(masked)
     _write_quarantine(q)
     text = pl.concat([masked["messages"], masked["response"].fill_null("")])
     report |= {"seconds": round(seconds, 2), "calls_per_s": round(frame.height / max(seconds, 1e-9), 1),
                "placeholders": {label: int(text.str.count_matches(rf"<{TAGS.get(label, label)}_\d+>").sum())
                                 for label in sorted({*TAGS, "PERSON", "LOCATION", "SECRET", "URL"})}, **extra,
-               "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items() if k != "pseudonym_key"}}
-    _atomic_write(out_dir/"clean_report.json", lambda p: p.write_text(json.dumps(report, indent=1)))
+               "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()
+                          if k != "pseudonym_key"}}
+    _atomic_write(ws.path("clean_report"), lambda p: p.write_text(json.dumps(report, indent=1)))
     return report
+
+ENGINES = {"local": mask_to_files}              # engine name -> (frame, config, out_dir) -> report
+ENGINE_MODULES = {"ray": "slm_research.scale"}  # engines that live elsewhere register themselves when imported
+
+def clean_engine(name: str):
+    "The S2 engine `name` (a plug-in is imported on first use): a function with `mask_to_files`'s contract."
+    return plugin(ENGINES, ENGINE_MODULES, name, "S2 engine")
+
+def clean_to_files(ws: Workspace | None = None, config: CleanConfig | None = None, frame: "pl.DataFrame | None" = None,
+                   *, engine: "MaskingEngine | None" = None, progress: bool = True, keys=None) -> dict:
+    """S2 on the workspace `ws`: `frame` (default: the workspace's encrypted store, decrypted with `keys`) masked on
+    `config.engine` into the workspace's calls, quarantine and report. Returns the report."""
+    ws, config = ws if isinstance(ws, Workspace) else Workspace(ws), config or CleanConfig()
+    if frame is None:
+        frame = export_frame(ws.root/"store", keys)
+        if frame.height == 0:
+            raise ValueError(f"the store {ws.root/'store'} holds no calls: import logs (`slm-research capture import`)")
+    if config.engine == "local": return mask_to_files(frame, config, ws.root, engine, progress)
+    return clean_engine(config.engine)(frame, config, ws.root)
+
 
 # %% ../nbs/11_clean.ipynb #5813c19f
 def quarantine_path(out_path) -> Path:
@@ -1451,50 +1469,44 @@ def jsonl_frame(in_path, config: CleanConfig | None = None, quarantine=None) -> 
     return to_frame(calls), n
 
 # %% ../nbs/11_clean.ipynb #15073ee4
-def _default(name: str):
-    "`CleanConfig`'s default for `name`: the command line never restates it."
-    return next(f.default for f in dataclasses.fields(CleanConfig) if f.name == name)
-
 @click.command("clean")
 @click.option("--in", "in_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="JSONL: chat records, raw calls or {\"text\": ...} lines. Default: the workspace's encrypted capture store.")
+              help="JSONL: chat records, raw calls or {\"text\": ...} lines. Default: the workspace's encrypted store.")
 @click.option("--out", "out_path", default=None, type=click.Path(path_type=Path),
               help="Also write masked JSONL (with `entities`); its bad lines go to OUT.quarantine.jsonl.")
-@click.option("--dates", type=click.Choice(["all", "birth"]), default=_default("dates"), show_default=True, help="Mask every date, or dates of birth only.")
-@click.option("--names/--no-names", default=_default("names"), show_default=True, help="The offline PERSON/LOCATION detector.")
-@click.option("--ner", default=_default("ner"), help="Also run an NER model: spacy:NAME, gliner:NAME or transformers:NAME (local).")
-@click.option("--pseudonym-key", default=_default("pseudonym_key"), help="S1's pseudonym key (hex or path); default $SLM_PSEUDONYM_KEY or the key folder.")
-@click.option("--keys", default=None, help="Analyst private key(s) for the store; default $SLM_ANALYST_PRIVATE_KEYS or the key folder.")
-@click.option("--store", default=None, type=click.Path(file_okay=False, path_type=Path), help="Store folder (default data/processed/<profile>/store).")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default=_default("engine"), show_default=True,
-              help="ray: mask on a Ray cluster ($RAY_ADDRESS, else a local one), one masking engine per worker.")
-def clean_cmd(in_path, out_path, dates, names, ner, pseudonym_key, keys, store, engine):
-    "S2: mask PII and secrets into processed/calls_clean.parquet (and --out JSONL); bad records go to quarantine."
-    from slm_research.core import Quarantine, paths
-    config = CleanConfig(dates=dates, names=names, ner=ner, pseudonym_key=pseudonym_key, engine=engine)
+@CleanConfig.click_options("dates", "names", "ner", "pseudonym_key", "engine")
+@click.option("--keys", default=None, help="Analyst private key(s) for the store; default $SLM_ANALYST_PRIVATE_KEYS "
+                                           "or the key folder.")
+@click.option("--store", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Store folder (default data/processed/<profile>/store).")
+def clean_cmd(in_path, out_path, keys, store, **options):
+    "S2: mask PII and secrets into the workspace's calls (and --out JSONL); bad records go to quarantine."
+    from slm_research.core import Quarantine
+    try: config = CleanConfig.from_dict(options)
+    except ValueError as e: raise click.UsageError(str(e))
     try:
-        processed = paths().processed
+        ws = Workspace()
+        frame = None
         if in_path is not None:
             if not in_path.is_file(): raise ValueError(f"--in {in_path} is not a file")
             if out_path is not None: check_output(in_path, out_path)
-            lines_q = Quarantine(processed/"clean_input_quarantine.jsonl")
+            lines_q = Quarantine(ws.root/"clean_input_quarantine.jsonl")
             frame, n_lines = jsonl_frame(in_path, config, lines_q)
-        else:
-            from slm_research import capture
-            store = Path(store or capture.default_store())
-            frame = capture.export_frame(store, keys)
-            if frame.height == 0: raise ValueError(f"the store {store} holds no calls: import logs (`slm-research capture import`) or give --in")
+        elif store is not None:
+            frame = export_frame(Path(store), keys)
+            if frame.height == 0: raise ValueError(f"the store {store} holds no calls: import logs or give --in")
         engine = MaskingEngine(config)
-        report = clean_to_files(frame, config, processed, engine=engine, progress=False)
-        result = {"calls_clean": str(processed/"calls_clean.parquet"), **{k: report[k] for k in ("n_in", "n_out", "n_quarantined")}}
+        report = clean_to_files(ws, config, frame, engine=engine, progress=False, keys=keys)
+        result = {"calls_clean": str(ws.path("calls")), **{k: report[k] for k in ("n_in", "n_out", "n_quarantined")}}
         if in_path is not None:
             _write_quarantine(lines_q)
             result |= {"lines": n_lines, "lines_quarantined": len(lines_q), "lines_quarantine": str(lines_q.path)}
         if out_path is not None and in_path is not None:
-            result["jsonl"] = {k: v for k, v in clean_jsonl(in_path, out_path, config, False, engine).items() if k != "tool_findings_where"}
+            jsonl = clean_jsonl(in_path, out_path, config, False, engine)
+            result["jsonl"] = {k: v for k, v in jsonl.items() if k != "tool_findings_where"}
         elif out_path is not None:
-            masked = pl.read_parquet(processed/"calls_clean.parquet")
-            _atomic_write(check_output(processed/"calls_clean.parquet", out_path), masked.write_ndjson)
+            masked = ws.read_calls()
+            _atomic_write(check_output(ws.path("calls"), out_path), masked.write_ndjson)
             result["jsonl"] = {"out": str(out_path), "n_out": masked.height}
     except (ValueError, OSError) as e: raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result))

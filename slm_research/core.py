@@ -28,7 +28,7 @@ __all__ = ['SHIPPED_RAW', 'NON_TTY_INTERVAL', 'TABLE_ROWS', 'TABLE_STR_LEN', 'TA
            'WorkspaceNotFound', 'find_workspace', 'project_root', 'Paths', 'current_profile', 'paths', 'raw_file',
            'read_profiles', 'profile_params', 'set_seed', 'content_hash', 'progress_mode', 'progress', 'setup_display',
            'setup_plotly', 'save_fig', 'show', 'headline', 'read_headlines', 'SchemaError', 'check_schema', 'Rejected',
-           'Quarantine', 'check_counts']
+           'Quarantine', 'check_counts', 'plugin']
 
 # %% ../nbs/00_core.ipynb #0fd7d5e3
 class WorkspaceNotFound(click.ClickException, ValueError):
@@ -264,6 +264,15 @@ def check_counts(n_in: int, n_out: int, n_quarantined: int, step: str) -> dict:
     if n_in != n_out + n_quarantined:
         raise AssertionError(f"{step}: {n_in} in != {n_out} out + {n_quarantined} quarantined")
     return dict(step=step, n_in=n_in, n_out=n_out, n_quarantined=n_quarantined)
+
+# %% ../nbs/00_core.ipynb #d8de5086
+def plugin(registry: dict, modules: dict, name: str, what: str):
+    "`registry[name]`, importing `modules[name]` first when the plug-in registers itself there on import."
+    if name not in registry and name in modules:
+        import importlib
+        importlib.import_module(modules[name])
+    if name not in registry: raise ValueError(f"{what} {name!r} is not one of {sorted({*registry, *modules})}")
+    return registry[name]
 
 # %% ../nbs/00_core.ipynb #e2c76aee
 CLEAN_SCHEMA = {

@@ -82,8 +82,7 @@ def run_pipeline(config: PipelineConfig, finetune: FinetuneConfig | None = None,
         echo(f"  {counts['S1']['n_in']} lines in, {counts['S1']['n_records']} calls stored (encrypted), "
              f"{counts['S1']['n_quarantined']} quarantined")
     with _step("S2 masking", seconds, echo):
-        report = clean_to_files(export_frame(store), clean_config or CleanConfig(engine=config.engine), ws.root,
-                                progress=False)
+        report = clean_to_files(ws, clean_config or CleanConfig(engine=config.engine), export_frame(store), progress=False)
         counts["S2"] = {k: report[k] for k in ("n_in", "n_out", "n_quarantined")}
         echo(f"  {report['n_in']} calls in, {report['n_out']} masked, {report['n_quarantined']} quarantined")
     calls, batches = _held_back(ws.read_calls(), config)

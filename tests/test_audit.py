@@ -132,12 +132,13 @@ def test_field_canaries_never_survive_s1_and_s2(field_canary_records, workspace,
     from click.testing import CliRunner
     from slm_research import capture
     from slm_research.clean import clean_cmd, clean_to_files
+    from slm_research.workspace import Workspace
     records, planted = field_canary_records
     monkeypatch.setenv("SLM_KEYS_DIR", str(tmp_path/"keys"))
     keys = capture.generate_keys(tmp_path/"keys")
     with capture.SegmentWriter(workspace.processed/"store", keys["public"], capture.Pseudonymizer(keys["pseudonym"])) as w:
         for r in records: w.append(r)
-    report = clean_to_files(capture.export_frame(workspace.processed/"store", keys["private"]), progress=False)
+    report = clean_to_files(Workspace(workspace.processed), keys=keys["private"], progress=False)
     assert report["n_in"] == len(records) == report["n_out"] + report["n_quarantined"]
     src = tmp_path/"raw"/"calls.jsonl"                    # the same records as JSONL, through the command line
     src.parent.mkdir()

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from slm_research.clean import (CleanConfig, MaskingEngine, Placeholders, clean, clean_cmd, clean_jsonl, clean_to_files,
                                 mask_messages, presidio_pattern_only_results, score_spans)
 from slm_research.core import CLEAN_SCHEMA, Quarantine
+from slm_research.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +240,7 @@ def test_canary_audit_capture_and_cleaning(workspace, tmp_path, monkeypatch):
     with capture.SegmentWriter(workspace.processed/"store", keys["public"]) as w:
         for line in raw.splitlines(): w.append(json.loads(line))
     frame = capture.export_frame(workspace.processed/"store", keys["private"])
-    report = clean_to_files(frame, progress=False)
+    report = clean_to_files(Workspace(workspace.processed), frame=frame, progress=False)
     assert report["n_in"] == 300 and report["n_out"] + report["n_quarantined"] == 300
     files = [p for d in (workspace.processed, workspace.run_dir) for p in Path(d).rglob("*") if p.is_file()]
     assert any(p.name == "calls_clean.parquet" for p in files)
@@ -308,7 +309,8 @@ def test_tool_definitions_are_kept_but_scanned_and_reported(engine, workspace):
                                                "parameters": {"type": "object", "properties": {"to": {"type": "string"}}}}}]
     r = _call(1, "s1", "hi")
     r["request"]["tools"] = tools
-    report = clean_to_files(_frame([r]), CleanConfig(pseudonym_key=KEY), engine=engine, progress=False)
+    report = clean_to_files(Workspace(workspace.processed), CleanConfig(pseudonym_key=KEY), _frame([r]), engine=engine,
+                            progress=False)
     out = pl.read_parquet(workspace.processed/"calls_clean.parquet")
     assert json.loads(out["tools"][0]) == tools                          # developer text stays as written
     assert report["tool_findings"] == {"EMAIL_ADDRESS": 1}

@@ -41,11 +41,12 @@ from slm_research import capture
 from slm_research.clean import CleanConfig, clean_to_files
 from slm_research.cluster import ClusterConfig, fit_clusters, write_outputs
 from slm_research.core import paths
+from slm_research.workspace import Workspace
 from slm_research.corpus import generate_corpus
 import polars as pl
 folder = generate_corpus(300, 0, progress=False)
 frame = capture.to_frame(json.loads(l) for l in (folder/"calls.jsonl").read_text().splitlines())
-clean_to_files(frame, CleanConfig(), paths().processed, progress=False)
+clean_to_files(Workspace(paths().processed), CleanConfig(), frame, progress=False)
 calls = pl.read_parquet(paths().processed/"calls_clean.parquet")
 write_outputs(calls, fit_clusters(calls, ClusterConfig(seed=0)), paths().processed)
 """

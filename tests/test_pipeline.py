@@ -65,3 +65,29 @@ def test_pipeline_command_runs_the_chain_from_a_fresh_workspace(user_workspace, 
     assert "args zero-shot" in out and "replaceable share" in out
     gate = json.loads((ws/"data"/"processed"/"dev"/"gate.json").read_text())
     assert {"base_score", "adapter_score", "adapter_tool_call_match", "agreement_interval"} <= set(gate["clusters"][0])
+
+
+def readme_python_chain() -> str:
+    "The README's Python block that chains the steps."
+    blocks = (ROOT/"README.md").read_text().split("```python\n")[1:]
+    return next(b.split("```")[0] for b in blocks if "capture_to_files" in b)
+
+
+@pytest.mark.slow
+def test_readme_python_steps_chain_on_real_logs(user_workspace, tmp_path):
+    "The README's Python chain, as written but for the log path and a tiny S5, in a fresh workspace."
+    _, logs = user_workspace
+    ws = tmp_path/"ws"; ws.mkdir()
+    shutil.copy(ROOT/"settings.ini", ws/"settings.ini"); (ws/"nbs").mkdir()
+    code = readme_python_chain()
+    assert 'FinetuneConfig(max_clusters=4)' in code and '"calls.jsonl"' in code
+    code = code.replace('"calls.jsonl"', repr(str(logs))).replace(
+        "FinetuneConfig(max_clusters=4)", "FinetuneConfig(max_clusters=1, steps=2, n_eval=4, batch_size=4, max_length=192)")
+    code += "\nimport json; print(json.dumps({'n': s1.n_records, 'calls': ws.read_calls().height, "
+    code += "'clusters': ws.read_clusters()['cluster'].n_unique(), 'gate': len(gate['clusters'])}))\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLM_")} | {"SLM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ws, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["n"] == 160 and out["calls"] <= 160 and out["clusters"] == 8 and out["gate"] >= 1
+    assert (ws/"data"/"processed"/"dev"/"selection.json").exists()
