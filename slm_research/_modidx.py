@@ -433,6 +433,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                         'slm_research/cluster.py'),
                                       'slm_research.cluster.score_clusters': ('cluster.html#score_clusters', 'slm_research/cluster.py'),
                                       'slm_research.cluster.silhouette': ('cluster.html#silhouette', 'slm_research/cluster.py'),
+                                      'slm_research.cluster.strong_split': ('cluster.html#strong_split', 'slm_research/cluster.py'),
                                       'slm_research.cluster.tfidf_kmeans_baseline': ( 'cluster.html#tfidf_kmeans_baseline',
                                                                                       'slm_research/cluster.py'),
                                       'slm_research.cluster.write_outputs': ('cluster.html#write_outputs', 'slm_research/cluster.py')},

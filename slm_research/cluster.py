@@ -29,10 +29,11 @@ __all__ = ['PARTS', 'EMBEDDERS', 'TFIDF_ARGS', 'OUTLIER_LABEL', 'PROFILE_KEYS', 
            'output_shape', 'call_parts', 'call_text', 'build_parts', 'build_texts', 'cache_dir', 'minilm_path',
            'MiniLMEmbedder', 'distill_static', 'StaticEmbedder', 'get_embedder', 'embed', 'embed_parts',
            'Representation', 'ClusterConfig', 'reduce_unique', 'micro_clusters', 'centroids_of', 'silhouette',
-           'merge_micro', 'exactly_k', 'Clusterer', 'load_clusterer', 'ClusterResult', 'cluster_keywords',
-           'fit_clusters', 'cluster_calls', 'score_clusters', 'tfidf_kmeans_baseline', 'call_features',
-           'cluster_profiles', 'representative_examples', 'clusters_summary', 'write_outputs', 'plot_cluster_map',
-           'plot_volume', 'plot_over_time', 'read_text_jsonl', 'read_calls', 'fit_clusters_with_engine', 'cluster_cmd']
+           'merge_micro', 'exactly_k', 'strong_split', 'Clusterer', 'load_clusterer', 'ClusterResult',
+           'cluster_keywords', 'fit_clusters', 'cluster_calls', 'score_clusters', 'tfidf_kmeans_baseline',
+           'call_features', 'cluster_profiles', 'representative_examples', 'clusters_summary', 'write_outputs',
+           'plot_cluster_map', 'plot_volume', 'plot_over_time', 'read_text_jsonl', 'read_calls',
+           'fit_clusters_with_engine', 'cluster_cmd']
 
 # %% ../nbs/12_cluster.ipynb #df72065e
 PARTS = ("system", "user_head", "user_tail", "tools", "output")
@@ -285,6 +286,8 @@ class ClusterConfig:
     min_samples: int | None = None    # HDBSCAN; None: min_cluster_size
     k_split: int = 15                 # given k, HDBSCAN's smallest cluster is n / (k_split * k), in [5, the default]: fine micro-clusters
     min_auto_clusters: int = 3        # the silhouette cut never picks fewer (a 2-way split wins silhouettes, rarely the tasks)
+    strong_split: float | None = 0.25  # ...unless the 2-way cut is the best by silhouette on the embeddings alone
+                                      # and above this (Kaufman & Rousseeuw's 'substantial structure'); None: never
     merge: str | float | None = "silhouette"  # where to cut the merge tree without k: "silhouette", a cosine distance, or None (no merging)
     silhouette_sample: int = 2000     # calls the silhouette is computed on
     fit_sample: int | None = None     # fit on this many calls, assign the rest; None fits all
@@ -348,9 +351,10 @@ def silhouette(distances: np.ndarray, labels: np.ndarray) -> float:
     return float(s.mean())
 
 def merge_micro(x: np.ndarray, labels: np.ndarray, k: int | None = None, merge: str | float | None = "silhouette",
-                sample: int = 2000, seed: int = 0, min_clusters: int = 2) -> np.ndarray:
+                sample: int = 2000, seed: int = 0, min_clusters: int = 2, e: np.ndarray | None = None,
+                two_way: float | None = None) -> np.ndarray:
     """Merge micro-clusters (0..m-1) by average linkage on their centroids: into `k`, at the best silhouette (of the cuts
-    into at least `min_clusters`), or at a cosine distance."""
+    into at least `min_clusters`, or into two when `strong_split` on `e` at `two_way`), or at a cosine distance."""
     from scipy.cluster.hierarchy import fcluster, linkage
     m = labels.max() + 1
     if m < 2 or (k is None and merge is None): return labels
@@ -358,6 +362,8 @@ def merge_micro(x: np.ndarray, labels: np.ndarray, k: int | None = None, merge: 
     if k is not None: groups = fcluster(tree, min(k, m), "maxclust")
     elif merge == "silhouette":
         rows = np.random.default_rng(seed).choice(len(x), min(sample, len(x)), replace=False)
+        if e is not None and two_way is not None and strong_split(e, labels, tree, rows, two_way):
+            return np.unique(fcluster(tree, 2, "maxclust") - 1, return_inverse=True)[1].ravel()[labels]
         distances = np.clip(1 - x[rows] @ x[rows].T, 0, 2).astype(np.float64)
         cuts = [fcluster(tree, n, "maxclust") for n in range(min(max(2, min_clusters), m), m + 1)]
         groups = max(cuts, key=lambda g: silhouette(distances, g[labels[rows]]))  # first best: ties keep fewer clusters
@@ -374,6 +380,18 @@ def exactly_k(x: np.ndarray, points: np.ndarray, micro: np.ndarray, k: int) -> n
     if len(np.unique(points, axis=0)) < k: raise ValueError(f"cluster: fewer than k={k} distinct points to cluster")
     if len(points) <= 20_000: return AgglomerativeClustering(k, linkage="ward").fit_predict(points)
     return KMeans(k, n_init=3, random_state=0).fit_predict(points)  # Ward's memory grows with n^2
+
+# %% ../nbs/12_cluster.ipynb #710f1857
+def strong_split(e: np.ndarray, labels: np.ndarray, tree: np.ndarray, rows: np.ndarray,
+                 threshold: float = 0.25) -> bool:
+    """Whether the merge `tree` of micro-clusters `labels` splits best in two: its 2-way cut has the highest silhouette
+    of all its cuts on `e` (the embeddings alone, rows `rows`), and that silhouette is above `threshold`."""
+    from scipy.cluster.hierarchy import fcluster
+    m = labels.max() + 1
+    if m < 2: return False
+    distances = np.clip(1 - e[rows] @ e[rows].T, 0, 2).astype(np.float64)
+    s = [silhouette(distances, fcluster(tree, n, "maxclust")[labels[rows]]) for n in range(2, m + 1)]
+    return int(np.argmax(s)) == 0 and s[0] > threshold
 
 # %% ../nbs/12_cluster.ipynb #38d9fd08
 OUTLIER_LABEL = "outlier"
@@ -487,7 +505,10 @@ def fit_clusters(frame: pl.DataFrame, cfg: ClusterConfig = ClusterConfig(), embe
     if cfg.k and not cfg.min_cluster_size: size = max(5, min(size, len(fit_idx) // (cfg.k_split * cfg.k)))
     micro, noise = micro_clusters(points, x_fit, size, cfg.min_samples)
     if cfg.k: fit_labels = exactly_k(x_fit, points, micro, cfg.k)
-    else: fit_labels = merge_micro(x_fit, micro, None, cfg.merge, cfg.silhouette_sample, cfg.seed, cfg.min_auto_clusters)
+    else:
+        e_fit = _unit(emb[fit_idx] - rep.embedding_mean)  # the embeddings alone, for `strong_split`
+        fit_labels = merge_micro(x_fit, micro, None, cfg.merge, cfg.silhouette_sample, cfg.seed, cfg.min_auto_clusters,
+                                 e_fit, cfg.strong_split)
     clusters = list(range(fit_labels.max() + 1))
     centroids = centroids_of(x_fit, fit_labels)
     thresholds = []
