@@ -338,6 +338,7 @@ def _phone_ok(s: str) -> bool:
     if re.match(r"(?:19|20)\d{2}-\d{2}-\d{2}\b", s): return False          # a timestamp (2000-04-16 11:34:35)
     return not s.isdigit() or len(d) >= 10
 
+# %% ../nbs/11_clean.ipynb #23212e33
 def _card_ok(s: str) -> bool:
     d = _digits(s)
     return 12 <= len(d) <= 19 and d[0] in "123456" and luhn_ok(d)
@@ -353,6 +354,7 @@ def _street_word_ok(s: str) -> bool:
     word = re.match(r"(?:\S+[ -])*?(\S+)[ ]+\d", s)
     return word is None or word.group(1).casefold() not in _english_words()
 
+# %% ../nbs/11_clean.ipynb #8ff09cdf
 _ORG_FORMS = (r"Inc|LLC|Ltd|GmbH|Corp|Corporation|Incorporated|PLC|AG|S\.A\.|SA|SAS|BV|NV|Oy|AB|ASA|KG|Co|Limited|"
               r"Group|Holdings")                                             # legal forms
 _ORG_HEADS = (r"Technologies|Technology|Associates|Partners|Capital|Consulting|Consultants|Software|Systems|"
@@ -450,6 +452,7 @@ def _job_ok(s: str) -> bool:
     if len(words) == 1 and last in _english_words(): return False
     return last in _JOB_HEADS or (last.endswith(_TITLE_SUFFIX) and len(last) > 7)
 
+# %% ../nbs/11_clean.ipynb #c84b2408
 def _place_like_ok(s: str) -> bool:
     "A place after a weak cue (I'm in X): not only everyday words (I'm in Trouble); capitals allowed (ΠΑΦΟΣ)."
     return not all(w.strip(".,'’").casefold() in _english_words() for w in s.split())
@@ -488,6 +491,7 @@ def _name_id_ok(s: str) -> bool:
     digits = any(p.isdigit() for p in parts)
     return bool(named) and (digits or (bool(other) and "-" not in s))   # alpha-beta is a term, mia_li_3668 a user
 
+# %% ../nbs/11_clean.ipynb #f7f81833
 _NRP = frozenset(NRP_WORDS)
 
 def _nrp_ok(w: str) -> bool:
@@ -511,6 +515,7 @@ def _company_ok(s: str) -> bool:
     given = lower and all(w.title() in first for w in words)             # jean-jacques is one person's first name
     return len(words) >= 1 and all(map(ok, words)) and not given and ("-" in s or " and " in s)
 
+# %% ../nbs/11_clean.ipynb #c2c890af
 _NOT_FUNCTION = r"(?!(?:is|was|are|in|at|on|and|or|the|to|for|from|of|by|with|since|until)\b)"
 _NAME_NUMBER = rf"\p{{Lu}}[\p{{L}}'’.-]+(?:[ ]{_NOT_FUNCTION}[\p{{L}}'’.-]+){{0,3}}[ ]\d{{1,5}}[A-Za-z]?"   # Allika 46
 _CALENDAR = re.compile(rf"(?i)\b(?:{_MONTH}|(?:Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)day|Mon|Tue|Wed|Thu|Fri|Sat|Sun)\b")
@@ -812,6 +817,7 @@ class CleanConfig(Config):
     def __post_init__(self):
         if self.dates not in ("all", "birth"): raise ValueError(f"dates {self.dates!r} is not all or birth")
 
+# %% ../nbs/11_clean.ipynb #a6d6b270
 class MaskingEngine:
     "Presidio analyzer (no_op NLP engine, our recognizers) + anonymizer with conversation-consistent placeholders."
     def __init__(self, config: CleanConfig | None = None, extra_recognizers: list | None = None):
@@ -880,6 +886,7 @@ class MaskingEngine:
         res = propagate(text, self.analyze(text), placeholders)
         return self.replace(text, res, placeholders or Placeholders()), [_entity(r) for r in res]
 
+# %% ../nbs/11_clean.ipynb #24789d8a
 def _entity(r, **extra) -> dict: return {"start": r.start, "end": r.end, "label": r.entity_type, **extra}
 
 def propagate(text: str, results: list, placeholders: Placeholders, min_len: int = 4) -> list:

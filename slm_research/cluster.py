@@ -17,8 +17,8 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from .core import CLEAN_SCHEMA, Quarantine, check_counts, check_schema, content_hash, paths
-from .workspace import Workspace
+from .core import CLEAN_SCHEMA, Quarantine, check_counts, check_schema, content_hash, paths, plugin
+from .workspace import Config, Workspace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -33,7 +33,7 @@ __all__ = ['PARTS', 'EMBEDDERS', 'TFIDF_ARGS', 'OUTLIER_LABEL', 'PROFILE_KEYS', 
            'cluster_keywords', 'fit_clusters', 'cluster_calls', 'score_clusters', 'tfidf_kmeans_baseline',
            'call_features', 'cluster_profiles', 'representative_examples', 'clusters_summary', 'write_outputs',
            'plot_cluster_map', 'plot_volume', 'plot_over_time', 'read_text_jsonl', 'read_calls',
-           'fit_clusters_with_engine', 'cluster_cmd']
+           'fit_clusters_with_engine', 'cluster_to_files', 'cluster_cmd']
 
 # %% ../nbs/12_cluster.ipynb #df72065e
 PARTS = ("system", "user_head", "user_tail", "tools", "output")
@@ -130,6 +130,7 @@ class MiniLMEmbedder:
         return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
                                  show_progress_bar=progress, convert_to_numpy=True).astype(np.float32)
 
+# %% ../nbs/12_cluster.ipynb #555e8d4f
 def distill_static(model_path: str | None = None, out: Path | None = None, pca_dims: int = 256,
                    sif: float = 1e-4, batch_size: int = 2048):
     "Distil a model2vec `StaticModel` from a local sentence-transformers model (cached in `out`)."
@@ -155,6 +156,7 @@ def distill_static(model_path: str | None = None, out: Path | None = None, pca_d
     static.save_pretrained(str(out))
     return static
 
+# %% ../nbs/12_cluster.ipynb #f891d397
 class StaticEmbedder:
     "model2vec static embeddings distilled from the local MiniLM."
     def __init__(self, model_path: str | None = None, pca_dims: int = 256):
@@ -273,7 +275,7 @@ class Representation:
 
 # %% ../nbs/12_cluster.ipynb #254b3849
 @dataclass
-class ClusterConfig:
+class ClusterConfig(Config):
     "S3 configuration: each stage of the pipeline is a parameter."
     embedder: str = "minilm"          # "minilm" | "static" (see `EMBEDDERS`)
     tfidf_weight: float = 0.25        # share of the TF-IDF+SVD projection in the representation (0: embedding only)
@@ -281,7 +283,7 @@ class ClusterConfig:
     reducer: str = "umap"             # "umap" | "pca"
     n_components: int = 5
     n_neighbors: int = 15
-    k: int | None = None              # exactly k clusters (finer micro-clusters merged into k, or Ward on the points); None: the data choose
+    k: int | None = field(default=None, metadata={"help": "Exactly k clusters instead of the data's choice."})
     min_cluster_size: int | None = None  # HDBSCAN, counting repeated texts; None: max(15, n_fit // 200)
     min_samples: int | None = None    # HDBSCAN; None: min_cluster_size
     k_split: int = 15                 # given k, HDBSCAN's smallest cluster is n / (k_split * k), in [5, the default]: fine micro-clusters
@@ -297,13 +299,19 @@ class ClusterConfig:
     n_keywords: int = 8
     seed: int = 0
     text: TextConfig = field(default_factory=TextConfig)
-    engine: str = "local"             # "ray": fit on a sample on the driver, assign every call on Ray (`scale.cluster_ray`)
+    engine: str = field(default="local", metadata={"help": "local, or ray: fit on a sample here, assign every call on "
+                                                           "a Ray cluster ($RAY_ADDRESS, else a local one)."})
+
+    def __post_init__(self):
+        if isinstance(self.text, dict): self.text = TextConfig(**self.text)   # from `to_dict`
+        if self.k is not None and self.k < 1: raise ValueError(f"k={self.k}: ask for at least one cluster")
 
     @classmethod
     def fast(cls, **kw) -> "ClusterConfig":
         "The large-log configuration: static embeddings (weaker alone, so TF-IDF weighs more), fit on a 5k sample, the rest assigned."
         return cls(**{"embedder": "static", "tfidf_weight": 0.5, "fit_sample": 5_000, **kw})
 
+# %% ../nbs/12_cluster.ipynb #0fac8aa7
 def reduce_unique(x: np.ndarray, texts: list[str], cfg: ClusterConfig) -> np.ndarray:
     "Low-dimensional points for the rows of `x`, the reducer fitted once per unique text (duplicates share a point)."
     from sklearn.decomposition import PCA
@@ -329,6 +337,7 @@ def micro_clusters(points: np.ndarray, x: np.ndarray, min_cluster_size: int, min
     labels[noise] = (x[noise] @ centroids_of(x, labels, ~noise).T).argmax(1)
     return labels, noise
 
+# %% ../nbs/12_cluster.ipynb #f6322179
 def centroids_of(x: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     "Unit centroids of clusters 0..max(labels) of `x` (rows where `mask`)."
     mask = np.ones(len(x), bool) if mask is None else mask
@@ -350,6 +359,7 @@ def silhouette(distances: np.ndarray, labels: np.ndarray) -> float:
     s = np.where(own > 1, (b - a) / np.maximum(np.maximum(a, b), 1e-12), 0.0)
     return float(s.mean())
 
+# %% ../nbs/12_cluster.ipynb #52557bdf
 def merge_micro(x: np.ndarray, labels: np.ndarray, k: int | None = None, merge: str | float | None = "silhouette",
                 sample: int = 2000, seed: int = 0, min_clusters: int = 2, e: np.ndarray | None = None,
                 two_way: float | None = None) -> np.ndarray:
@@ -371,6 +381,7 @@ def merge_micro(x: np.ndarray, labels: np.ndarray, k: int | None = None, merge: 
     else: raise ValueError(f"unknown merge {merge!r}; choose 'silhouette', a cosine distance, or None")
     return np.unique(groups - 1, return_inverse=True)[1].ravel()[labels]
 
+# %% ../nbs/12_cluster.ipynb #690bd7f3
 def exactly_k(x: np.ndarray, points: np.ndarray, micro: np.ndarray, k: int) -> np.ndarray:
     "Labels 0..k-1: the micro-clusters merged into k (average linkage), or, when there are fewer, Ward on the reduced points."
     from sklearn.cluster import AgglomerativeClustering, KMeans
@@ -481,6 +492,7 @@ def cluster_keywords(texts: list[str], labels: np.ndarray, n: int = 8) -> list[l
     words = vectorizer.get_feature_names_out()
     return [[words[j] for j in np.argsort(-row, kind="stable")[:n] if row[j] > 0] for row in weights]
 
+# %% ../nbs/12_cluster.ipynb #80776e99
 def fit_clusters(frame: pl.DataFrame, cfg: ClusterConfig = ClusterConfig(), embedder=None) -> ClusterResult:
     "Cluster the calls of `frame` (CLEAN_SCHEMA, or any frame with `id` and `text`)."
     check_schema(frame, {"id": pl.String}, "cluster.fit_clusters")
@@ -529,8 +541,6 @@ def fit_clusters(frame: pl.DataFrame, cfg: ClusterConfig = ClusterConfig(), embe
 def cluster_calls(frame: pl.DataFrame, cfg: ClusterConfig = ClusterConfig()) -> pl.DataFrame:
     "The S3 step: `id`, `cluster` (Int64, -1 outliers) and `cluster_label` for each call."
     return fit_clusters(frame, cfg).assignments
-
-
 
 # %% ../nbs/12_cluster.ipynb #fdf4e8ab
 def score_clusters(gold, pred) -> dict:
@@ -720,11 +730,16 @@ ENGINE_MODULES = {"ray": "slm_research.scale"}  # engines that live elsewhere re
 
 def fit_clusters_with_engine(frame: pl.DataFrame, cfg: ClusterConfig) -> ClusterResult:
     "`fit_clusters` on the engine `cfg.engine` names: `local`, or a plug-in such as `ray` (loaded on first use)."
-    if cfg.engine not in ENGINES and cfg.engine in ENGINE_MODULES:
-        import importlib
-        importlib.import_module(ENGINE_MODULES[cfg.engine])
-    if cfg.engine not in ENGINES: raise ValueError(f"S3 engine {cfg.engine!r} is not one of {sorted({*ENGINES, *ENGINE_MODULES})}")
-    return ENGINES[cfg.engine](frame, cfg)
+    return plugin(ENGINES, ENGINE_MODULES, cfg.engine, "S3 engine")(frame, cfg)
+
+def cluster_to_files(ws: Workspace | None = None, config: ClusterConfig | None = None,
+                     frame: pl.DataFrame | None = None) -> ClusterResult:
+    "S3 on the workspace `ws`: `frame` (default: the workspace's cleaned calls) clustered; assignments, summary, clusterer out."
+    ws = ws if isinstance(ws, Workspace) else Workspace(ws)
+    frame = ws.read_calls() if frame is None else frame
+    result = fit_clusters_with_engine(frame, config or ClusterConfig())
+    write_outputs(frame, result, ws.root)
+    return result
 
 def _write_records(records: list[dict], assignments: pl.DataFrame, out_path: Path) -> None:
     "The input's records with `cluster` and `cluster_label` added: Parquet if `out_path` ends in .parquet, else JSONL."
@@ -736,17 +751,15 @@ def _write_records(records: list[dict], assignments: pl.DataFrame, out_path: Pat
         for rec, c, lab in zip(records, assignments["cluster"], assignments["cluster_label"]):
             f.write(json.dumps({**rec, "cluster": int(c), "cluster_label": lab}, default=str) + "\n")
 
+# %% ../nbs/12_cluster.ipynb #f2f675dc
 @click.command("cluster")
 @click.option("--in", "in_path", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSONL of chat records or of {\"text\": ...} lines, or CLEAN_SCHEMA Parquet; default: the workspace's "
                    "cleaned calls (S2), whose clusters then go to the workspace.")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the records with `cluster` and `cluster_label` (Parquet if it ends in .parquet, else JSONL).")
-@click.option("--k", type=int, default=None, help="Exactly k clusters instead of the data's choice.")
+@ClusterConfig.click_options("k", "seed", "engine")
 @click.option("--fast", is_flag=True, help="Static embeddings and fitting on a sample: for 100k+ lines.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="ray: fit on a sample here, assign every call on a Ray cluster ($RAY_ADDRESS, else a local one).")
 @click.option("--save-clusterer", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also save the fitted clusterer here.")
 def cluster_cmd(in_path, out_path, k, fast, seed, engine, save_clusterer):
     "S3: cluster calls into tasks: the workspace's cleaned calls (into the workspace), or the lines of --in."
@@ -763,11 +776,11 @@ def cluster_cmd(in_path, out_path, k, fast, seed, engine, save_clusterer):
         if not records:
             if len(q): q.write()
             raise click.ClickException(f"{in_path}: no line is a chat record or has a non-empty string 'text' ({len(q)} rejected -> {q.path})")
-    cfg = (ClusterConfig.fast if fast else ClusterConfig)(k=k, seed=seed, engine=engine)
-    try: res = fit_clusters_with_engine(frame, cfg)
+    try:
+        cfg = (ClusterConfig.fast if fast else ClusterConfig)(k=k, seed=seed, engine=engine)
+        res = cluster_to_files(ws, cfg, frame) if ws is not None else fit_clusters_with_engine(frame, cfg)
     except ValueError as e: raise click.ClickException(str(e))
     a = res.assignments
-    if ws is not None: write_outputs(frame, res, ws.root)
     if out_path: _write_records(records, a, out_path)
     if len(q): q.write()
     counts = check_counts(len(records) + len(q), len(records), len(q), "cluster")

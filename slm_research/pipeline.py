@@ -14,7 +14,7 @@ import polars as pl
 
 from .capture import FORMATS, CaptureConfig, capture_to_files, export_frame
 from .clean import CleanConfig, clean_to_files
-from .cluster import ClusterConfig, fit_clusters_with_engine, write_outputs
+from .cluster import ClusterConfig, cluster_to_files
 from .finetune import TRAIN_OPTIONS, FinetuneConfig, print_gate, specialise
 from .iterate import IterateConfig, iterate
 from .selection import SelectConfig, select_to_files
@@ -89,8 +89,7 @@ def run_pipeline(config: PipelineConfig, finetune: FinetuneConfig | None = None,
     with _step("S3 clustering", seconds, echo):
         cfg = cluster_config or (ClusterConfig.fast if config.fast else ClusterConfig)(k=config.k or None, seed=config.seed,
                                                                                       engine=config.engine)
-        result = fit_clusters_with_engine(calls, cfg)
-        write_outputs(calls, result, ws.root)
+        result = cluster_to_files(ws, cfg, calls)
         counts["S3"] = {"n_calls": calls.height, "n_clusters": len(result.clusterer.clusters), "held_back": sum(map(len, batches))}
         echo(f"  {calls.height} calls in {counts['S3']['n_clusters']} clusters")
     with _step("S4 selection", seconds, echo):

@@ -109,6 +109,7 @@ def estimate(row: dict, req: dict, configs: dict) -> dict:
     return dict(weights_gb=round(weights_gb, 2), kv_gb=None if kv_gb is None else round(kv_gb, 3),
                 memory_gb=round(weights_gb + (kv_gb or 0), 2), latency_ms=round(per_token_ms * req["response_tokens"], 1))
 
+# %% ../nbs/13_select.ipynb #038b42cd
 def check(row: dict, req: dict, est: dict) -> list[str]:
     "Why a model fails the requirements (empty: it passes)."
     why = []
@@ -133,6 +134,7 @@ def _benchmark_term(row: dict, col: str, weight: float, label: str) -> tuple[flo
     variant = row.get(BENCHMARKS[col][0])
     return weight * value / 100, f"{label} {value}" + (f" ({variant})" if variant else "")
 
+# %% ../nbs/13_select.ipynb #207fb5e0
 def score(row: dict, req: dict, est: dict, w: Weights) -> tuple[float, list[str]]:
     "Weighted score of a passing model, and the reasons."
     small = max(0.0, 1 - math.log10(row["params_b"] / 0.1) / 2)

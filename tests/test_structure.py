@@ -51,7 +51,28 @@ def test_the_package_has_no_import_cycle():
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
-@pytest.mark.parametrize("name", ["gate.json", "registry.json"])
+@pytest.mark.parametrize("name", ["gate.json", "registry.json", "calls_clean.parquet", "clusters.parquet", "clusters.json",
+                                  "selection.json", "clean_report.json", "clean_quarantine.jsonl"])
 def test_handoff_file_names_are_spelled_only_in_the_workspace(name):
     owners = sorted(p.stem for p in PKG.glob("*.py") if p.stem != "_modidx" and re.search(re.escape(f'"{name}"'), p.read_text()))
     assert owners == ["workspace"], f"{name} is spelled out in {owners}"
+
+
+STEPS = [("capture", "capture_to_files", "CaptureConfig"), ("clean", "clean_to_files", "CleanConfig"),
+         ("cluster", "cluster_to_files", "ClusterConfig"), ("selection", "select_to_files", "SelectConfig"),
+         ("finetune", "specialise", "FinetuneConfig"), ("iterate", "iterate", "IterateConfig")]
+
+
+@pytest.mark.parametrize("module,step,config", STEPS)
+def test_every_step_takes_the_workspace_and_one_config(module, step, config):
+    "S1-S6 share one shape: the step's function takes the workspace and its `Config` dataclass, whose CLI options come from it."
+    import dataclasses
+    import importlib
+    import inspect
+    from slm_research.workspace import Config
+    mod = importlib.import_module(f"slm_research.{module}")
+    fn, cfg = getattr(mod, step), getattr(mod, config)
+    assert dataclasses.is_dataclass(cfg) and issubclass(cfg, Config)
+    params = list(inspect.signature(fn).parameters)
+    assert "config" in params[:3] and any(p in params[:3] for p in ("ws", "workspace")), params
+    assert cfg.from_dict(cfg().to_dict()) == cfg()       # a config survives its own round trip
