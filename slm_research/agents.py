@@ -40,8 +40,13 @@ CALLSITE_AGENTS = {"MetaGPT": "metagpt", "OpenOperator": "open_operator", "Cradl
 # %% ../nbs/20_agents.ipynb #a0eb3b97
 SLM_FEATURES = ("structured_output", "narrow_scope", "short_context", "repetitive")
 LLM_FEATURES = ("open_planning", "debugging", "long_multiturn", "cross_api_reasoning")
-CALLTYPE_SCHEMA = {"agent": pl.String, "call_type": pl.String, "callsite_pattern": pl.String, "fires_per_run": pl.Float64,
-                   **{f: pl.Int64 for f in SLM_FEATURES + LLM_FEATURES}}
+CALLTYPE_SCHEMA = {
+    "agent": pl.String,
+    "call_type": pl.String,
+    "callsite_pattern": pl.String,
+    "fires_per_run": pl.Float64,
+    **{f: pl.Int64 for f in SLM_FEATURES + LLM_FEATURES},
+}
 
 def load_call_types(path: Path | str | None = None) -> pl.DataFrame:
     "The call-type inventory (`data/raw/agent_calltypes.csv`), checked: known agents, 0/1 features, frequencies >= 0, valid patterns."
@@ -50,11 +55,16 @@ def load_call_types(path: Path | str | None = None) -> pl.DataFrame:
     check_schema(df, CALLTYPE_SCHEMA, "agent call types")
     for i, r in enumerate(df.iter_rows(named=True), start=2):
         where = f"{Path(path).name}:{i} ({r['agent']}/{r['call_type']})"
-        if r["agent"] not in AGENTS: raise ValueError(f"{where}: unknown agent {r['agent']!r}; expected one of {list(AGENTS)}")
-        if r["fires_per_run"] is None or r["fires_per_run"] < 0: raise ValueError(f"{where}: fires_per_run must be >= 0")
-        if bad := [f for f in SLM_FEATURES + LLM_FEATURES if r[f] not in (0, 1)]: raise ValueError(f"{where}: features {bad} must be 0 or 1")
-        try: re.compile(r["callsite_pattern"])
-        except re.error as e: raise ValueError(f"{where}: bad callsite_pattern: {e}") from e
+        if r["agent"] not in AGENTS:
+            raise ValueError(f"{where}: unknown agent {r['agent']!r}; expected one of {list(AGENTS)}")
+        if r["fires_per_run"] is None or r["fires_per_run"] < 0:
+            raise ValueError(f"{where}: fires_per_run must be >= 0")
+        if bad := [f for f in SLM_FEATURES + LLM_FEATURES if r[f] not in (0, 1)]:
+            raise ValueError(f"{where}: features {bad} must be 0 or 1")
+        try:
+            re.compile(r["callsite_pattern"])
+        except re.error as e:
+            raise ValueError(f"{where}: bad callsite_pattern: {e}") from e
     if (dup := df.group_by("agent", "call_type").len().filter(pl.col("len") > 1)).height:
         raise ValueError(f"duplicate call types: {dup.rows()}")
     return df
@@ -78,15 +88,20 @@ def rubric_score(features: dict, rubric: Rubric) -> float:
 
 def classify_call_types(calltypes: pl.DataFrame, rubric: Rubric) -> pl.DataFrame:
     "Add each call type's rubric `score` and whether it is `slm_capable`."
-    score = sum(pl.col(f)*w for f, w in rubric.slm_weights.items()) - sum(pl.col(f)*w for f, w in rubric.llm_weights.items())
-    return calltypes.with_columns(score=score.cast(pl.Float64)).with_columns(slm_capable=pl.col("score") >= rubric.threshold)
+    score = sum(pl.col(f) * w for f, w in rubric.slm_weights.items()) - sum(
+        pl.col(f) * w for f, w in rubric.llm_weights.items()
+    )
+    return calltypes.with_columns(score=score.cast(pl.Float64)).with_columns(
+        slm_capable=pl.col("score") >= rubric.threshold
+    )
 
 # %% ../nbs/20_agents.ipynb #2e129dde
 def apply_frequencies(calltypes: pl.DataFrame, overrides: dict | None = None) -> pl.DataFrame:
     "Replace `fires_per_run` for the call types named `agent/call type` in `overrides`."
     if not overrides: return calltypes
     keys = calltypes.select(pl.concat_str("agent", pl.lit("/"), "call_type")).to_series().to_list()
-    if unknown := set(overrides) - set(keys): raise KeyError(f"frequency overrides for unknown call types: {sorted(unknown)}")
+    if unknown := set(overrides) - set(keys):
+        raise KeyError(f"frequency overrides for unknown call types: {sorted(unknown)}")
     return calltypes.with_columns(fires_per_run=pl.Series(
         [float(overrides.get(k, f)) for k, f in zip(keys, calltypes["fires_per_run"])], dtype=pl.Float64))
 
@@ -143,8 +158,14 @@ def sensitivity_draws(calltypes: pl.DataFrame, rubric: Rubric, n_draws: int = 30
 
 def threshold_sweep(calltypes: pl.DataFrame, rubric: Rubric, thresholds) -> pl.DataFrame:
     "Replaceable share per agent at each threshold."
-    return pl.concat([replaceable_share(classify_call_types(calltypes, Rubric(rubric.slm_weights, rubric.llm_weights, t)))
-                      .with_columns(threshold=pl.lit(float(t))) for t in thresholds])
+    return pl.concat(
+        [
+            replaceable_share(
+                classify_call_types(calltypes, Rubric(rubric.slm_weights, rubric.llm_weights, t))
+            ).with_columns(threshold=pl.lit(float(t)))
+            for t in thresholds
+        ]
+    )
 
 def one_at_a_time(calltypes: pl.DataFrame, rubric: Rubric, factor: float = 2.0) -> pl.DataFrame:
     "Each call type's frequency divided and multiplied by `factor`: the agent's share either way."
@@ -152,10 +173,22 @@ def one_at_a_time(calltypes: pl.DataFrame, rubric: Rubric, factor: float = 2.0) 
     rows = []
     for r in calltypes.filter(pl.col("fires_per_run") > 0).iter_rows(named=True):
         key = f"{r['agent']}/{r['call_type']}"
-        low, high = (replaceable_share(classify_call_types(apply_frequencies(calltypes, {key: r["fires_per_run"]*k}), rubric))
-                     .filter(pl.col("agent") == r["agent"])["share"].item() for k in (1/factor, factor))
-        rows.append(dict(agent=r["agent"], call_type=r["call_type"], base=base[r["agent"]], share_low=low, share_high=high,
-                         swing=abs(high - low)))
+        low, high = (
+            replaceable_share(classify_call_types(apply_frequencies(calltypes, {key: r["fires_per_run"] * k}), rubric))
+            .filter(pl.col("agent") == r["agent"])["share"]
+            .item()
+            for k in (1 / factor, factor)
+        )
+        rows.append(
+            dict(
+                agent=r["agent"],
+                call_type=r["call_type"],
+                base=base[r["agent"]],
+                share_low=low,
+                share_high=high,
+                swing=abs(high - low),
+            )
+        )
     return pl.DataFrame(rows).sort("agent", "swing", descending=[False, True])
 
 # %% ../nbs/20_agents.ipynb #8f10483f
@@ -167,13 +200,23 @@ def pipeline_shares(calls: pl.DataFrame, clusters: pl.DataFrame, gate: dict) -> 
     if "clusters" not in gate: raise ValueError("gate.json has no 'clusters' list")
     passed = [int(c["cluster"]) for c in gate["clusters"] if c.get("passed")]
     could = [int(c["cluster"]) for c in gate["clusters"] if c.get("passed") or c.get("could_pass")]
-    joined = calls.select("id", "agent").join(clusters.select("id", pl.col("cluster").cast(pl.Int64)), on="id", how="left")
-    return (joined.group_by("agent")
-            .agg(n_calls=pl.len(), n_unclustered=pl.col("cluster").is_null().sum(),
-                 n_replaceable=pl.col("cluster").is_in(passed).fill_null(False).sum(),
-                 n_could=pl.col("cluster").is_in(could).fill_null(False).sum())
-            .with_columns(share=pl.col("n_replaceable")/pl.col("n_calls"), share_high=pl.col("n_could")/pl.col("n_calls"))
-            .drop("n_could").sort("agent"))
+    joined = calls.select("id", "agent").join(
+        clusters.select("id", pl.col("cluster").cast(pl.Int64)), on="id", how="left"
+    )
+    return (
+        joined.group_by("agent")
+        .agg(
+            n_calls=pl.len(),
+            n_unclustered=pl.col("cluster").is_null().sum(),
+            n_replaceable=pl.col("cluster").is_in(passed).fill_null(False).sum(),
+            n_could=pl.col("cluster").is_in(could).fill_null(False).sum(),
+        )
+        .with_columns(
+            share=pl.col("n_replaceable") / pl.col("n_calls"), share_high=pl.col("n_could") / pl.col("n_calls")
+        )
+        .drop("n_could")
+        .sort("agent")
+    )
 
 def load_pipeline_outputs(processed: Path | None = None) -> tuple[pl.DataFrame, pl.DataFrame, dict] | None:
     "The workspace's cleaned calls, clusters and gate, or None if any is missing."
@@ -183,11 +226,19 @@ def load_pipeline_outputs(processed: Path | None = None) -> tuple[pl.DataFrame, 
 
 # %% ../nbs/20_agents.ipynb #8bc10142
 def _top(classified: pl.DataFrame, agent: str, capable: bool, n: int = 2) -> str:
-    t = (classified.filter((pl.col("agent") == agent) & (pl.col("slm_capable") == capable) & (pl.col("fires_per_run") > 0))
-         .sort("fires_per_run", descending=True).head(n))
+    t = (
+        classified.filter(
+            (pl.col("agent") == agent) & (pl.col("slm_capable") == capable) & (pl.col("fires_per_run") > 0)
+        )
+        .sort("fires_per_run", descending=True)
+        .head(n)
+    )
     return " and ".join(f"{c} ({f:g} a run)" for c, f in zip(t["call_type"], t["fires_per_run"])) or "none"
 
-def explain_differences(summary: pl.DataFrame, classified: pl.DataFrame, oat: pl.DataFrame, pipeline_detail: str = "") -> str:
+
+def explain_differences(
+    summary: pl.DataFrame, classified: pl.DataFrame, oat: pl.DataFrame, pipeline_detail: str = ""
+) -> str:
     "A paragraph, from the data, on which sub-tasks make each agent's estimates differ."
     parts = []
     for r in summary.iter_rows(named=True):
@@ -197,11 +248,13 @@ def explain_differences(summary: pl.DataFrame, classified: pl.DataFrame, oat: pl
                    f"is {abs(gap)*100:.0f} points {'above' if gap > 0 else 'below'} the paper's")
         inside = r["callsite_low"] <= r["paper"] <= r["callsite_high"]
         swing = oat.filter(pl.col("agent") == a).head(1).row(0, named=True)
-        s = (f"**{AGENTS[a]}**: the call-site estimate ({r['callsite']:.0%}, range {r['callsite_low']:.0%}-{r['callsite_high']:.0%}) "
-             f"{verdict} {r['paper']:.0%}, which {'lies inside' if inside else 'lies outside'} the sensitivity range. "
-             f"The SLM side is carried by {_top(classified, a, True)}; the LLM side by {_top(classified, a, False)}. "
-             f"The share depends most on how often *{swing['call_type']}* fires "
-             f"({swing['share_low']:.0%} at half, {swing['share_high']:.0%} at double).")
+        s = (
+            f"**{AGENTS[a]}**: the call-site estimate ({r['callsite']:.0%}, range {r['callsite_low']:.0%}-{r['callsite_high']:.0%}) "
+            f"{verdict} {r['paper']:.0%}, which {'lies inside' if inside else 'lies outside'} the sensitivity range. "
+            f"The SLM side is carried by {_top(classified, a, True)}; the LLM side by {_top(classified, a, False)}. "
+            f"The share depends most on how often *{swing['call_type']}* fires "
+            f"({swing['share_low']:.0%} at half, {swing['share_high']:.0%} at double)."
+        )
         if r.get("pipeline") is not None:
             s += f" On the simulated corpus the pipeline replaces {r['pipeline']:.0%} of its calls."
         parts.append(s)

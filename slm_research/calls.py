@@ -66,7 +66,11 @@ def request_text(messages, tools="[]", system_chars: int = 200, user_chars: int 
     names. `messages`, `tools`: lists or their JSON."""
     messages, tools = loads(messages, []), loads(tools, []) or []
     names = ", ".join(tool_names(tools))
-    parts = (system_prompt(messages)[:system_chars], last_user_turn(messages)[:user_chars], f"tools: {names}" if names else "")
+    parts = (
+        system_prompt(messages)[:system_chars],
+        last_user_turn(messages)[:user_chars],
+        f"tools: {names}" if names else "",
+    )
     return "\n".join(p for p in parts if p)
 
 # %% ../nbs/06_calls.ipynb #f8db7543
@@ -80,16 +84,26 @@ class Call:
 
     @classmethod
     def from_row(cls, row: dict) -> "Call":
-        return cls(row["id"], loads(row.get("messages"), []), loads(row.get("tools"), []) or [], loads(row.get("response")))
+        return cls(
+            row["id"], loads(row.get("messages"), []), loads(row.get("tools"), []) or [], loads(row.get("response"))
+        )
 
     @property
-    def system(self) -> str: return system_prompt(self.messages)
+    def system(self) -> str:
+        return system_prompt(self.messages)
+
     @property
-    def user(self) -> str: return last_user_turn(self.messages)
+    def user(self) -> str:
+        return last_user_turn(self.messages)
+
     @property
-    def tool_names(self) -> list[str]: return tool_names(self.tools)
+    def tool_names(self) -> list[str]:
+        return tool_names(self.tools)
+
     @property
-    def called(self) -> list[str]: return tool_names((self.response or {}).get("tool_calls"))
+    def called(self) -> list[str]:
+        return tool_names((self.response or {}).get("tool_calls"))
+
 
 def parse_calls(frame: pl.DataFrame) -> list[Call]:
     "Every row of a cleaned log (CLEAN_SCHEMA's `id`, `messages`, `tools`, `response`) as a `Call`."

@@ -74,14 +74,23 @@ def generate_keys(key_dir: Path | None = None) -> dict:
     key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     private = X25519PrivateKey.generate()
     kid = key_id(private.public_key())
-    pem_private = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    pem_public = private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem_private = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pem_public = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     _write_secret(key_dir/f"analyst-{kid}.pem", pem_private)
     (key_dir/f"analyst-{kid}.pub.pem").write_bytes(pem_public)
     tmp = key_dir/"capture.pub.pem.tmp"
     tmp.write_bytes(pem_public); os.replace(tmp, key_dir/"capture.pub.pem")
     if not (key_dir/"pseudonym.key").exists(): _write_secret(key_dir/"pseudonym.key", os.urandom(32).hex().encode())
-    return {"key_id": kid, "private": key_dir/f"analyst-{kid}.pem", "public": key_dir/"capture.pub.pem", "pseudonym": key_dir/"pseudonym.key"}
+    return {
+        "key_id": kid,
+        "private": key_dir / f"analyst-{kid}.pem",
+        "public": key_dir / "capture.pub.pem",
+        "pseudonym": key_dir / "pseudonym.key",
+    }
 
 # %% ../nbs/10_capture.ipynb #f9d74ef0
 def _text_or_file(value: str) -> str:
@@ -164,7 +173,9 @@ class StoreError(ValueError):
     "A segment cannot be read: wrong key, tampering, corruption. The message names the segment."
 
 def _kek(shared: bytes, salt: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"slm-research segment key wrap v1").derive(shared)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"slm-research segment key wrap v1").derive(
+        shared
+    )
 
 def _aad(header_digest: bytes, index: int) -> bytes: return header_digest + struct.pack(">Q", index)
 
@@ -178,8 +189,15 @@ def _manifest_add(store_dir: Path, entry: dict) -> None:
 
 class SegmentWriter:
     "Appends records to encrypted segments in `store_dir`; holds only the analyst's public key. Thread-safe."
-    def __init__(self, store_dir: Path, public_key: X25519PublicKey | str | Path | None = None,
-                 pseudonymizer: Pseudonymizer | None = None, max_records: int = 10_000, fsync: bool = False, level: int = 1):
+    def __init__(
+        self,
+        store_dir: Path,
+        public_key: X25519PublicKey | str | Path | None = None,
+        pseudonymizer: Pseudonymizer | None = None,
+        max_records: int = 10_000,
+        fsync: bool = False,
+        level: int = 1,
+    ):
         self.dir = Path(store_dir); self.dir.mkdir(parents=True, exist_ok=True)
         self.public_key = public_key if isinstance(public_key, X25519PublicKey) else load_public_key(public_key)
         self.pseudonymize = pseudonymizer or Pseudonymizer()
@@ -190,13 +208,26 @@ class SegmentWriter:
         seg_id = f"seg-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}"  # sorts by creation time
         data_key, eph = AESGCM.generate_key(256), X25519PrivateKey.generate()
         eph_pub = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        meta = {"segment": seg_id, "created": datetime.now(timezone.utc).isoformat(), "key_id": key_id(self.public_key),
-                "alg": "X25519-HKDF-SHA256/AES-256-GCM", "compression": "zlib", "ephemeral": base64.b64encode(eph_pub).decode()}
+        meta = {
+            "segment": seg_id,
+            "created": datetime.now(timezone.utc).isoformat(),
+            "key_id": key_id(self.public_key),
+            "alg": "X25519-HKDF-SHA256/AES-256-GCM",
+            "compression": "zlib",
+            "ephemeral": base64.b64encode(eph_pub).decode(),
+        }
         wrap_nonce = os.urandom(12)
         kek = _kek(eph.exchange(self.public_key), eph_pub)
         meta_bytes = json.dumps(meta, sort_keys=True).encode()
         wrapped = AESGCM(kek).encrypt(wrap_nonce, data_key, meta_bytes)  # the key is bound to the header's fields
-        header = json.dumps({"meta": meta, "nonce": base64.b64encode(wrap_nonce).decode(), "wrapped_key": base64.b64encode(wrapped).decode()}, sort_keys=True).encode()
+        header = json.dumps(
+            {
+                "meta": meta,
+                "nonce": base64.b64encode(wrap_nonce).decode(),
+                "wrapped_key": base64.b64encode(wrapped).decode(),
+            },
+            sort_keys=True,
+        ).encode()
         self._path = self.dir/f"{seg_id}.open"
         self._f = open(self._path, "xb")
         self._f.write(MAGIC + struct.pack(">I", len(header)) + header); self._f.flush()
@@ -213,10 +244,14 @@ class SegmentWriter:
     def _write(self, data: bytes):
         self._f.write(data); self._f.flush()
         if self.fsync: os.fsync(self._f.fileno())
-        os.pwrite(self._count, struct.pack(">QQ", self._n, self._f.tell()), 0)  # what a crash may not lose: checked on export
+        os.pwrite(
+            self._count, struct.pack(">QQ", self._n, self._f.tell()), 0
+        )  # what a crash may not lose: checked on export
 
     def _plain(self, record: dict) -> bytes:
-        return zlib.compress(json.dumps(self.pseudonymize.record(record), ensure_ascii=False, default=str).encode(), self.level)
+        return zlib.compress(
+            json.dumps(self.pseudonymize.record(record), ensure_ascii=False, default=str).encode(), self.level
+        )
 
     def append(self, record: dict) -> None:
         "Pseudonymise, encrypt and append one record (a whole frame, flushed)."
@@ -452,18 +487,31 @@ def to_frame(records: Iterable[dict]) -> pl.DataFrame:
         choice = ((resp or {}).get("choices") or [{}])[0]
         msg = choice.get("message") if resp else None
         usage = (resp or {}).get("usage") or {}
-        rows.append({
-            "id": r.get("id"), "timestamp": _parse_ts(r.get("timestamp")), "agent": r.get("agent"),
-            "session": r.get("session_id"), "user": r.get("user_id"), "model": (resp or {}).get("model") or req.get("model"),
-            "messages": json.dumps(req.get("messages") or [], ensure_ascii=False), "tools": json.dumps(req.get("tools") or [], ensure_ascii=False),
-            "response": json.dumps(msg, ensure_ascii=False) if msg is not None else None,
-            "latency_ms": float(r["latency_ms"]) if r.get("latency_ms") is not None else None,
-            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
-            "finish_reason": choice.get("finish_reason") if resp else None, "error": r.get("error"),
-            "request_params": json.dumps({k: v for k, v in req.items() if k not in ("messages", "tools")}, ensure_ascii=False, default=str),
-            "served_by": r.get("served_by"), "cluster": r.get("cluster"), "fallback_reason": r.get("fallback_reason"),
-            "abandoned": bool(r.get("abandoned")),
-        })
+        rows.append(
+            {
+                "id": r.get("id"),
+                "timestamp": _parse_ts(r.get("timestamp")),
+                "agent": r.get("agent"),
+                "session": r.get("session_id"),
+                "user": r.get("user_id"),
+                "model": (resp or {}).get("model") or req.get("model"),
+                "messages": json.dumps(req.get("messages") or [], ensure_ascii=False),
+                "tools": json.dumps(req.get("tools") or [], ensure_ascii=False),
+                "response": json.dumps(msg, ensure_ascii=False) if msg is not None else None,
+                "latency_ms": float(r["latency_ms"]) if r.get("latency_ms") is not None else None,
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+                "finish_reason": choice.get("finish_reason") if resp else None,
+                "error": r.get("error"),
+                "request_params": json.dumps(
+                    {k: v for k, v in req.items() if k not in ("messages", "tools")}, ensure_ascii=False, default=str
+                ),
+                "served_by": r.get("served_by"),
+                "cluster": r.get("cluster"),
+                "fallback_reason": r.get("fallback_reason"),
+                "abandoned": bool(r.get("abandoned")),
+            }
+        )
     return check_schema(pl.DataFrame(rows, schema=RAW_SCHEMA), RAW_SCHEMA, "capture.to_frame")
 
 # %% ../nbs/10_capture.ipynb #40ab5e10
@@ -486,10 +534,15 @@ def dedupe(records: Iterable[dict], stats: ExportStats, strict: bool = False) ->
         if first is digest: stats.n_out += 1; yield r; continue
         if first == digest: stats.n_duplicates += 1; continue
         stats.n_conflicts += 1
-        if strict: raise StoreError(f"record {r.get('id')!r}: two records share this id with different content (--strict)")
+        if strict:
+            raise StoreError(f"record {r.get('id')!r}: two records share this id with different content (--strict)")
     if stats.n_duplicates or stats.n_conflicts:
-        warnings.warn(f"{stats.n_duplicates} duplicate records dropped (imported twice), {stats.n_conflicts} records with a "
-                      "reused id and other content dropped (the first kept)", StoreWarning, stacklevel=2)
+        warnings.warn(
+            f"{stats.n_duplicates} duplicate records dropped (imported twice), {stats.n_conflicts} records with a "
+            "reused id and other content dropped (the first kept)",
+            StoreWarning,
+            stacklevel=2,
+        )
 
 def export_frame(store_dir: Path | None = None, private_keys=None, strict: bool = False,
                  stats: ExportStats | None = None) -> pl.DataFrame:
@@ -510,28 +563,40 @@ def validate_record(r: Any) -> dict:
     if not isinstance(r, dict): raise RecordError(f"record is a {type(r).__name__}, not an object")
     for k in ("id", "agent"):
         if not isinstance(r.get(k), str) or not r[k]: raise RecordError(f"field {k!r} must be a non-empty string")
-    if r.get("timestamp") is not None and _parse_ts(r["timestamp"]) is None: raise RecordError(f"timestamp {str(r['timestamp'])[:40]!r} is not ISO 8601")
+    if r.get("timestamp") is not None and _parse_ts(r["timestamp"]) is None:
+        raise RecordError(f"timestamp {str(r['timestamp'])[:40]!r} is not ISO 8601")
     req = r.get("request")
     if not isinstance(req, dict): raise RecordError("field 'request' must be an object")
     msgs = req.get("messages")
     if not isinstance(msgs, list) or not msgs: raise RecordError("request.messages must be a non-empty list")
     for i, m in enumerate(msgs):
         if not isinstance(m, dict): raise RecordError(f"request.messages.{i} is not an object")
-        if m.get("role") not in ROLES: raise RecordError(f"request.messages.{i}.role {str(m.get('role'))[:20]!r} is not a chat role")
+        if m.get("role") not in ROLES:
+            raise RecordError(f"request.messages.{i}.role {str(m.get('role'))[:20]!r} is not a chat role")
         c = m.get("content")
         if not (c is None or isinstance(c, str) or (isinstance(c, list) and all(isinstance(p, dict) for p in c))):
             raise RecordError(f"request.messages.{i}.content must be text, a list of parts, or null")
-        if c is None and not m.get("tool_calls") and m["role"] != "assistant": raise RecordError(f"request.messages.{i} has no content")
-        if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list): raise RecordError(f"request.messages.{i}.tool_calls must be a list")
-    if req.get("tools") is not None and not isinstance(req["tools"], list): raise RecordError("request.tools must be a list")
+        if c is None and not m.get("tool_calls") and m["role"] != "assistant":
+            raise RecordError(f"request.messages.{i} has no content")
+        if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
+            raise RecordError(f"request.messages.{i}.tool_calls must be a list")
+    if req.get("tools") is not None and not isinstance(req["tools"], list):
+        raise RecordError("request.tools must be a list")
     resp = r.get("response")
     if resp is not None:
-        if not isinstance(resp, dict) or not isinstance(resp.get("choices"), list) or not resp["choices"] or not isinstance(resp["choices"][0], dict) \
-           or not isinstance(resp["choices"][0].get("message"), dict):
+        if (
+            not isinstance(resp, dict)
+            or not isinstance(resp.get("choices"), list)
+            or not resp["choices"]
+            or not isinstance(resp["choices"][0], dict)
+            or not isinstance(resp["choices"][0].get("message"), dict)
+        ):
             raise RecordError("response must be a chat.completion with choices[0].message")
-    if r.get("latency_ms") is not None and not isinstance(r["latency_ms"], (int, float)): raise RecordError("latency_ms must be a number")
+    if r.get("latency_ms") is not None and not isinstance(r["latency_ms"], (int, float)):
+        raise RecordError("latency_ms must be a number")
     for k in ("user_id", "session_id", "error"):
-        if r.get(k) is not None and not isinstance(r[k], str): raise RecordError(f"field {k!r} must be a string or null")
+        if r.get(k) is not None and not isinstance(r[k], str):
+            raise RecordError(f"field {k!r} must be a string or null")
     return r
 
 # %% ../nbs/10_capture.ipynb #bd75951e
@@ -568,10 +633,16 @@ class ImportStats:
 def _completion(message: dict, model: str | None, created: int | None = None, usage: dict | None = None) -> dict:
     msg = {"role": "assistant", "content": message.get("content")}
     if message.get("tool_calls"): msg["tool_calls"] = message["tool_calls"]
-    return {"id": f"chatcmpl-import-{uuid.uuid5(uuid.NAMESPACE_OID, json.dumps(message, sort_keys=True, default=str)).hex[:20]}",
-            "object": "chat.completion", "created": created or 0, "model": model,
-            "choices": [{"index": 0, "message": msg, "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}],
-            "usage": usage or None}
+    return {
+        "id": f"chatcmpl-import-{uuid.uuid5(uuid.NAMESPACE_OID, json.dumps(message, sort_keys=True, default=str)).hex[:20]}",
+        "object": "chat.completion",
+        "created": created or 0,
+        "model": model,
+        "choices": [
+            {"index": 0, "message": msg, "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}
+        ],
+        "usage": usage or None,
+    }
 
 def _from_openai(obj: dict, where: str, agent: str, ts: str | None) -> list[dict]:
     if not isinstance(obj, dict): raise RecordError(f"line is a {type(obj).__name__}, not an object")
@@ -585,17 +656,32 @@ def _from_openai(obj: dict, where: str, agent: str, ts: str | None) -> list[dict
     msgs = obj.get("messages")
     if not isinstance(msgs, list) or not msgs: raise RecordError("no 'messages' list")
     last = msgs[-1]
-    if not isinstance(last, dict) or last.get("role") != "assistant": raise RecordError("the last message is not the assistant's answer")
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        raise RecordError("the last message is not the assistant's answer")
     req = {k: v for k, v in obj.items() if k not in ("messages", "parallel_tool_calls")}
     req["messages"] = msgs[:-1]
-    user = obj.get("user") if obj.get("user") not in (None, "") else None  # kept in `request` too: the writer pseudonymises both
+    user = (
+        obj.get("user") if obj.get("user") not in (None, "") else None
+    )  # kept in `request` too: the writer pseudonymises both
     return [{"id": str(obj.get("id") or where), "timestamp": ts, "agent": agent, "session_id": None,
              "user_id": None if user is None else str(user),
              "request": req, "response": _completion(last, obj.get("model")), "latency_ms": None, "error": None}]
 
 # %% ../nbs/10_capture.ipynb #fd47e68e
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant",
-                   "bard": "assistant", "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
+}
 
 def _from_sharegpt(obj: dict, where: str, agent: str, ts: str | None) -> list[dict]:
     if not isinstance(obj, dict): raise RecordError(f"line is a {type(obj).__name__}, not an object")
@@ -603,7 +689,7 @@ def _from_sharegpt(obj: dict, where: str, agent: str, ts: str | None) -> list[di
     if not isinstance(conv, list) or not conv: raise RecordError("no 'conversations' list")
     tools = obj.get("tools")
     if isinstance(tools, str):
-        try: tools = json.loads(tools)
+        try:tools = json.loads(tools)
         except ValueError: raise RecordError("'tools' is a string but not JSON") from None
     msgs, out, conv_id = [], [], str(obj.get("id") or where)
     if isinstance(obj.get("system"), str) and obj["system"]: msgs.append({"role": "system", "content": obj["system"]})
@@ -615,18 +701,41 @@ def _from_sharegpt(obj: dict, where: str, agent: str, ts: str | None) -> list[di
         role = _SHAREGPT_ROLES[speaker]
         msg = {"role": role, "content": value}
         if speaker == "function_call":
-            try: call = json.loads(value)
+            try:call = json.loads(value)
             except ValueError: call = None
             if isinstance(call, dict) and "name" in call:
                 args = call.get("arguments", {})
-                msg = {"role": "assistant", "content": None, "tool_calls": [{"id": f"call_{j}", "type": "function", "function": {
-                    "name": str(call["name"]), "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}}]}
+                msg = {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": f"call_{j}",
+                            "type": "function",
+                            "function": {
+                                "name": str(call["name"]),
+                                "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False),
+                            },
+                        }
+                    ],
+                }
         if role == "tool" and msgs and msgs[-1].get("tool_calls"): msg["tool_call_id"] = msgs[-1]["tool_calls"][0]["id"]
         if role == "assistant" and any(m["role"] != "system" for m in msgs):
             req = {"model": obj.get("model"), "messages": list(msgs)}
             if isinstance(tools, list) and tools: req["tools"] = tools
-            out.append({"id": f"{conv_id}-t{j}", "timestamp": ts, "agent": agent, "session_id": conv_id, "user_id": None,
-                        "request": req, "response": _completion(msg, obj.get("model")), "latency_ms": None, "error": None})
+            out.append(
+                {
+                    "id": f"{conv_id}-t{j}",
+                    "timestamp": ts,
+                    "agent": agent,
+                    "session_id": conv_id,
+                    "user_id": None,
+                    "request": req,
+                    "response": _completion(msg, obj.get("model")),
+                    "latency_ms": None,
+                    "error": None,
+                }
+            )
         msgs.append(msg)
     if not out: raise RecordError("no assistant turn after a user turn")
     return out
@@ -647,10 +756,18 @@ def _otel_messages(attrs: dict, key: str, prefix: str) -> list | None:
         for m in msgs:  # semconv messages carry `parts`; flatten text parts
             if "parts" in m:
                 text = "".join(p.get("content", "") for p in m["parts"] if p.get("type") == "text")
-                calls = [{"id": p.get("id"), "type": "function", "function": {"name": p.get("name"), "arguments": json.dumps(p.get("arguments"))}}
-                         for p in m["parts"] if p.get("type") == "tool_call"]
+                calls = [
+                    {
+                        "id": p.get("id"),
+                        "type": "function",
+                        "function": {"name": p.get("name"), "arguments": json.dumps(p.get("arguments"))},
+                    }
+                    for p in m["parts"]
+                    if p.get("type") == "tool_call"
+                ]
                 out.append({"role": m.get("role"), "content": text or None, **({"tool_calls": calls} if calls else {})})
-            else: out.append(m)
+            else:
+                out.append(m)
         return out
     idx = sorted({int(k.split(".")[2]) for k in attrs if k.startswith(prefix + ".") and k.split(".")[2].isdigit()})
     if not idx: return None
@@ -658,7 +775,11 @@ def _otel_messages(attrs: dict, key: str, prefix: str) -> list | None:
 
 # %% ../nbs/10_capture.ipynb #08c95f62
 def _from_otel_span(span: dict, where: str, agent: str) -> list[dict] | None:
-    attrs = {a["key"]: _attr_value(a.get("value")) for a in span.get("attributes") or [] if isinstance(a, dict) and "key" in a}
+    attrs = {
+        a["key"]: _attr_value(a.get("value"))
+        for a in span.get("attributes") or []
+        if isinstance(a, dict) and "key" in a
+    }
     if not any(k.startswith("gen_ai.") for k in attrs): return None
     inp = _otel_messages(attrs, "gen_ai.input.messages", "gen_ai.prompt")
     out = _otel_messages(attrs, "gen_ai.output.messages", "gen_ai.completion")
@@ -667,14 +788,30 @@ def _from_otel_span(span: dict, where: str, agent: str) -> list[dict] | None:
     model = attrs.get("gen_ai.response.model") or attrs.get("gen_ai.request.model")
     usage = None
     if attrs.get("gen_ai.usage.input_tokens") is not None:
-        usage = {"prompt_tokens": attrs.get("gen_ai.usage.input_tokens"), "completion_tokens": attrs.get("gen_ai.usage.output_tokens"),
-                 "total_tokens": (attrs.get("gen_ai.usage.input_tokens") or 0) + (attrs.get("gen_ai.usage.output_tokens") or 0)}
-    err = (span.get("status") or {}).get("message") if (span.get("status") or {}).get("code") in (2, "STATUS_CODE_ERROR") else None
-    return [{"id": str(span.get("spanId") or where), "timestamp": datetime.fromtimestamp(start / 1e9, timezone.utc).isoformat() if start else None,
-             "agent": agent, "session_id": attrs.get("gen_ai.conversation.id") or span.get("traceId"), "user_id": attrs.get("user.id") or attrs.get("enduser.id"),
-             "request": {"model": attrs.get("gen_ai.request.model"), "messages": inp},
-             "response": _completion(out[0], model, start // 10**9, usage) if out else None,
-             "latency_ms": (end - start) / 1e6 if end and start else None, "error": err or attrs.get("error.type")}]
+        usage = {
+            "prompt_tokens": attrs.get("gen_ai.usage.input_tokens"),
+            "completion_tokens": attrs.get("gen_ai.usage.output_tokens"),
+            "total_tokens": (attrs.get("gen_ai.usage.input_tokens") or 0)
+            + (attrs.get("gen_ai.usage.output_tokens") or 0),
+        }
+    err = (
+        (span.get("status") or {}).get("message")
+        if (span.get("status") or {}).get("code") in (2, "STATUS_CODE_ERROR")
+        else None
+    )
+    return [
+        {
+            "id": str(span.get("spanId") or where),
+            "timestamp": datetime.fromtimestamp(start / 1e9, timezone.utc).isoformat() if start else None,
+            "agent": agent,
+            "session_id": attrs.get("gen_ai.conversation.id") or span.get("traceId"),
+            "user_id": attrs.get("user.id") or attrs.get("enduser.id"),
+            "request": {"model": attrs.get("gen_ai.request.model"), "messages": inp},
+            "response": _completion(out[0], model, start // 10**9, usage) if out else None,
+            "latency_ms": (end - start) / 1e6 if end and start else None,
+            "error": err or attrs.get("error.type"),
+        }
+    ]
 
 def _otel_spans(obj) -> Iterator[dict]:
     if not isinstance(obj, dict): raise RecordError(f"line is a {type(obj).__name__}, not an OTLP object")
@@ -728,14 +865,22 @@ def parse_lines(lines: Iterable[str | bytes], fmt: str, agent: str, source: str 
             yield from recs
 
 # %% ../nbs/10_capture.ipynb #b8fb9614
-def import_file(path: Path, fmt: str, writer: SegmentWriter, agent: str = "imported", quarantine: Quarantine | None = None) -> ImportStats:
+def import_file(
+    path: Path, fmt: str, writer: SegmentWriter, agent: str = "imported", quarantine: Quarantine | None = None
+) -> ImportStats:
     "Import one log file into the store; returns the counts (in = ok + quarantined + skipped, checked)."
     path = Path(path)
     stats = ImportStats()
     ts = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat()
     from tqdm.auto import tqdm
     with path.open("rb") as f:
-        for rec in tqdm(parse_lines(f, fmt, agent, path.name, quarantine, ts, stats), desc=f"import {path.name}", unit=" records", mininterval=1, disable=None):
+        for rec in tqdm(
+            parse_lines(f, fmt, agent, path.name, quarantine, ts, stats),
+            desc=f"import {path.name}",
+            unit=" records",
+            mininterval=1,
+            disable=None,
+        ):
             writer.append(rec)
     check_counts(stats.n_in, stats.n_units_ok + stats.n_skipped, stats.n_quarantined, f"capture import {path.name}")
     return stats
@@ -754,7 +899,9 @@ def assemble_stream(chunks: Iterable[dict]) -> dict | None:
             role = d.get("role") or role
             if d.get("content"): content.append(d["content"])
             for tc in d.get("tool_calls") or []:
-                slot = calls.setdefault(tc.get("index", 0), {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                slot = calls.setdefault(
+                    tc.get("index", 0), {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+                )
                 if tc.get("id"): slot["id"] = tc["id"]
                 fn = tc.get("function") or {}
                 if fn.get("name"): slot["function"]["name"] += fn["name"]
@@ -763,8 +910,14 @@ def assemble_stream(chunks: Iterable[dict]) -> dict | None:
     msg = {"role": role, "content": "".join(content) if content else None}
     if calls: msg["tool_calls"] = [calls[k] for k in sorted(calls)]
     first = chunks[0]
-    return {"id": first.get("id"), "object": "chat.completion", "created": first.get("created"), "model": first.get("model"),
-            "choices": [{"index": 0, "message": msg, "finish_reason": finish}], "usage": usage}
+    return {
+        "id": first.get("id"),
+        "object": "chat.completion",
+        "created": first.get("created"),
+        "model": first.get("model"),
+        "choices": [{"index": 0, "message": msg, "finish_reason": finish}],
+        "usage": usage,
+    }
 
 def completion_to_chunks(completion: dict) -> list[dict]:
     "A `chat.completion` replayed as stream chunks (for answering a streaming request with a whole response)."
@@ -772,9 +925,16 @@ def completion_to_chunks(completion: dict) -> list[dict]:
     msg = completion["choices"][0]["message"]
     delta = {"role": "assistant", "content": msg.get("content")}
     if msg.get("tool_calls"): delta["tool_calls"] = [{"index": i, **tc} for i, tc in enumerate(msg["tool_calls"])]
-    return [{**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
-            {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": completion["choices"][0].get("finish_reason") or "stop"}],
-             **({"usage": completion["usage"]} if completion.get("usage") else {})}]
+    return [
+        {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+        {
+            **base,
+            "choices": [
+                {"index": 0, "delta": {}, "finish_reason": completion["choices"][0].get("finish_reason") or "stop"}
+            ],
+            **({"usage": completion["usage"]} if completion.get("usage") else {}),
+        },
+    ]
 
 # %% ../nbs/10_capture.ipynb #62d1c92c
 def _jsonable(obj):
@@ -786,13 +946,24 @@ def _jsonable(obj):
 
 def _request_of(kwargs: dict) -> dict:
     skip = ("extra_headers", "extra_query", "extra_body", "timeout")  # transport options, may hold credentials
-    return {k: _jsonable(v) for k, v in kwargs.items() if type(v).__name__ not in ("NotGiven", "Omit") and k not in skip}
+    return {
+        k: _jsonable(v) for k, v in kwargs.items() if type(v).__name__ not in ("NotGiven", "Omit") and k not in skip
+    }
 
 def _call_record(agent, request, response, latency_ms, error, user_id=None, session_id=None, **extra) -> dict:
     if user_id is None and request.get("user") not in (None, ""): user_id = str(request["user"])
-    rec = {"id": f"call-{uuid.uuid4().hex[:20]}", "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-           "agent": agent, "session_id": session_id, "user_id": user_id,
-           "request": request, "response": response, "latency_ms": round(latency_ms, 3), "error": error, **extra}
+    rec = {
+        "id": f"call-{uuid.uuid4().hex[:20]}",
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "agent": agent,
+        "session_id": session_id,
+        "user_id": user_id,
+        "request": request,
+        "response": response,
+        "latency_ms": round(latency_ms, 3),
+        "error": error,
+        **extra,
+    }
     rec["session_id"] = conversation_key(rec)
     return rec
 
@@ -819,7 +990,9 @@ class _LoggedStream:
     def __getattr__(self, name): return getattr(self._s, name)
 
 # %% ../nbs/10_capture.ipynb #a597eccc
-def capture_openai(client, writer: SegmentWriter, agent: str = "app", user_id: str | None = None, session_id: str | None = None):
+def capture_openai(
+    client, writer: SegmentWriter, agent: str = "app", user_id: str | None = None, session_id: str | None = None
+):
     "Make `client.chat.completions.create` log every call to `writer`; returns the same client."
     import inspect
     completions = client.chat.completions
@@ -827,20 +1000,31 @@ def capture_openai(client, writer: SegmentWriter, agent: str = "app", user_id: s
 
     def log(kwargs, t0, response=None, error=None, chunks=None):
         if chunks is not None: response = assemble_stream(chunks)
-        writer.append(_call_record(agent, _request_of(kwargs), _jsonable(response), (time.perf_counter() - t0) * 1000, error, user_id, session_id))
+        writer.append(
+            _call_record(
+                agent,
+                _request_of(kwargs),
+                _jsonable(response),
+                (time.perf_counter() - t0) * 1000,
+                error,
+                user_id,
+                session_id,
+            )
+        )
 
     def after(kwargs, t0, result):
-        if kwargs.get("stream"): return _LoggedStream(result, lambda chunks, err: log(kwargs, t0, error=err, chunks=chunks))
+        if kwargs.get("stream"):
+            return _LoggedStream(result, lambda chunks, err: log(kwargs, t0, error=err, chunks=chunks))
         log(kwargs, t0, response=result)
         return result
 
     def create(*args, **kwargs):
         t0 = time.perf_counter()
-        try: result = original(*args, **kwargs)
+        try:result = original(*args, **kwargs)
         except Exception as e: log(kwargs, t0, error=f"{type(e).__name__}: {e}"); raise
         if not inspect.isawaitable(result): return after(kwargs, t0, result)
         async def finish():  # AsyncOpenAI: the same, once awaited
-            try: done = await result
+            try:done = await result
             except Exception as e: log(kwargs, t0, error=f"{type(e).__name__}: {e}"); raise
             return after(kwargs, t0, done)
         return finish()
@@ -1031,12 +1215,13 @@ def demo_upstream_app(model: str = "demo-llm", delay_s: float = 0.0):
     n = {"calls": 0}
 
     @app.get("/v1/models")
-    async def models(): return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "demo"}]}
+    async def models():
+        return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "demo"}]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         from starlette.requests import ClientDisconnect
-        try: body = await request.json()
+        try:body = await request.json()
         except ClientDisconnect: return Response(status_code=499)  # the caller went away (a killed proxy)
         n["calls"] += 1
         if delay_s: await asyncio.sleep(delay_s)
@@ -1049,24 +1234,79 @@ def demo_upstream_app(model: str = "demo-llm", delay_s: float = 0.0):
             msg = {"role": "assistant", "content": None, "tool_calls": [{"id": f"call_{n['calls']}", "type": "function",
                    "function": {"name": name, "arguments": json.dumps({"text": text})}}]}
             finish = "tool_calls"
-        usage = {"prompt_tokens": len(json.dumps(body.get("messages"))) // 4, "completion_tokens": len(json.dumps(msg)) // 4}
+        usage = {
+            "prompt_tokens": len(json.dumps(body.get("messages"))) // 4,
+            "completion_tokens": len(json.dumps(msg)) // 4,
+        }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        completion = {"id": f"chatcmpl-demo{n['calls']}", "object": "chat.completion", "created": int(time.time()), "model": body.get("model") or model,
-                      "choices": [{"index": 0, "message": msg, "finish_reason": finish}], "usage": usage}
+        completion = {
+            "id": f"chatcmpl-demo{n['calls']}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model") or model,
+            "choices": [{"index": 0, "message": msg, "finish_reason": finish}],
+            "usage": usage,
+        }
         if not body.get("stream"): return JSONResponse(completion)
         async def gen():
-            base = {"id": completion["id"], "object": "chat.completion.chunk", "created": completion["created"], "model": completion["model"]}
+            base = {
+                "id": completion["id"],
+                "object": "chat.completion.chunk",
+                "created": completion["created"],
+                "model": completion["model"],
+            }
             yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
             if msg.get("content"):
                 for k in range(0, len(msg["content"]), 8):
-                    yield _sse({**base, "choices": [{"index": 0, "delta": {"content": msg["content"][k: k + 8]}, "finish_reason": None}]})
+                    yield _sse(
+                        {
+                            **base,
+                            "choices": [
+                                {"index": 0, "delta": {"content": msg["content"][k : k + 8]}, "finish_reason": None}
+                            ],
+                        }
+                    )
             for i, tc in enumerate(msg.get("tool_calls") or []):
-                yield _sse({**base, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": i, "id": tc["id"], "type": "function", "function": {"name": tc["function"]["name"], "arguments": ""}}]}, "finish_reason": None}]})
+                yield _sse(
+                    {
+                        **base,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "delta": {
+                                    "tool_calls": [
+                                        {
+                                            "index": i,
+                                            "id": tc["id"],
+                                            "type": "function",
+                                            "function": {"name": tc["function"]["name"], "arguments": ""},
+                                        }
+                                    ]
+                                },
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
                 args = tc["function"]["arguments"]
                 for k in range(0, len(args), 10):
-                    yield _sse({**base, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": i, "function": {"arguments": args[k: k + 10]}}]}, "finish_reason": None}]})
+                    yield _sse(
+                        {
+                            **base,
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "delta": {
+                                        "tool_calls": [{"index": i, "function": {"arguments": args[k : k + 10]}}]
+                                    },
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                    )
             yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
-            if (body.get("stream_options") or {}).get("include_usage"): yield _sse({**base, "choices": [], "usage": usage})
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield _sse({**base, "choices": [], "usage": usage})
             yield b"data: [DONE]\n\n"
         return StreamingResponse(gen(), media_type="text/event-stream")
     app.state.calls = n
@@ -1091,12 +1331,15 @@ def serve(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning
     import uvicorn
     if port == 0:
         with socket.socket() as s: s.bind((host, 0)); port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not server.started:
-        if not thread.is_alive() or time.time() > deadline: raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
         time.sleep(0.02)
     return Served(f"http://{host}:{port}", server, thread)
 
@@ -1218,7 +1461,9 @@ def capture_to_files(ws: Workspace, config: CaptureConfig) -> CaptureResult:
     store = ws.root/"stores"/f"{logs.stem}-{content_hash(logs.read_bytes())}"
     quarantine = Quarantine(store.with_name(store.name + ".quarantine.jsonl"))
     with SegmentWriter(store, None, Pseudonymizer()) as writer:
-        stats = import_file(logs, "otel" if config.format == "otlp" else config.format, writer, config.agent, quarantine)
+        stats = import_file(
+            logs, "otel" if config.format == "otlp" else config.format, writer, config.agent, quarantine
+        )
     if len(quarantine): quarantine.write()
     return CaptureResult(store, stats.n_in, stats.n_records, stats.n_quarantined)
 
@@ -1235,47 +1480,90 @@ def one_line_errors():
 def capture_cmd():
     "S1: keys, import of existing logs into the encrypted store, and export for S2."
 
+
 @capture_cmd.command("keygen")
-@click.option("--dir", "key_dir", type=click.Path(path_type=Path), default=None, help="Key folder (default $SLM_KEYS_DIR or <root>/.keys).")
+@click.option(
+    "--dir",
+    "key_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Key folder (default $SLM_KEYS_DIR or <root>/.keys).",
+)
 def keygen_cmd(key_dir):
     "Create (or rotate) the analyst key pair and the pseudonym key."
     k = generate_keys(key_dir)
-    click.echo(f"analyst key {k['key_id']}: private {k['private']} (keep it with the analyst), capture public key {k['public']}, pseudonym key {k['pseudonym']}")
+    click.echo(
+        f"analyst key {k['key_id']}: private {k['private']} (keep it with the analyst), capture public key {k['public']}, pseudonym key {k['pseudonym']}"
+    )
+
 
 @capture_cmd.command("import")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="openai", show_default=True)
 @click.option("--agent", default="imported", show_default=True, help="Name of the application that produced the logs.")
-@click.option("--store", type=click.Path(path_type=Path), default=None, help="Store folder (default data/processed/<profile>/store).")
-@click.option("--public-key", default=None, help="Analyst public key (PEM path); default $SLM_CAPTURE_PUBLIC_KEY or the key folder.")
-@click.option("--pseudonym-key", default=None, help="Pseudonym key (hex or path); default $SLM_PSEUDONYM_KEY or the key folder.")
-@click.option("--quarantine", type=click.Path(path_type=Path), default=None, help="Where rejected lines are listed (default data/processed/<profile>/quarantine/capture-import.jsonl).")
+@click.option(
+    "--store",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Store folder (default data/processed/<profile>/store).",
+)
+@click.option(
+    "--public-key",
+    default=None,
+    help="Analyst public key (PEM path); default $SLM_CAPTURE_PUBLIC_KEY or the key folder.",
+)
+@click.option(
+    "--pseudonym-key", default=None, help="Pseudonym key (hex or path); default $SLM_PSEUDONYM_KEY or the key folder."
+)
+@click.option(
+    "--quarantine",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where rejected lines are listed (default data/processed/<profile>/quarantine/capture-import.jsonl).",
+)
 def import_cmd(files, fmt, agent, store, public_key, pseudonym_key, quarantine):
     "Import log files (OpenAI chat JSONL, ShareGPT, OTLP GenAI spans, raw records) into the encrypted store."
     q = Quarantine(quarantine or paths().processed/"quarantine"/"capture-import.jsonl")
     with one_line_errors(), SegmentWriter(store or default_store(), public_key, Pseudonymizer(pseudonym_key)) as w:
         for f in files:
             s = import_file(f, fmt, w, agent, q)
-            click.echo(f"{f}: {s.n_in} in, {s.n_records} records stored, {s.n_quarantined} quarantined, {s.n_skipped} skipped")
+            click.echo(
+                f"{f}: {s.n_in} in, {s.n_records} records stored, {s.n_quarantined} quarantined, {s.n_skipped} skipped"
+            )
     if len(q): click.echo(f"quarantine: {q.write()}")
 
 # %% ../nbs/10_capture.ipynb #45b88693
 @capture_cmd.command("export")
-@click.option("--key", "keys", multiple=True, help="Analyst private key file (repeat for rotated keys); default $SLM_ANALYST_PRIVATE_KEYS or the key folder.")
+@click.option(
+    "--key",
+    "keys",
+    multiple=True,
+    help="Analyst private key file (repeat for rotated keys); default $SLM_ANALYST_PRIVATE_KEYS or the key folder.",
+)
 @click.option("--store", type=click.Path(path_type=Path), default=None)
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Parquet file for the decrypted frame, mode 0600 (refused inside data/processed and the store).")
-@click.option("--strict", is_flag=True,
-              help="Fail on any gap (a missing, partial or header-truncated segment) or a record id reused with other content.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Parquet file for the decrypted frame, mode 0600 (refused inside data/processed and the store).",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Fail on any gap (a missing, partial or header-truncated segment) or a record id reused with other content.",
+)
 def export_cmd(keys, store, out, strict):
     "Decrypt the store into a frame: print counts, or write Parquet with --out (it holds raw text: keep it out of shared folders)."
     store = Path(store or default_store())
     if out:
         processed = paths(mkdir=False).root/"data"/"processed"
         if any(Path(out).resolve().is_relative_to(d.resolve()) for d in (processed, store)):
-            raise click.ClickException(f"refusing to write decrypted text to {out}: under {processed} only masked data lives "
-                                       "(run S2 first), and export never writes into the store")
-        if not Path(out).resolve().parent.is_dir(): raise click.ClickException(f"no folder {Path(out).parent} for --out: create it first")
+            raise click.ClickException(
+                f"refusing to write decrypted text to {out}: under {processed} only masked data lives "
+                "(run S2 first), and export never writes into the store"
+            )
+        if not Path(out).resolve().parent.is_dir():
+            raise click.ClickException(f"no folder {Path(out).parent} for --out: create it first")
     stats = ExportStats()
     with one_line_errors(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", StoreWarning)
@@ -1283,7 +1571,9 @@ def export_cmd(keys, store, out, strict):
     if stats.segments:
         click.echo(pl.DataFrame([{k: v for k, v in r.__dict__.items() if k != "note"} for r in stats.segments]))
     for w in caught: click.echo(f"warning: {w.message}", err=True)
-    click.echo(f"{stats.n_read} records read = {stats.n_out} out + {stats.n_duplicates} duplicates + {stats.n_conflicts} reused ids")
+    click.echo(
+        f"{stats.n_read} records read = {stats.n_out} out + {stats.n_duplicates} duplicates + {stats.n_conflicts} reused ids"
+    )
     click.echo(frame.group_by("agent").len().sort("agent"))
     if out:
         write_private_parquet(frame, out)

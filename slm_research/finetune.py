@@ -67,13 +67,25 @@ _CITIES = ["Paris", "Lyon", "Oslo", "Rome", "Lima", "Kyiv", "Quito", "Hanoi", "P
 _ITEMS = ["invoice", "ticket", "order", "report", "badge", "refund"]
 _MOODS = [("great service, thanks", "positive"), ("this is broken again", "negative"),
           ("ok I guess", "neutral"), ("love the new update", "positive"), ("still waiting, awful", "negative")]
-_WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
-                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                                "required": ["city"]}}}
+_WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+}
 _SEARCH_TOOL = {"type": "function", "function": {"name": "search_docs", "description": "Search internal docs",
                 "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}
 
-def synthetic_calls(n: int = 200, seed: int = 0, tasks: tuple = ("weather", "extract", "sentiment", "summary")) -> pl.DataFrame:
+
+def synthetic_calls(
+    n: int = 200, seed: int = 0, tasks: tuple = ("weather", "extract", "sentiment", "summary")
+) -> pl.DataFrame:
     "`n` synthetic agent calls in CLEAN_SCHEMA with a `task` column (the ground-truth sub-task)."
     import datetime as dt
     rng = np.random.default_rng(seed)
@@ -98,13 +110,31 @@ def synthetic_calls(n: int = 200, seed: int = 0, tasks: tuple = ("weather", "ext
                     {"role": "user", "content": f"{text} ({item} {k})"}]
             resp = {"role": "assistant", "content": label}
         else:
-            msgs = [{"role": "system", "content": "Summarise the status update in one sentence."},
-                    {"role": "user", "content": f"Update: the {item} team in {city} closed {k} issues today and opened {k + 1}."}]
+            msgs = [
+                {"role": "system", "content": "Summarise the status update in one sentence."},
+                {
+                    "role": "user",
+                    "content": f"Update: the {item} team in {city} closed {k} issues today and opened {k + 1}.",
+                },
+            ]
             resp = {"role": "assistant", "content": f"The {city} {item} team closed {k} issues and opened {k + 1}."}
-        rows.append(dict(id=f"call-{i:06d}", timestamp=dt.datetime(2025, 3, 1, tzinfo=dt.timezone.utc) + dt.timedelta(minutes=i),
-                         agent="synthetic", session=f"s{int(rng.integers(n // 2 + 1)):05d}", user=f"u{i % 7}",
-                         model="teacher-llm", messages=json.dumps(msgs), tools=json.dumps(tools), response=json.dumps(resp),
-                         latency_ms=float(rng.uniform(300, 900)), prompt_tokens=60, completion_tokens=20, task=task))
+        rows.append(
+            dict(
+                id=f"call-{i:06d}",
+                timestamp=dt.datetime(2025, 3, 1, tzinfo=dt.timezone.utc) + dt.timedelta(minutes=i),
+                agent="synthetic",
+                session=f"s{int(rng.integers(n // 2 + 1)):05d}",
+                user=f"u{i % 7}",
+                model="teacher-llm",
+                messages=json.dumps(msgs),
+                tools=json.dumps(tools),
+                response=json.dumps(resp),
+                latency_ms=float(rng.uniform(300, 900)),
+                prompt_tokens=60,
+                completion_tokens=20,
+                task=task,
+            )
+        )
     return pl.DataFrame(rows).with_columns(pl.col("timestamp").cast(pl.Datetime("us", "UTC")))
 
 # %% ../nbs/14_finetune.ipynb #5a5ae741
@@ -186,7 +216,9 @@ def load_base(model: str | Path = "", dtype=None):
 # %% ../nbs/14_finetune.ipynb #4454cba4
 def encode_example(ex: dict, tokenizer, max_length: int) -> dict:
     "`input_ids` and `labels` (answer tokens only) of one example; the prompt cut in the middle to fit `max_length`."
-    prompt = tokenizer.apply_chat_template(ex["messages"], tools=ex["tools"] or None, add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        ex["messages"], tools=ex["tools"] or None, add_generation_prompt=True, tokenize=False
+    )
     full = tokenizer.apply_chat_template(ex["messages"] + [ex["target"]], tools=ex["tools"] or None, tokenize=False)
     if not full.startswith(prompt):
         raise ValueError(f"{ex['id']}: the chat template does not render the prompt as a prefix of the conversation")
@@ -202,7 +234,8 @@ def encode_lm(text: str, tokenizer, max_length: int) -> dict:
 
 def sft_dataset(frame: pl.DataFrame, tokenizer, max_length: int = 256, lm: bool = False):
     """A `datasets.Dataset` of `input_ids`/`labels` from the answered CLEAN_SCHEMA rows: answer-only loss, or with `lm`
-    every token of the same cut (prompt head, prompt tail and answer) is a label (the stand-in base's general training)."""
+    every token of the same cut (prompt head, prompt tail and answer) is a label (the stand-in base's general training).
+    """
     from datasets import Dataset
     rows = []
     for row in answered(frame).iter_rows(named=True):
@@ -240,17 +273,26 @@ class FinetuneConfig(Config):
     eval_batch_size: int = 16
     threshold: float = field(default=0.95, metadata={"help": "Gate: lower 95% bound of agreement with the teacher."})
     max_clusters: int = field(default=0, metadata={"help": "Train at most this many clusters (0: all selected)."})
-    always_train: bool = field(default=False, metadata={"help": "Train an adapter even where the base passes zero-shot."})
-    base_dtype: str = field(default="auto", metadata={"help": "Frozen base weights in training: auto (bf16 for "
-                                                                  "LoRA/DoRA where the CPU or GPU has it), bfloat16, float32."})
+    always_train: bool = field(
+        default=False, metadata={"help": "Train an adapter even where the base passes zero-shot."}
+    )
+    base_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Frozen base weights in training: auto (bf16 for "
+            "LoRA/DoRA where the CPU or GPU has it), bfloat16, float32."
+        },
+    )
     group_by_length: bool = field(default=True, metadata={"help": "Batch examples of similar length (less padding)."})
     bf16: bool | None = None       # bf16 autocast in training; None: where the CPU or GPU has fast bf16
     num_threads: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS: raise ValueError(f"method {self.method!r} is not one of {METHODS}")
-        if self.backend not in ("auto", "trl", "unsloth"): raise ValueError(f"backend {self.backend!r} is not auto|trl|unsloth")
-        if self.method == "distill" and not self.teacher: raise ValueError("method 'distill' needs a local `teacher` model")
+        if self.backend not in ("auto", "trl", "unsloth"):
+            raise ValueError(f"backend {self.backend!r} is not auto|trl|unsloth")
+        if self.method == "distill" and not self.teacher:
+            raise ValueError("method 'distill' needs a local `teacher` model")
 
 # %% ../nbs/14_finetune.ipynb #c009ba24
 @dataclass
@@ -309,10 +351,15 @@ def _load_for_training(config: FinetuneConfig, backend: str):
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     kwargs = {"dtype": training_dtype(config)}
     if config.method == "qlora":
-        if not torch.cuda.is_available(): raise RuntimeError("QLoRA needs CUDA (bitsandbytes 4-bit); use lora or dora on CPU")
+        if not torch.cuda.is_available():
+            raise RuntimeError("QLoRA needs CUDA (bitsandbytes 4-bit); use lora or dora on CPU")
         from transformers import BitsAndBytesConfig
-        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                            bnb_4bit_compute_dtype=torch.bfloat16), "device_map": "auto"}
+        kwargs = {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+            ),
+            "device_map": "auto",
+        }
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if config.method in ("lora", "dora", "qlora", "distill"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -337,7 +384,12 @@ def _kd_trainer_class(base_cls, teacher, alpha: float, temperature: float):
             s = outputs.logits[:, :-1][mask]
             with torch.no_grad(): t = teacher(input_ids=ids, attention_mask=attention).logits[:, :-1][mask].to(s.dtype)
             ce = F.cross_entropy(s, target[mask])
-            kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="batchmean")
+            kl = F.kl_div(
+                F.log_softmax(s / temperature, -1),
+                F.log_softmax(t / temperature, -1),
+                log_target=True,
+                reduction="batchmean",
+            )
             loss = (1 - alpha) * ce + alpha * kl * temperature ** 2
             return (loss, outputs) if return_outputs else loss
     return KDTrainer
@@ -361,7 +413,10 @@ def _trainer_callback(losses: list, desc: str):
         def on_train_end(self, args, state, control, **kw): self.bar.close()
     return Progress()
 
-def train(dataset, config: FinetuneConfig, out_dir: Path, model=None, tokenizer=None, resume: bool = True) -> AdapterResult:
+
+def train(
+    dataset, config: FinetuneConfig, out_dir: Path, model=None, tokenizer=None, resume: bool = True
+) -> AdapterResult:
     """Train on a tokenised `dataset` (`input_ids`, `labels`) and save the adapter (or full model) to `out_dir`.
 
     Checkpoints go to `out_dir/checkpoints` every `config.save_steps`; with `resume`, a run finds the last one and
@@ -375,15 +430,31 @@ def train(dataset, config: FinetuneConfig, out_dir: Path, model=None, tokenizer=
     set_seed(config.seed)
     if model is None: model, tokenizer = _load_for_training(config, backend)
     n_train = len(dataset)
-    args = SFTConfig(output_dir=str(out_dir/"checkpoints"), max_steps=config.steps, learning_rate=config.lr,
-                     per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
-                     warmup_steps=max(0, int(config.warmup_ratio * config.steps)), lr_scheduler_type="cosine",
-                     logging_steps=max(1, config.steps // 20), save_steps=config.save_steps, save_total_limit=2,
-                     seed=config.seed, data_seed=config.seed, report_to="none", use_cpu=not torch.cuda.is_available(),
-                     max_length=None, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
-                     disable_tqdm=True, activation_checkpointing=False,
-                     **(slm.train_precision() if config.bf16 is None else {"bf16": config.bf16, "fp16": False}),
-                     train_sampling_strategy="group_by_length" if config.group_by_length else "random", dataset_num_proc=None, save_only_model=False)
+    args = SFTConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        max_steps=config.steps,
+        learning_rate=config.lr,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        warmup_steps=max(0, int(config.warmup_ratio * config.steps)),
+        lr_scheduler_type="cosine",
+        logging_steps=max(1, config.steps // 20),
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        max_length=None,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        activation_checkpointing=False,
+        **(slm.train_precision() if config.bf16 is None else {"bf16": config.bf16, "fp16": False}),
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        dataset_num_proc=None,
+        save_only_model=False,
+    )
     trainer_cls = SFTTrainer
     if config.method == "distill":
         teacher, _ = load_base(config.teacher)
@@ -407,9 +478,21 @@ def train(dataset, config: FinetuneConfig, out_dir: Path, model=None, tokenizer=
     total = sum(p.numel() for p in model.parameters())
     losses = losses or [float(out.training_loss)]
     shutil.rmtree(out_dir/"checkpoints", ignore_errors=True)
-    return AdapterResult(path=out_dir, method=config.method, backend=backend, steps=trainer.state.global_step,
-                         losses=losses, data_hash="", n_train=n_train, tokens_per_s=tokens / max(seconds, 1e-9),
-                         trainable_params=trainable, total_params=total, resumed_from=resumed_from, train_seconds=seconds, model=model)
+    return AdapterResult(
+        path=out_dir,
+        method=config.method,
+        backend=backend,
+        steps=trainer.state.global_step,
+        losses=losses,
+        data_hash="",
+        n_train=n_train,
+        tokens_per_s=tokens / max(seconds, 1e-9),
+        trainable_params=trainable,
+        total_params=total,
+        resumed_from=resumed_from,
+        train_seconds=seconds,
+        model=model,
+    )
 
 # %% ../nbs/14_finetune.ipynb #99fe58bc
 def build_stand_in_base(frame: pl.DataFrame, config: BaseConfig, out_dir: Path, force: bool = False) -> Path:
@@ -448,10 +531,21 @@ def finetune(frame: pl.DataFrame, config: FinetuneConfig, out_dir: Path, resume:
     ds = sft_dataset(train_rows, tok, config.max_length)
     res = train(ds, config, out_dir, resume=resume)
     res.data_hash = data_hash(train_rows)
-    meta = {"config": asdict(config), "method": config.method, "backend": res.backend, "base": slm.resolve_base(config.base),
-            "data_hash": res.data_hash, "n_train": res.n_train, "steps": res.steps, "losses": res.losses,
-            "tokens_per_s": res.tokens_per_s, "trainable_params": res.trainable_params, "total_params": res.total_params,
-            "resumed_from": res.resumed_from, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {
+        "config": asdict(config),
+        "method": config.method,
+        "backend": res.backend,
+        "base": slm.resolve_base(config.base),
+        "data_hash": res.data_hash,
+        "n_train": res.n_train,
+        "steps": res.steps,
+        "losses": res.losses,
+        "tokens_per_s": res.tokens_per_s,
+        "trainable_params": res.trainable_params,
+        "total_params": res.total_params,
+        "resumed_from": res.resumed_from,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     (Path(out_dir)/"meta.json").write_text(json.dumps(meta, indent=1, default=str))
     return res
 
@@ -491,7 +585,13 @@ def generate(model, tokenizer, messages: list[dict], tools: list | None = None, 
     return parse_assistant(text)
 
 # %% ../nbs/14_finetune.ipynb #b4e5ba60
-OUTPUT_KINDS = {"tool_call": "tool_name_match", "fields": "field_match", "json": "json_fields", "short": "exact_match", "text": "chrf"}
+OUTPUT_KINDS = {
+    "tool_call": "tool_name_match",
+    "fields": "field_match",
+    "json": "json_fields",
+    "short": "exact_match",
+    "text": "chrf",
+}
 
 def _tool_calls(msg: dict) -> list[tuple]:
     return [(tool_name(tc), tool_arguments(tc["function"].get("arguments"))) for tc in msg.get("tool_calls") or []]
@@ -500,7 +600,9 @@ _NAME = re.compile(r'^\s*\{\s*"name"\s*:\s*"([^"]+)"')
 
 def _tool_names(msg: dict) -> list[str]:
     "Names of the tools a message calls, including calls whose arguments are malformed but whose name is readable."
-    return [n for n, _ in _tool_calls(msg)] + [m.group(1) for b in msg.get("invalid_tool_calls") or [] if (m := _NAME.match(b))]
+    return [n for n, _ in _tool_calls(msg)] + [
+        m.group(1) for b in msg.get("invalid_tool_calls") or [] if (m := _NAME.match(b))
+    ]
 
 def _json(text):
     try: return True, json.loads(text)
@@ -531,7 +633,10 @@ def answer_fields(text: str | None) -> dict[str, str]:
     for m in _LINE_FIELD.finditer(text): fields.setdefault(m.group(1).strip(), m.group(2).strip())
     return {k: v for k, v in fields.items() if v}  # a bare heading is layout, not a field
 
-def decision_fields(targets: list[dict], min_presence: float = 0.25, max_values: int = 12, max_share: float = 0.2) -> list[str]:
+
+def decision_fields(
+    targets: list[dict], min_presence: float = 0.25, max_values: int = 12, max_share: float = 0.2
+) -> list[str]:
     "Fields the logged answers fill from a small set of values (verdicts, flags, routing): what an agent acts on."
     seen = defaultdict(Counter)
     for t in targets:
@@ -578,7 +683,9 @@ def score_answer(pred: dict, gold: dict, fields: list[str] = ()) -> dict:
     if fields:
         g_fields, p_fields = answer_fields(g_text), answer_fields(p_text)
         present = [k for k in fields if k in g_fields]
-        out["field_match"] = float(np.mean([p_fields.get(k) == g_fields[k] for k in present])) if present else out["exact_match"]
+        out["field_match"] = (
+            float(np.mean([p_fields.get(k) == g_fields[k] for k in present])) if present else out["exact_match"]
+        )
     return out
 
 # %% ../nbs/14_finetune.ipynb #ca66fdf2
@@ -610,8 +717,16 @@ def evaluate(model, tokenizer, frame: pl.DataFrame, config: FinetuneConfig, spli
     metrics = {k: float(np.mean(v)) for k, v in scores.items()}
     intervals = {k: list(score_interval(v, seed=config.seed)) for k, v in scores.items()}
     primary = OUTPUT_KINDS[kind]
-    return {"kind": kind, "fields": fields, "primary_metric": primary, "score": metrics.get(primary, 0.0),
-            "interval": intervals.get(primary, [0.0, 1.0]), "metrics": metrics, "intervals": intervals, "n": len(per_call)}
+    return {
+        "kind": kind,
+        "fields": fields,
+        "primary_metric": primary,
+        "score": metrics.get(primary, 0.0),
+        "interval": intervals.get(primary, [0.0, 1.0]),
+        "metrics": metrics,
+        "intervals": intervals,
+        "n": len(per_call),
+    }
 
 # %% ../nbs/14_finetune.ipynb #1dc547fd
 def answer_budget(frame: pl.DataFrame, tokenizer, cap: int) -> int:
@@ -624,7 +739,8 @@ def _scores(prefix: str, result: dict) -> dict:
     "The score, interval and the tool-call metrics of an `evaluate` result, keys prefixed."
     out = {f"{prefix}_score": result["score"], f"{prefix}_interval": result["interval"]}
     for k in ("tool_name_match", "tool_call_match"):
-        if k in result["metrics"]: out[f"{prefix}_{k}"], out[f"{prefix}_{k}_interval"] = result["metrics"][k], result["intervals"][k]
+        if k in result["metrics"]:
+            out[f"{prefix}_{k}"], out[f"{prefix}_{k}_interval"] = result["metrics"][k], result["intervals"][k]
     return out
 
 # %% ../nbs/14_finetune.ipynb #221c62f4
@@ -640,17 +756,31 @@ def specialise_cluster(frame: pl.DataFrame, cluster: int, label: str, config: Fi
     row = {"cluster": cluster, "label": label, "primary_metric": zero["primary_metric"], "kind": zero["kind"],
            "fields": zero["fields"], "share": share, "n_test": zero["n"], "teacher_score": 1.0,
            "base": slm.resolve_base(config.base), "n_train": split_rows(rows, "train").height, **_scores("base", zero)}
-    if not config.always_train and build_gate([{**row, "adapter_score": zero["score"], "adapter_interval": zero["interval"]}],
-                                              config.threshold)["clusters"][0]["passed"]:
+    if (
+        not config.always_train
+        and build_gate(
+            [{**row, "adapter_score": zero["score"], "adapter_interval": zero["interval"]}], config.threshold
+        )["clusters"][0]["passed"]
+    ):
         return {**row, **_scores("adapter", zero), "method": "zero-shot", "version": None, "path": ""}
     out_dir = ws.adapter_dir(cluster)
     res = finetune(rows, cfg, out_dir)
     after = evaluate(*load_adapter(out_dir, merge=True), rows, cfg, profile=profile, desc=f"cluster {cluster} adapter")
     meta = json.loads((out_dir/"meta.json").read_text())
-    (out_dir/"meta.json").write_text(json.dumps({**meta, "metrics": {"adapter": after, "base": zero}}, indent=1, default=str))
-    return {**row, **_scores("adapter", after), "method": config.method, "version": int(out_dir.name[1:]),
-            "path": str(out_dir.relative_to(ws.root)), "data_hash": res.data_hash, "losses": [res.first_loss, res.last_loss],
-            "tokens_per_s": res.tokens_per_s, "train_seconds": res.train_seconds}
+    (out_dir / "meta.json").write_text(
+        json.dumps({**meta, "metrics": {"adapter": after, "base": zero}}, indent=1, default=str)
+    )
+    return {
+        **row,
+        **_scores("adapter", after),
+        "method": config.method,
+        "version": int(out_dir.name[1:]),
+        "path": str(out_dir.relative_to(ws.root)),
+        "data_hash": res.data_hash,
+        "losses": [res.first_loss, res.last_loss],
+        "tokens_per_s": res.tokens_per_s,
+        "train_seconds": res.train_seconds,
+    }
 
 # %% ../nbs/14_finetune.ipynb #e4b378ce
 def specialisation_order(frame: pl.DataFrame, clusters: list[int], share_of: dict) -> list[int]:
@@ -659,7 +789,9 @@ def specialisation_order(frame: pl.DataFrame, clusters: list[int], share_of: dic
     length, as a long answer must fit the training window), then larger call volume."""
     train = split_rows(frame, "train")
     def key(c):
-        targets = [call_example(r)["target"] for r in train.filter(pl.col("cluster") == c).head(200).iter_rows(named=True)]
+        targets = [
+            call_example(r)["target"] for r in train.filter(pl.col("cluster") == c).head(200).iter_rows(named=True)
+        ]
         lengths = [len(t.get("content") or json.dumps(t.get("tool_calls"))) for t in targets]
         length = np.quantile(lengths, 0.9) if targets else np.inf
         return (answer_profile(targets)["kind"] == "text", float(length), -share_of.get(c, 0.0))
@@ -698,9 +830,13 @@ def specialise(ws: Workspace | Path, config: FinetuneConfig, clusters: list[int]
     for c in progress(chosen, desc="S5 clusters"):
         cfg = dataclasses.replace(config, base=config.base or c.get("loadable") or "")
         if cfg.base not in loaded: loaded = {cfg.base: load_base(cfg.base)}   # one base in memory at a time
-        row = specialise_cluster(frame, c["cluster"], c["label"], cfg, ws, share_of.get(c["cluster"], 0.0), loaded[cfg.base])
+        row = specialise_cluster(
+            frame, c["cluster"], c["label"], cfg, ws, share_of.get(c["cluster"], 0.0), loaded[cfg.base]
+        )
         loadable = c.get("loadable_model") or slm.MODEL_NAME
-        rows.append({**row, "selected_model": c["choice"], "loadable_model": loadable, "base_model": config.base or loadable})
+        rows.append(
+            {**row, "selected_model": c["choice"], "loadable_model": loadable, "base_model": config.base or loadable}
+        )
     gate = build_gate(rows, config.threshold)
     _register(ws, gate)
     taken = {r["cluster"] for r in rows}
@@ -714,14 +850,26 @@ def synthetic_workspace(folder: Path, n: int = 400, seed: int = 0) -> Workspace:
     ws = Workspace(folder)
     frame = synthetic_calls(n, seed)
     tasks = sorted(frame["task"].unique().to_list())
-    frame = frame.with_columns(cluster=pl.col("task").replace_strict({t: i for i, t in enumerate(tasks)}, return_dtype=pl.Int64))
+    frame = frame.with_columns(
+        cluster=pl.col("task").replace_strict({t: i for i, t in enumerate(tasks)}, return_dtype=pl.Int64)
+    )
     ws.write_calls(frame)
     counts = dict(frame.group_by("cluster").len().iter_rows())
-    summary = {"clusters": [{"cluster": i, "label": t, "n_calls": counts[i], "share": counts[i] / n} for i, t in enumerate(tasks)],
-               "config": {"synthetic": True}}
+    summary = {
+        "clusters": [
+            {"cluster": i, "label": t, "n_calls": counts[i], "share": counts[i] / n} for i, t in enumerate(tasks)
+        ],
+        "config": {"synthetic": True},
+    }
     ws.write_clusters(frame.select("id", "cluster", cluster_label=pl.col("task")), summary)
-    ws.write_selection({"selections": [{"cluster": i, "label": t, "requirements": {}, "ranking": [], "choice": slm.MODEL_NAME,
-                                        "loadable": ""} for i, t in enumerate(tasks)]})
+    ws.write_selection(
+        {
+            "selections": [
+                {"cluster": i, "label": t, "requirements": {}, "ranking": [], "choice": slm.MODEL_NAME, "loadable": ""}
+                for i, t in enumerate(tasks)
+            ]
+        }
+    )
     return ws
 
 # %% ../nbs/14_finetune.ipynb #97ce4033
@@ -737,7 +885,9 @@ def gate_table(gate: dict) -> pl.DataFrame:
                "zero-shot": _fmt_ci(r.get("base_score"), r.get("base_interval") or [0, 1]),
                "adapter": _fmt_ci(r.get("adapter_score"), r.get("adapter_interval") or [0, 1])}
         if "adapter_tool_call_match" in r:
-            row["args zero-shot"] = _fmt_ci(r.get("base_tool_call_match"), r.get("base_tool_call_match_interval") or [0, 1])
+            row["args zero-shot"] = _fmt_ci(
+                r.get("base_tool_call_match"), r.get("base_tool_call_match_interval") or [0, 1]
+            )
             row["args adapter"] = _fmt_ci(r["adapter_tool_call_match"], r["adapter_tool_call_match_interval"])
         rows.append({**row, "passed": r.get("passed", False)})
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
@@ -748,8 +898,10 @@ def print_gate(gate: dict, echo=click.echo) -> None:
                    tbl_hide_column_data_types=True, tbl_formatting="ASCII_MARKDOWN"):
         echo(str(gate_table(gate)))
     lo, hi = gate["replaceable_share_interval"]
-    echo(f"Scores agree with the teacher (the logged answer, 1.00) on held-out calls, with 95% intervals. A cluster passes "
-         f"when the lower bound reaches {gate['threshold']:.0%}, which takes at least {gate['min_test_calls']} held-out calls.")
+    echo(
+        f"Scores agree with the teacher (the logged answer, 1.00) on held-out calls, with 95% intervals. A cluster passes "
+        f"when the lower bound reaches {gate['threshold']:.0%}, which takes at least {gate['min_test_calls']} held-out calls."
+    )
     echo(f"replaceable share: {gate['replaceable_share']:.1%} of calls (up to {hi:.1%} as the intervals allow)")
 
 # %% ../nbs/14_finetune.ipynb #9f96ccd0
@@ -761,8 +913,16 @@ def training_flops_per_token(cfg, method: str = "lora", seq_len: int = 1024) -> 
     from slm_research.models import flops_per_token
     return TRAIN_FORWARD_MULTIPLE[method] * flops_per_token(cfg, context_len=seq_len // 2)
 
-def training_cost_table(configs: list, n_examples=(10_000, 100_000), tokens_per_example: int = 1024, epochs: int = 3,
-                        methods=("full", "lora", "qlora"), gpu_flops: float = 312e12, utilisation: float = 0.4) -> pl.DataFrame:
+
+def training_cost_table(
+    configs: list,
+    n_examples=(10_000, 100_000),
+    tokens_per_example: int = 1024,
+    epochs: int = 3,
+    methods=("full", "lora", "qlora"),
+    gpu_flops: float = 312e12,
+    utilisation: float = 0.4,
+) -> pl.DataFrame:
     "GPU-hours to fine-tune each config on each dataset size with each method, at `gpu_flops` x `utilisation` (computed)."
     from slm_research.models import param_count
     rows = []
@@ -778,8 +938,11 @@ def training_cost_table(configs: list, n_examples=(10_000, 100_000), tokens_per_
 TRAIN_OPTIONS = ("base", "method", "backend", "steps", "lr", "rank", "batch_size", "max_length", "n_eval",
                  "threshold", "max_clusters", "teacher", "seed")
 
+
 @click.command("finetune")
-@click.option("--cluster", "clusters", type=int, multiple=True, help="Cluster id (repeatable); default: every selected cluster.")
+@click.option(
+    "--cluster", "clusters", type=int, multiple=True, help="Cluster id (repeatable); default: every selected cluster."
+)
 @click.option("--fresh", is_flag=True, help="Start over: remove earlier adapters, the registry and the gate.")
 @FinetuneConfig.click_options(*TRAIN_OPTIONS)
 def finetune_cmd(clusters, fresh, **options):

@@ -106,8 +106,17 @@ def describe(texts: list[str], k: int = 3) -> str:
     weights = np.asarray(vec.fit_transform(texts).mean(axis=0)).ravel()
     return "_".join(vec.get_feature_names_out()[np.argsort(-weights)[:k]])
 
-def new_clusters_from(vectors: np.ndarray, texts: list[str], first_id: int, min_size: int = 20, merge_similarity: float = 0.7,
-                      min_similarity: float = 0.0, min_radius: float = 0.2, known: Iterable[NewCluster] = ()) -> tuple[list[NewCluster], np.ndarray]:
+
+def new_clusters_from(
+    vectors: np.ndarray,
+    texts: list[str],
+    first_id: int,
+    min_size: int = 20,
+    merge_similarity: float = 0.7,
+    min_similarity: float = 0.0,
+    min_radius: float = 0.2,
+    known: Iterable[NewCluster] = (),
+) -> tuple[list[NewCluster], np.ndarray]:
     """Find new clusters among outliers; returns the new ones and each row's cluster id (-1 where none).
     A group joins a `known` new cluster it points the same way as; a group whose 10th-percentile similarity to its
     centroid is below `min_similarity` is not a task (it stays outliers). A call belongs within `radius` of the centroid:
@@ -122,7 +131,15 @@ def new_clusters_from(vectors: np.ndarray, texts: list[str], first_id: int, min_
         if same: ids[rows] = same[0].cluster; continue
         sims = vectors[rows] @ c
         if np.quantile(sims, 0.1) < min_similarity: continue
-        found.append(NewCluster(next_id, describe([texts[r] for r in rows]), c.tolist(), max(1 - float(sims.min()), min_radius), len(rows)))
+        found.append(
+            NewCluster(
+                next_id,
+                describe([texts[r] for r in rows]),
+                c.tolist(),
+                max(1 - float(sims.min()), min_radius),
+                len(rows),
+            )
+        )
         ids[rows] = next_id; next_id += 1
     # HDBSCAN leaves a group's fringe as noise; outliers within a new cluster's radius belong to it
     targets = found + [k for k in known if k.cluster in set(ids.tolist())]
@@ -149,9 +166,13 @@ def decide_promotion(candidate: float, promoted: float | None = None, teacher: f
     and against the `promoted` adapter's score on the same calls."""
     bar, lower = threshold * teacher, candidate if lower is None else lower
     if lower < bar:
-        return Decision(False, False, f"below the gate: lower bound {lower:.3f} < {threshold:g} x teacher {teacher:.3f}")
+        return Decision(
+            False, False, f"below the gate: lower bound {lower:.3f} < {threshold:g} x teacher {teacher:.3f}"
+        )
     if promoted is not None and candidate + tolerance < promoted:
-        return Decision(False, True, f"passes the gate but is worse than the promoted adapter ({candidate:.3f} < {promoted:.3f})")
+        return Decision(
+            False, True, f"passes the gate but is worse than the promoted adapter ({candidate:.3f} < {promoted:.3f})"
+        )
     if promoted is None: return Decision(True, True, f"passes the gate: lower bound {lower:.3f} >= {bar:.3f}")
     return Decision(True, True, f"passes the gate ({lower:.3f} >= {bar:.3f}) and matches or beats the promoted adapter "
                                 f"({promoted:.3f})")
@@ -168,7 +189,12 @@ def request_frame(request: dict, call_id: str = "live") -> pl.DataFrame:
 # %% ../nbs/15_iterate.ipynb #83dec54c
 class Assigner:
     "Assign calls to S3's clusters, then outliers to the new clusters S6 found."
-    def __init__(self, clusterer, new_clusters: Iterable[NewCluster] = (), embed: Callable[[list[str]], np.ndarray] | None = None):
+    def __init__(
+        self,
+        clusterer,
+        new_clusters: Iterable[NewCluster] = (),
+        embed: Callable[[list[str]], np.ndarray] | None = None,
+    ):
         self.clusterer, self.new_clusters, self._embed = clusterer, list(new_clusters), embed
 
     @property
@@ -187,7 +213,11 @@ class Assigner:
         "Calls in S3's embedding space (its own recipe when the clusterer has one), so new clusters are comparable with S3's."
         if self._embed is None and hasattr(self.clusterer, "text"):
             from slm_research.cluster import build_parts, embed_parts
-            return embed_parts(build_parts(frame.drop("text", strict=False), self.clusterer.text), self.clusterer.embedder, progress=False)
+            return embed_parts(
+                build_parts(frame.drop("text", strict=False), self.clusterer.text),
+                self.clusterer.embedder,
+                progress=False,
+            )
         return self.embed([call_text(m, t) for m, t in zip(frame["messages"], frame["tools"])])
 
     @property
@@ -210,7 +240,9 @@ class Assigner:
         for i, (row, j) in enumerate(zip(idx, best)):
             if dist[i, j] <= self.new_clusters[j].radius:
                 clusters[row], labels[row] = self.new_clusters[j].cluster, self.new_clusters[j].label
-        return out.with_columns(pl.Series("cluster", clusters, dtype=pl.Int64), pl.Series("cluster_label", labels, dtype=pl.String))
+        return out.with_columns(
+            pl.Series("cluster", clusters, dtype=pl.Int64), pl.Series("cluster_label", labels, dtype=pl.String)
+        )
 
     def assign_request(self, request: dict) -> int:
         "The cluster of one incoming chat-completions request."
@@ -236,17 +268,29 @@ class RequestAssigner:
         few near-identical calls would otherwise turn away the next call of its own kind."""
         known = frame.filter(pl.col("cluster") != -1)
         if known.height == 0: raise ValueError("RequestAssigner.fit: no call belongs to a cluster")
-        vectors = (embed or text_embedder(embedder))([call_text(m, t) for m, t in zip(known["messages"], known["tools"])])
+        vectors = (embed or text_embedder(embedder))(
+            [call_text(m, t) for m, t in zip(known["messages"], known["tools"])]
+        )
         ids = known["cluster"].to_numpy()
-        labels = dict(zip(known["cluster"].to_list(), known["cluster_label"].to_list())) if "cluster_label" in known.columns else {}
+        labels = (
+            dict(zip(known["cluster"].to_list(), known["cluster_label"].to_list()))
+            if "cluster_label" in known.columns
+            else {}
+        )
         clusters, centroids, thresholds = sorted(set(ids.tolist())), [], []
         for c in clusters:
             members = vectors[ids == c]
             cen = members.mean(0); cen = cen / (np.linalg.norm(cen) or 1.0)
             sims = members @ cen
-            centroids.append(cen); thresholds.append(float(min(np.quantile(sims, quantile), sims.mean() - spread * sims.std())))
-        return cls(clusters, [labels.get(c, "") for c in clusters], np.asarray(centroids, dtype=np.float32), np.asarray(thresholds),
-                   embedder if isinstance(embedder, str) else getattr(embedder, "name", "custom"))
+            centroids.append(cen)
+            thresholds.append(float(min(np.quantile(sims, quantile), sims.mean() - spread * sims.std())))
+        return cls(
+            clusters,
+            [labels.get(c, "") for c in clusters],
+            np.asarray(centroids, dtype=np.float32),
+            np.asarray(thresholds),
+            embedder if isinstance(embedder, str) else getattr(embedder, "name", "custom"),
+        )
 
     def assign_vectors(self, vectors: np.ndarray) -> np.ndarray:
         "The nearest cluster among those that would take each vector (similarity at least their threshold), else -1."
@@ -273,14 +317,24 @@ class RequestAssigner:
     def save(self, path: Path) -> Path:
         path = Path(path); path.mkdir(parents=True, exist_ok=True)
         np.save(path/"centroids.npy", self.centroids)
-        write_json_atomic(path/"request_assigner.json", dict(clusters=self.clusters, labels=self.labels,
-                                                              thresholds=self.thresholds.tolist(), embedder=self.embedder))
+        write_json_atomic(
+            path / "request_assigner.json",
+            dict(
+                clusters=self.clusters, labels=self.labels, thresholds=self.thresholds.tolist(), embedder=self.embedder
+            ),
+        )
         return path
 
     @classmethod
     def load(cls, path: Path) -> "RequestAssigner":
         meta = json.loads((Path(path)/"request_assigner.json").read_text())
-        return cls(meta["clusters"], meta["labels"], np.load(Path(path)/"centroids.npy"), np.asarray(meta["thresholds"]), meta["embedder"])
+        return cls(
+            meta["clusters"],
+            meta["labels"],
+            np.load(Path(path) / "centroids.npy"),
+            np.asarray(meta["thresholds"]),
+            meta["embedder"],
+        )
 
 # %% ../nbs/15_iterate.ipynb #546924c6
 @dataclass
@@ -308,7 +362,10 @@ class DriftReport:
                     outlier_rate=round(self.outlier_rate, 4), drifted=self.drifted,
                     new_clusters=[c.cluster for c in self.new_clusters])
 
-def measure_drift(ref_clusters: Iterable[int], clusters: Iterable[int], round: int = 0, min_share_change: float = 0.02) -> DriftReport:
+
+def measure_drift(
+    ref_clusters: Iterable[int], clusters: Iterable[int], round: int = 0, min_share_change: float = 0.02
+) -> DriftReport:
     "Compare the cluster mix of a new batch with a reference batch (outliers are -1)."
     ref_clusters, clusters = list(ref_clusters), list(clusters)
     ref, cur = cluster_shares(ref_clusters), cluster_shares(clusters)
@@ -335,9 +392,14 @@ def estimated_cost(calls: pl.DataFrame, routed: dict[int, float], llm, slm) -> d
     served = ~np.isnan(fallback)
     mixed = np.where(served, slm_flops + np.nan_to_num(fallback) * llm_flops, llm_flops)
     total_llm = float(llm_flops.sum())
-    return dict(all_llm_flops=total_llm, routed_flops=float(mixed.sum()),
-                cost_ratio=float(mixed.sum()) / total_llm if total_llm else float("nan"),
-                slm_served_share=float((served * (1 - np.nan_to_num(fallback))).sum() / len(calls)), llm=llm.name, slm=slm.name)
+    return dict(
+        all_llm_flops=total_llm,
+        routed_flops=float(mixed.sum()),
+        cost_ratio=float(mixed.sum()) / total_llm if total_llm else float("nan"),
+        slm_served_share=float((served * (1 - np.nan_to_num(fallback))).sum() / len(calls)),
+        llm=llm.name,
+        slm=slm.name,
+    )
 
 # %% ../nbs/15_iterate.ipynb #0d1fbe2d
 class AdapterTrainer:
@@ -359,7 +421,9 @@ class IterateConfig(Config):
     tolerance: float = field(default=0.0, metadata=_help("A new version may trail the promoted one by this much."))
     psi_threshold: float = field(default=0.1, metadata=_help("The whole mix counts as shifted at this PSI."))
     min_share_change: float = field(default=0.02, metadata=_help("A cluster drifted when its share moved this much."))
-    min_new_calls: int = field(default=50, metadata=_help("Retrain a cluster that gained this many calls, drift or not."))
+    min_new_calls: int = field(
+        default=50, metadata=_help("Retrain a cluster that gained this many calls, drift or not.")
+    )
     min_new_cluster: int = field(default=15, metadata=_help("Outliers that must agree to form a new cluster."))
     min_train: int = field(default=12, metadata=_help("Fewest calls to train an adapter on."))
     min_test: int = field(default=4, metadata=_help("Fewest held-out calls to gate on."))
@@ -372,7 +436,9 @@ class IterateConfig(Config):
 
 def held_out(sessions: pl.Series, fraction: float, seed: int) -> pl.Series:
     "True for calls whose conversation is held out (a stable hash of seed and session, so no conversation spans both sides)."
-    return sessions.map_elements(lambda s: int(content_hash(f"{seed}:{s}"), 16) % 10_000 < fraction * 10_000, return_dtype=pl.Boolean)
+    return sessions.map_elements(
+        lambda s: int(content_hash(f"{seed}:{s}"), 16) % 10_000 < fraction * 10_000, return_dtype=pl.Boolean
+    )
 
 # %% ../nbs/15_iterate.ipynb #1b39a0e7
 HISTORY_SCHEMA = {"id": pl.String, "session": pl.String, "cluster": pl.Int64, "round": pl.Int64, "test": pl.Boolean}
@@ -404,7 +470,11 @@ class IterationResult:
     @property
     def replaceable_share(self) -> float: return self.gate["replaceable_share"]
     def frame(self) -> pl.DataFrame:
-        return pl.DataFrame([asdict(d) for d in self.decisions], infer_schema_length=None) if self.decisions else pl.DataFrame()
+        return (
+            pl.DataFrame([asdict(d) for d in self.decisions], infer_schema_length=None)
+            if self.decisions
+            else pl.DataFrame()
+        )
 
 # %% ../nbs/15_iterate.ipynb #915cebf9
 def import_logs(path: Path, workspace: Path, fmt: str = "raw", agent: str = "imported", pseudonym_key=None,
@@ -649,7 +719,12 @@ class FinetuneTrainer(AdapterTrainer):
     def train(self, train: pl.DataFrame, out_dir: Path, seed: int) -> dict:
         from dataclasses import replace
         res = finetune(train.with_columns(split=pl.lit("train")), replace(self.config, seed=seed), out_dir)
-        return {"method": res.method, "data_hash": res.data_hash, "n_train": res.n_train, "losses": [res.first_loss, res.last_loss]}
+        return {
+            "method": res.method,
+            "data_hash": res.data_hash,
+            "n_train": res.n_train,
+            "losses": [res.first_loss, res.last_loss],
+        }
 
     def evaluate(self, adapter_dir: Path | None, test: pl.DataFrame) -> dict:
         from dataclasses import replace
@@ -664,18 +739,39 @@ def default_trainer(ws: Path) -> FinetuneTrainer:
     for rec in sorted(Workspace(ws).registry().records, key=lambda r: (r.created, r.version), reverse=True):
         if rec.path and (meta := Path(ws)/rec.path/"meta.json").exists():
             known = set(FinetuneConfig.__dataclass_fields__)
-            return FinetuneTrainer(FinetuneConfig(**{k: v for k, v in json.loads(meta.read_text())["config"].items() if k in known}))
+            return FinetuneTrainer(
+                FinetuneConfig(**{k: v for k, v in json.loads(meta.read_text())["config"].items() if k in known})
+            )
     return FinetuneTrainer(FinetuneConfig())
 
 # %% ../nbs/15_iterate.ipynb #1b9ce589
 @click.command("iterate")
-@click.option("--new-logs", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="New calls: JSONL logs (taken through S1 and S2) or a masked parquet file in the S2 schema.")
-@click.option("--format", "fmt", default="raw", show_default=True, help="Log format of JSONL input (capture's importers: raw, openai, sharegpt, otel).")
-@click.option("--agent", default="imported", show_default=True, help="Application name for logs that do not carry one.")
-@click.option("--workspace", type=click.Path(file_okay=False, path_type=Path), default=None, help="Processed folder (default: the active profile's).")
+@click.option(
+    "--new-logs",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="New calls: JSONL logs (taken through S1 and S2) or a masked parquet file in the S2 schema.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="raw",
+    show_default=True,
+    help="Log format of JSONL input (capture's importers: raw, openai, sharegpt, otel).",
+)
+@click.option(
+    "--agent", default="imported", show_default=True, help="Application name for logs that do not carry one."
+)
+@click.option(
+    "--workspace",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Processed folder (default: the active profile's).",
+)
 @IterateConfig.click_options("threshold", "max_retrain", "seed")
-@click.option("--pseudonym-key", default=None, help="Pseudonym key (hex or path); default $SLM_PSEUDONYM_KEY or the key folder.")
+@click.option(
+    "--pseudonym-key", default=None, help="Pseudonym key (hex or path); default $SLM_PSEUDONYM_KEY or the key folder."
+)
 def iterate_cmd(new_logs, fmt, agent, workspace, threshold, max_retrain, seed, pseudonym_key):
     "S6: take new logs through drift checks, retraining and the gate; update the registry and gate.json."
     from rich.console import Console
@@ -688,6 +784,14 @@ def iterate_cmd(new_logs, fmt, agent, workspace, threshold, max_retrain, seed, p
     table = Table("cluster", "label", "why", "status", "score", "before", "reason")
     fmt_score = lambda x: "" if x is None else f"{x:.3f}"
     for c in res.decisions:
-        table.add_row(str(c.cluster), c.label[:30], c.why, c.status, fmt_score(c.candidate_score), fmt_score(c.promoted_score), c.reason)
+        table.add_row(
+            str(c.cluster),
+            c.label[:30],
+            c.why,
+            c.status,
+            fmt_score(c.candidate_score),
+            fmt_score(c.promoted_score),
+            c.reason,
+        )
     console.print(table)
     console.print(f"report: {res.report_path}")

@@ -47,8 +47,10 @@ class ArchConfig:
 
     def __post_init__(self):
         if self.head_dim is None: object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-        if self.n_heads % self.n_kv_heads: raise ValueError(f"{self.name}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
-        if self.norm not in ("rms", "layer"): raise ValueError(f"{self.name}: norm must be 'rms' or 'layer', not {self.norm!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.name}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.norm not in ("rms", "layer"):
+            raise ValueError(f"{self.name}: norm must be 'rms' or 'layer', not {self.norm!r}")
 
     @property
     def llama_compatible(self) -> bool:
@@ -79,7 +81,8 @@ class ArchConfig:
 
     def to_llama(self, max_position_embeddings: int = 4096) -> dict:
         "Keyword arguments for `transformers.LlamaConfig` with this shape."
-        if not self.llama_compatible: raise ValueError(f"{self.name}: not a Llama-style shape (gated MLP, RMSNorm, rotary, no biases)")
+        if not self.llama_compatible:
+            raise ValueError(f"{self.name}: not a Llama-style shape (gated MLP, RMSNorm, rotary, no biases)")
         return dict(hidden_size=self.d_model, intermediate_size=self.d_ff, num_hidden_layers=self.n_layers,
                     num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim,
                     vocab_size=self.vocab_size, tie_word_embeddings=self.tie_embeddings,
@@ -151,7 +154,9 @@ def find_config(key: str, configs: dict[str, ArchConfig] | None = None) -> ArchC
     if key in configs: return configs[key]
     hits = [c for c in configs.values() if c.size == key]
     if len(hits) != 1:
-        raise KeyError(f"no single config named or sized {key!r}; known: {sorted(configs)} / sizes {[c.size for c in configs.values()]}")
+        raise KeyError(
+            f"no single config named or sized {key!r}; known: {sorted(configs)} / sizes {[c.size for c in configs.values()]}"
+        )
     return hits[0]
 
 def cost_table(configs: dict[str, ArchConfig], context_len: int = 4096) -> pl.DataFrame:
@@ -165,15 +170,18 @@ def cost_table(configs: dict[str, ArchConfig], context_len: int = 4096) -> pl.Da
 # %% ../nbs/02_models.ipynb #2d77663e
 def cpu_supports_bf16() -> bool:
     "Does this CPU have native bf16 matrix instructions (AVX512-BF16 or AMX on x86, BF16 on Arm)?"
-    try: flags = Path("/proc/cpuinfo").read_text()
+    try:flags = Path("/proc/cpuinfo").read_text()
     except OSError: return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16")) or (platform.machine() == "aarch64" and " bf16" in flags)
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16")) or (
+        platform.machine() == "aarch64" and " bf16" in flags
+    )
 
 def resolve_dtype(name: str = "auto"):
     "The torch dtype for `name` ('auto': bf16 if `cpu_supports_bf16()`, else fp32)."
     import torch
     if name == "auto": return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    if name not in ("bfloat16", "float32", "float16"): raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, not {name!r}")
+    if name not in ("bfloat16", "float32", "float16"):
+        raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, not {name!r}")
     return getattr(torch, name)
 
 def build_random_model(cfg: ArchConfig, dtype: str = "auto", seed: int = 0, max_position_embeddings: int = 4096):
@@ -212,7 +220,11 @@ def _measure(cfg, n_new_tokens, prompt_len, n_warmup, dtype, seed, model) -> Lat
     import torch
     from transformers import DynamicCache
     own = model is None
-    model = model if model is not None else build_random_model(cfg, dtype, seed, max_position_embeddings=prompt_len + n_warmup + n_new_tokens + 1)
+    model = (
+        model
+        if model is not None
+        else build_random_model(cfg, dtype, seed, max_position_embeddings=prompt_len + n_warmup + n_new_tokens + 1)
+    )
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=gen)
     steps = []

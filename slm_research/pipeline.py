@@ -32,7 +32,9 @@ class PipelineConfig(Config):
     agent: str = field(default="imported", metadata={"help": "Application name for records that carry none."})
     k: int = field(default=0, metadata={"help": "Number of task clusters (0: chosen from the data)."})
     fast: bool = field(default=False, metadata={"help": "S3's fast path: static embeddings, fit on a sample."})
-    rounds: int = field(default=0, metadata={"help": "S6 rounds: the newest calls are held back and replayed in order."})
+    rounds: int = field(
+        default=0, metadata={"help": "S6 rounds: the newest calls are held back and replayed in order."}
+    )
     holdout: float = field(default=0.3, metadata={"help": "Share of the calls held back for the S6 rounds."})
     engine: str = field(default="local", metadata={"help": "local, or ray: S2 masking and S3 assignment on a Ray "
                                                            "cluster ($RAY_ADDRESS, else a local one)."})
@@ -82,15 +84,22 @@ def run_pipeline(config: PipelineConfig, finetune: FinetuneConfig | None = None,
         echo(f"  {counts['S1']['n_in']} lines in, {counts['S1']['n_records']} calls stored (encrypted), "
              f"{counts['S1']['n_quarantined']} quarantined")
     with _step("S2 masking", seconds, echo):
-        report = clean_to_files(ws, clean_config or CleanConfig(engine=config.engine), export_frame(store), progress=False)
+        report = clean_to_files(
+            ws, clean_config or CleanConfig(engine=config.engine), export_frame(store), progress=False
+        )
         counts["S2"] = {k: report[k] for k in ("n_in", "n_out", "n_quarantined")}
         echo(f"  {report['n_in']} calls in, {report['n_out']} masked, {report['n_quarantined']} quarantined")
     calls, batches = _held_back(ws.read_calls(), config)
     with _step("S3 clustering", seconds, echo):
-        cfg = cluster_config or (ClusterConfig.fast if config.fast else ClusterConfig)(k=config.k or None, seed=config.seed,
-                                                                                      engine=config.engine)
+        cfg = cluster_config or (ClusterConfig.fast if config.fast else ClusterConfig)(
+            k=config.k or None, seed=config.seed, engine=config.engine
+        )
         result = cluster_to_files(ws, cfg, calls)
-        counts["S3"] = {"n_calls": calls.height, "n_clusters": len(result.clusterer.clusters), "held_back": sum(map(len, batches))}
+        counts["S3"] = {
+            "n_calls": calls.height,
+            "n_clusters": len(result.clusterer.clusters),
+            "held_back": sum(map(len, batches)),
+        }
         echo(f"  {calls.height} calls in {counts['S3']['n_clusters']} clusters")
     with _step("S4 selection", seconds, echo):
         selection = select_to_files(ws, select_config)
@@ -118,6 +127,9 @@ def pipeline_cmd(logs, format, agent, k, fast, rounds, holdout, engine, seed, **
     ws = Workspace()
     click.echo(f"workspace: {ws.root}")
     try:
-        res = run_pipeline(config, FinetuneConfig.from_dict(train, alpha=2 * train["rank"], seed=seed), ws, echo=click.echo)
-    except (FileNotFoundError, ValueError) as e: raise click.ClickException(str(e))
+        res = run_pipeline(
+            config, FinetuneConfig.from_dict(train, alpha=2 * train["rank"], seed=seed), ws, echo=click.echo
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e))
     print_gate(res.gate if not res.rounds else ws.read_gate(), echo=click.echo)

@@ -370,7 +370,9 @@ def fit_clusters_ray(frame: pl.DataFrame, cfg):
     from slm_research.cluster import ClusterResult, load_clusterer
     with tempfile.TemporaryDirectory() as d:
         cluster_ray(frame, replace(cfg, fit_sample=cfg.fit_sample or 5_000), d)
-        assignments, clusterer = pl.read_parquet(Workspace(Path(d)).path("clusters")), load_clusterer(Workspace(Path(d)).clusterer)
+        assignments, clusterer = pl.read_parquet(Workspace(Path(d)).path("clusters")), load_clusterer(
+            Workspace(Path(d)).clusterer
+        )
     return ClusterResult(assignments, clusterer, [], None, cfg)
 
 def _register_engines():

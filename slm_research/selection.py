@@ -46,10 +46,12 @@ def load_catalog(path: Path | None = None) -> pl.DataFrame:
     "The model catalog, checked (every score sourced), with memory at 16/8/4 bits added (GB, weights only)."
     path = path or catalog_path()
     cat = pl.read_csv(path)
-    if missing := set(REQUIRED) - set(cat.columns): raise ValueError(f"catalog {path}: missing columns {sorted(missing)}")
+    if missing := set(REQUIRED) - set(cat.columns):
+        raise ValueError(f"catalog {path}: missing columns {sorted(missing)}")
     for col in BENCHMARKS:  # an old or hand-made catalog may lack a benchmark: unknown, not zero
         if col not in cat.columns: cat = cat.with_columns(pl.lit(None, pl.Float64).alias(col))
-    if dup := cat.filter(pl.col("name").is_duplicated())["name"].unique().to_list(): raise ValueError(f"catalog {path}: duplicate names {dup}")
+    if dup := cat.filter(pl.col("name").is_duplicated())["name"].unique().to_list():
+        raise ValueError(f"catalog {path}: duplicate names {dup}")
     if bad := unsourced(cat): raise ValueError(f"catalog {path}: scores without a source or variant: {'; '.join(bad)}")
     return cat.with_columns(**{f"memory_gb_{b}bit": (pl.col("params_b") * b / 8).round(2) for b in (16, 8, 4)})
 
@@ -106,8 +108,12 @@ def estimate(row: dict, req: dict, configs: dict) -> dict:
     weights_gb = (param_count(arch) if arch else row["params_b"] * 1e9) * req["bits"] / 8 / 1e9
     kv_gb = kv_cache_bytes(arch, req["context_tokens"]) / 1e9 if arch else None
     per_token_ms = (weights_gb + (kv_gb or 0)) / req["bandwidth_gb_s"] * 1e3
-    return dict(weights_gb=round(weights_gb, 2), kv_gb=None if kv_gb is None else round(kv_gb, 3),
-                memory_gb=round(weights_gb + (kv_gb or 0), 2), latency_ms=round(per_token_ms * req["response_tokens"], 1))
+    return dict(
+        weights_gb=round(weights_gb, 2),
+        kv_gb=None if kv_gb is None else round(kv_gb, 3),
+        memory_gb=round(weights_gb + (kv_gb or 0), 2),
+        latency_ms=round(per_token_ms * req["response_tokens"], 1),
+    )
 
 # %% ../nbs/13_select.ipynb #038b42cd
 def check(row: dict, req: dict, est: dict) -> list[str]:
@@ -115,14 +121,17 @@ def check(row: dict, req: dict, est: dict) -> list[str]:
     why = []
     if req["open_weights_only"] and not row.get("open_weights"): why.append("no open weights")
     lic = row.get("license")
-    if req["commercial_use"] and (lic in NON_COMMERCIAL or not lic): why.append(f"licence {lic or 'unknown'} does not allow commercial use")
-    if req["allowed_licenses"] is not None and lic not in req["allowed_licenses"]: why.append(f"licence {lic} not in the allowed list")
+    if req["commercial_use"] and (lic in NON_COMMERCIAL or not lic):
+        why.append(f"licence {lic or 'unknown'} does not allow commercial use")
+    if req["allowed_licenses"] is not None and lic not in req["allowed_licenses"]:
+        why.append(f"licence {lic} not in the allowed list")
     if req["device_memory_gb"] is not None and est["memory_gb"] > req["device_memory_gb"]:
         why.append(f"needs {est['memory_gb']} GB at {req['bits']}-bit > {req['device_memory_gb']} GB")
     ctx = row.get("context_length")
-    if ctx is None: why.append("context length unknown")
+    if ctx is None:why.append("context length unknown")
     elif ctx < req["context_tokens"]: why.append(f"context {ctx} < {req['context_tokens']} tokens needed")
-    if req["tool_calling"] and not row.get("tool_calling"): why.append("cluster needs tool calling; model card documents none")
+    if req["tool_calling"] and not row.get("tool_calling"):
+        why.append("cluster needs tool calling; model card documents none")
     if req["latency_budget_ms"] is not None and est["latency_ms"] > req["latency_budget_ms"]:
         why.append(f"~{est['latency_ms']} ms per call > budget {req['latency_budget_ms']} ms")
     return why
@@ -138,8 +147,13 @@ def _benchmark_term(row: dict, col: str, weight: float, label: str) -> tuple[flo
 def score(row: dict, req: dict, est: dict, w: Weights) -> tuple[float, list[str]]:
     "Weighted score of a passing model, and the reasons."
     small = max(0.0, 1 - math.log10(row["params_b"] / 0.1) / 2)
-    terms = [(w.small * small, f"{row['params_b']}B parameters ({est['memory_gb']} GB at {req['bits']}-bit, ~{est['latency_ms']} ms per call)"),
-             _benchmark_term(row, "ifeval", w.ifeval, "IFEval")]
+    terms = [
+        (
+            w.small * small,
+            f"{row['params_b']}B parameters ({est['memory_gb']} GB at {req['bits']}-bit, ~{est['latency_ms']} ms per call)",
+        ),
+        _benchmark_term(row, "ifeval", w.ifeval, "IFEval"),
+    ]
     if req["code"]: terms.append(_benchmark_term(row, "code", w.code, "code"))
     if req.get("reasoning"): terms.append(_benchmark_term(row, "reasoning", w.reasoning, "reasoning"))
     if req["tool_calling"]:
@@ -148,7 +162,10 @@ def score(row: dict, req: dict, est: dict, w: Weights) -> tuple[float, list[str]
     if row.get("in_paper") and w.paper: terms.append((w.paper, "named in the paper"))
     return round(sum(t for t, _ in terms), 4), [f"{why} (+{t:.2f})" for t, why in terms]
 
-def rank_models(catalog: pl.DataFrame, req: dict, weights: Weights = Weights(), configs: dict | None = None) -> pl.DataFrame:
+
+def rank_models(
+    catalog: pl.DataFrame, req: dict, weights: Weights = Weights(), configs: dict | None = None
+) -> pl.DataFrame:
     "Every catalog model with `passed`, `score`, `reasons` (why it ranks, or why it was removed), best first."
     configs = load_arch_configs() if configs is None else configs
     rows = []
@@ -193,11 +210,22 @@ def select_models(clusters: dict, user: Constraints = Constraints(), weights: We
         ranked = rank_models(catalog, req, weights, configs)
         passing = ranked.filter("passed").head(top)
         model, spec, why = loadable_choice(ranked, catalog)
-        out.append(dict(cluster=c["cluster"], label=c["label"], requirements=req,
-                        ranking=[dict(model=m, score=s, reasons=r) for m, s, r in passing.select("model", "score", "reasons").iter_rows()],
-                        rejected={m: r for m, r in ranked.filter(~pl.col("passed")).select("model", "reasons").iter_rows()},
-                        choice=passing["model"][0] if len(passing) else None,
-                        loadable_model=model, loadable=spec, loadable_why=why))
+        out.append(
+            dict(
+                cluster=c["cluster"],
+                label=c["label"],
+                requirements=req,
+                ranking=[
+                    dict(model=m, score=s, reasons=r)
+                    for m, s, r in passing.select("model", "score", "reasons").iter_rows()
+                ],
+                rejected={m: r for m, r in ranked.filter(~pl.col("passed")).select("model", "reasons").iter_rows()},
+                choice=passing["model"][0] if len(passing) else None,
+                loadable_model=model,
+                loadable=spec,
+                loadable_why=why,
+            )
+        )
     return dict(selections=out, weights=asdict(weights), thresholds=asdict(thresholds))
 
 # %% ../nbs/13_select.ipynb #11e68b13
@@ -206,8 +234,12 @@ class SelectConfig(Config):
     "S4's settings: the user's constraints, and how many ranked models to keep per cluster."
     memory_gb: float | None = field(default=None, metadata={"help": "Device memory for weights + KV cache (GB)."})
     bits: int = field(default=16, metadata={"help": "Weight precision for the memory check: 16, 8 or 4."})
-    non_commercial_ok: bool = field(default=False, metadata={"help": "Keep models whose licence forbids commercial use."})
-    latency_budget_ms: float | None = field(default=None, metadata={"help": "Estimated milliseconds per call, at most."})
+    non_commercial_ok: bool = field(
+        default=False, metadata={"help": "Keep models whose licence forbids commercial use."}
+    )
+    latency_budget_ms: float | None = field(
+        default=None, metadata={"help": "Estimated milliseconds per call, at most."}
+    )
     reasoning_heavy: bool = field(default=False, metadata={"help": "Count reasoning scores for every cluster."})
     top: int = field(default=3, metadata={"help": "Ranked models kept per cluster."})
 

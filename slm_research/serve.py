@@ -60,9 +60,17 @@ def chat_completion(message: dict, model: str, usage: dict | None = None) -> dic
         {"id": c.get("id") or f"call_{uuid.uuid4().hex[:12]}", "type": "function",
          "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
         for c in message["tool_calls"]]} if message.get("tool_calls") else {})}
-    out = {"id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion", "created": int(time.time()), "model": model,
-           "choices": [{"index": 0, "message": msg, "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}]}
-    if usage: out["usage"] = {**usage, "total_tokens": usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)}
+    out = {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:16]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "message": msg, "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}
+        ],
+    }
+    if usage:
+        out["usage"] = {**usage, "total_tokens": usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)}
     return out
 
 # %% ../nbs/16_serve.ipynb #c8281325
@@ -114,11 +122,18 @@ class AdapterServer:
                 model, tok = load_adapter(adapter_dir); name = None
             else:
                 from peft import PeftModel
-                base = meta.get("base") or json.loads((adapter_dir/"adapter_config.json").read_text())["base_model_name_or_path"]
+                base = (
+                    meta.get("base")
+                    or json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+                )
                 if base not in self._bases:
                     model, tok = load_base(base)
-                    self._bases[base] = (PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name).eval(), tok)
-                else: self._bases[base][0].load_adapter(str(adapter_dir), adapter_name=name)
+                    self._bases[base] = (
+                        PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name).eval(),
+                        tok,
+                    )
+                else:
+                    self._bases[base][0].load_adapter(str(adapter_dir), adapter_name=name)
                 model, tok = self._bases[base]
         def serve(request: dict) -> dict:
             limit = min(budget, request.get("max_completion_tokens") or request.get("max_tokens") or budget)
@@ -164,14 +179,28 @@ def load_router(processed: Path | None = None, server: AdapterServer | None = No
 
 # %% ../nbs/16_serve.ipynb #80983468
 @click.command("proxy")
-@click.option("--upstream", required=True, help="Base URL of the OpenAI-compatible upstream, e.g. https://api.openai.com/v1")
+@click.option(
+    "--upstream", required=True, help="Base URL of the OpenAI-compatible upstream, e.g. https://api.openai.com/v1"
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True)
-@click.option("--store", type=click.Path(path_type=Path), default=None, help="Store folder (default data/processed/<profile>/store).")
-@click.option("--agent", default="proxy", show_default=True, help="Application name logged when the client sends no X-SLM-Agent header.")
+@click.option(
+    "--store",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Store folder (default data/processed/<profile>/store).",
+)
+@click.option(
+    "--agent",
+    default="proxy",
+    show_default=True,
+    help="Application name logged when the client sends no X-SLM-Agent header.",
+)
 @click.option("--public-key", default=None)
 @click.option("--pseudonym-key", default=None)
-@click.option("--route/--no-route", default=False, help="Let promoted SLM adapters (S6 registry) serve the calls they can.")
+@click.option(
+    "--route/--no-route", default=False, help="Let promoted SLM adapters (S6 registry) serve the calls they can."
+)
 def proxy_cmd(upstream, host, port, store, agent, public_key, pseudonym_key, route):
     "OpenAI-compatible capture proxy: forwards to --upstream and logs every call to the encrypted store."
     import uvicorn

@@ -171,10 +171,13 @@ class AdapterRecord:
 
     def __post_init__(self):
         if self.status not in STATUSES:
-            raise ValueError(f"adapter cluster {self.cluster} v{self.version}: status {self.status!r} not in {STATUSES}")
+            raise ValueError(
+                f"adapter cluster {self.cluster} v{self.version}: status {self.status!r} not in {STATUSES}"
+            )
 
     @property
-    def score(self) -> float | None: return self.metrics.get("adapter_score")
+    def score(self) -> float | None:
+        return self.metrics.get("adapter_score")
 
     @classmethod
     def from_dict(cls, d: dict) -> "AdapterRecord":
@@ -269,7 +272,9 @@ def _read_json(path: Path, default=None):
 @patch
 def write_calls(self: Workspace, frame: pl.DataFrame) -> Path:
     "Write S2's cleaned calls (CLEAN_SCHEMA)."
-    return write_parquet_atomic(check_schema(frame, CLEAN_SCHEMA, "S2 output").select(list(CLEAN_SCHEMA)), self.path("calls"))
+    return write_parquet_atomic(
+        check_schema(frame, CLEAN_SCHEMA, "S2 output").select(list(CLEAN_SCHEMA)), self.path("calls")
+    )
 
 @patch
 def read_calls(self: Workspace) -> pl.DataFrame:
@@ -289,10 +294,14 @@ def read_clusters(self: Workspace) -> pl.DataFrame:
     frame = pl.read_parquet(self.require("clusters")).with_columns(pl.col("cluster").cast(pl.Int64))
     return check_schema(frame, CLUSTERS_SCHEMA, "clusters.parquet")
 
+
 @patch
 def read_clusters_summary(self: Workspace) -> dict: return json.loads(self.require("clusters_summary").read_text())
 @patch
-def write_selection(self: Workspace, selection: dict) -> Path: return write_json_atomic(self.path("selection"), selection)
+def write_selection(self: Workspace, selection: dict) -> Path:
+    return write_json_atomic(self.path("selection"), selection)
+
+
 @patch
 def read_selection(self: Workspace) -> dict: return json.loads(self.require("selection").read_text())
 @patch
