@@ -30,3 +30,19 @@ def workspace(tmp_path, monkeypatch):
     yield p
     import shutil
     shutil.rmtree(p.processed, ignore_errors=True)
+
+
+CHROMIUM = "/usr/bin/chromium"   # Debian's; never a downloaded browser
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    "Headless Chromium for the docs-site and JupyterLab checks."
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        # launch() gives every run a fresh, temporary user-data-dir
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield b
+        b.close()

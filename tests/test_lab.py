@@ -25,9 +25,6 @@ import pytest
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"]
 NOTEBOOKS = ("01_market", "13_select")
 NEEDS_S3 = ("13_select",)     # S4 ranks models for the clusters S3 left in the workspace
 SHOTS = Path(os.environ.get("SLM_LAB_SHOTS") or ROOT/"_build"/"lab")
@@ -124,16 +121,6 @@ def lab(lab_env):
         try: proc.wait(timeout=15)
         except subprocess.TimeoutExpired: proc.kill()
     log.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as pw:
-        # launch() gives every run a fresh, temporary user-data-dir
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        yield b
-        b.close()
 
 
 # --- driving Lab -------------------------------------------------------------------------------------------------

@@ -10,9 +10,6 @@ import pytest
 
 pytestmark = pytest.mark.site
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--disable-quic"]
 SITE = Path(os.environ.get("SLM_SITE_DIR", "_docs"))
 # tqdm's text ("decode latency:  40%|####  | 2/5 [00:01<00:02, 1.2it/s]") and the start of transformers' loading bars
 PROGRESS_TEXT = re.compile(r"\d+%\|[^|\n]*\|\s*\d+/\d+|\d+(\.\d+)?(it|s)/s\]|Loading weights:")
@@ -31,16 +28,6 @@ def site_url():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as pw:
-        # launch() gives every run a fresh, temporary user-data-dir
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        yield b
-        b.close()
 
 
 def _open(browser, url):
