@@ -41,15 +41,15 @@ from .core import Quarantine, check_counts, check_schema, content_hash, paths
 from .workspace import Config, Workspace
 
 # %% auto #0
-__all__ = ['MAGIC', 'MANIFEST', 'RAW_SCHEMA', 'ROLES', 'CONVERSATION_KEYS', 'FORMATS', 'ABANDONED', 'CaptureKeyError',
-           'default_key_dir', 'key_id', 'generate_keys', 'load_public_key', 'load_private_keys', 'load_pseudonym_key',
-           'Pseudonymizer', 'StoreError', 'SegmentWriter', 'SegmentReport', 'TruncatedHeader', 'StoreWarning',
-           'read_segment', 'list_segments', 'read_manifest', 'read_store', 'BackgroundWriter', 'to_frame',
-           'ExportStats', 'dedupe', 'export_frame', 'RecordError', 'validate_record', 'conversation_key', 'ImportStats',
-           'parse_lines', 'import_file', 'assemble_stream', 'completion_to_chunks', 'capture_openai', 'RouteResult',
-           'create_app', 'demo_upstream_app', 'Served', 'serve', 'UpstreamError', 'Upstream', 'write_private_parquet',
-           'CaptureConfig', 'CaptureResult', 'ensure_keys', 'capture_to_files', 'default_store', 'one_line_errors',
-           'capture_cmd', 'keygen_cmd', 'import_cmd', 'export_cmd']
+__all__ = ['MAGIC', 'MANIFEST', 'RAW_SCHEMA', 'ROLES', 'CONVERSATION_KEYS', 'FORMATS', 'ABANDONED', 'store_option',
+           'CaptureKeyError', 'default_key_dir', 'key_id', 'generate_keys', 'load_public_key', 'load_private_keys',
+           'load_pseudonym_key', 'Pseudonymizer', 'StoreError', 'SegmentWriter', 'SegmentReport', 'TruncatedHeader',
+           'StoreWarning', 'read_segment', 'list_segments', 'read_manifest', 'read_store', 'BackgroundWriter',
+           'to_frame', 'ExportStats', 'dedupe', 'export_frame', 'RecordError', 'validate_record', 'conversation_key',
+           'ImportStats', 'parse_lines', 'import_file', 'assemble_stream', 'completion_to_chunks', 'capture_openai',
+           'RouteResult', 'create_app', 'demo_upstream_app', 'Served', 'serve', 'UpstreamError', 'Upstream',
+           'write_private_parquet', 'CaptureConfig', 'CaptureResult', 'ensure_keys', 'capture_to_files',
+           'default_store', 'one_line_errors', 'capture_cmd', 'keygen_cmd', 'import_cmd', 'export_cmd']
 
 # %% ../nbs/10_capture.ipynb #45b1370c
 class CaptureKeyError(ValueError):
@@ -1470,6 +1470,9 @@ def capture_to_files(ws: Workspace, config: CaptureConfig) -> CaptureResult:
 # %% ../nbs/10_capture.ipynb #003b4d90
 def default_store() -> Path: return paths().processed/"store"
 
+store_option = click.option("--store", type=click.Path(path_type=Path), default=None,
+                            help="Store folder (default data/processed/<profile>/store).")
+
 @contextmanager
 def one_line_errors():
     "Key and store errors as one clear line (click prints `Error: ...` and exits 1)."
@@ -1501,12 +1504,7 @@ def keygen_cmd(key_dir):
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="openai", show_default=True)
 @click.option("--agent", default="imported", show_default=True, help="Name of the application that produced the logs.")
-@click.option(
-    "--store",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Store folder (default data/processed/<profile>/store).",
-)
+@store_option
 @click.option(
     "--public-key",
     default=None,
@@ -1540,7 +1538,7 @@ def import_cmd(files, fmt, agent, store, public_key, pseudonym_key, quarantine):
     multiple=True,
     help="Analyst private key file (repeat for rotated keys); default $SLM_ANALYST_PRIVATE_KEYS or the key folder.",
 )
-@click.option("--store", type=click.Path(path_type=Path), default=None)
+@store_option
 @click.option(
     "--out",
     type=click.Path(path_type=Path),

@@ -1910,14 +1910,16 @@ def clean_engine(name: str):
     return plugin(ENGINES, ENGINE_MODULES, name, "S2 engine")
 
 def clean_to_files(ws: Workspace | None = None, config: CleanConfig | None = None, frame: "pl.DataFrame | None" = None,
-                   *, engine: "MaskingEngine | None" = None, progress: bool = True, keys=None) -> dict:
-    """S2 on the workspace `ws`: `frame` (default: the workspace's encrypted store, decrypted with `keys`) masked on
+                   *, engine: "MaskingEngine | None" = None, progress: bool = True, keys=None, store=None) -> dict:
+    """S2 on the workspace `ws`: `frame` (default: the encrypted `store`, the workspace's unless given, decrypted with `keys`) masked on
     `config.engine` into the workspace's calls, quarantine and report. Returns the report."""
     ws, config = ws if isinstance(ws, Workspace) else Workspace(ws), config or CleanConfig()
     if frame is None:
-        frame = export_frame(ws.root/"store", keys)
+        store = Path(store or ws.root/"store")
+        frame = export_frame(store, keys)
         if frame.height == 0:
-            raise ValueError(f"the store {ws.root/'store'} holds no calls: import logs (`slm-research capture import`)")
+            raise ValueError(f"the store {store} holds no calls: "
+                             "import logs (`slm-research capture import`) or give --in")
     if config.engine == "local": return mask_to_files(frame, config, ws.root, engine, progress)
     return clean_engine(config.engine)(frame, config, ws.root)
 
@@ -2063,11 +2065,8 @@ def clean_cmd(in_path, out_path, keys, store, **options):
             if out_path is not None: check_output(in_path, out_path)
             lines_q = Quarantine(ws.root/"clean_input_quarantine.jsonl")
             frame, n_lines = jsonl_frame(in_path, config, lines_q)
-        elif store is not None:
-            frame = export_frame(Path(store), keys)
-            if frame.height == 0: raise ValueError(f"the store {store} holds no calls: import logs or give --in")
         engine = MaskingEngine(config)
-        report = clean_to_files(ws, config, frame, engine=engine, progress=False, keys=keys)
+        report = clean_to_files(ws, config, frame, engine=engine, progress=False, keys=keys, store=store)
         result = {"calls_clean": str(ws.path("calls")), **{k: report[k] for k in ("n_in", "n_out", "n_quarantined")}}
         if in_path is not None:
             _write_quarantine(lines_q)

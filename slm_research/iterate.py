@@ -21,7 +21,8 @@ from .calls import request_text
 from .core import CLEAN_SCHEMA, check_schema, content_hash, paths, progress
 from .finetune import (FinetuneConfig, answer_budget, evaluate, finetune, load_adapter, load_base,
                                    specialisation_order)
-from .workspace import AdapterRecord, Config, Registry, Workspace, min_test_calls, write_json_atomic
+from .workspace import (AdapterRecord, Config, Registry, Workspace, min_test_calls, read_json,
+                                    write_json_atomic)
 
 # %% auto #0
 __all__ = ['call_text', 'HISTORY_SCHEMA', 'cluster_shares', 'psi_terms', 'psi', 'js_divergence', 'text_embedder',
@@ -504,8 +505,6 @@ def load_new_logs(new_logs, workspace: Path, **import_kw) -> pl.DataFrame:
 # %% ../nbs/15_iterate.ipynb #6235482a
 def _workspace(ws) -> Workspace: return ws if isinstance(ws, Workspace) else Workspace(ws)
 
-def _read_json(path: Path, default): return json.loads(path.read_text()) if path.exists() else default
-
 def load_history(ws: Workspace | Path) -> pl.DataFrame:
     "Every call S6 knows, with its cluster and the round it came in (round 0: S2/S3's calls)."
     ws = _workspace(ws)
@@ -658,11 +657,11 @@ def iterate(new_logs, config: IterateConfig | None = None, workspace: Workspace 
     cfg, wsp = config or IterateConfig(), _workspace(workspace or paths().processed)
     ws, state_dir = wsp.root, wsp.root/"iterate"
     state_dir.mkdir(parents=True, exist_ok=True)
-    state = _read_json(state_dir/"state.json", {"round": 0, "ref_clusters": None})
+    state = read_json(state_dir/"state.json", {"round": 0, "ref_clusters": None})
     rnd = state["round"] + 1
     if assigner is None:
         from slm_research.cluster import load_clusterer
-        known = [NewCluster(**c) for c in _read_json(state_dir/"new_clusters.json", [])]
+        known = [NewCluster(**c) for c in read_json(state_dir/"new_clusters.json", [])]
         assigner = Assigner(load_clusterer(wsp.clusterer), known)
     trainer = trainer or default_trainer(ws)
 

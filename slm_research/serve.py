@@ -18,7 +18,7 @@ import polars as pl
 
 from .calls import tool_name, tool_names
 from .capture import (Pseudonymizer, RouteResult, SegmentWriter, create_app, default_store,
-                                  one_line_errors)
+                                  one_line_errors, store_option)
 from .core import paths
 from .finetune import generate, load_adapter, load_base
 from .iterate import RequestAssigner, load_history, known_calls
@@ -184,12 +184,7 @@ def load_router(processed: Path | None = None, server: AdapterServer | None = No
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True)
-@click.option(
-    "--store",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Store folder (default data/processed/<profile>/store).",
-)
+@store_option
 @click.option(
     "--agent",
     default="proxy",

@@ -26,7 +26,7 @@ from .core import CLEAN_SCHEMA, check_schema, paths
 # %% auto #0
 __all__ = ['SPLIT_FRACTIONS', 'Z95', 'STATUSES', 'CLUSTERS_SCHEMA', 'Config', 'write_json_atomic', 'write_parquet_atomic',
            'split_by_session', 'wilson_interval', 'bootstrap_interval', 'score_interval', 'min_test_calls', 'gate_row',
-           'build_gate', 'AdapterRecord', 'Registry', 'MissingHandoff', 'Workspace']
+           'build_gate', 'AdapterRecord', 'Registry', 'MissingHandoff', 'Workspace', 'read_json']
 
 # %% ../nbs/07_workspace.ipynb #74c83f88
 def _option_type(hint, default):
@@ -266,7 +266,8 @@ class Workspace:
         return p
 
 # %% ../nbs/07_workspace.ipynb #da4a4f37
-def _read_json(path: Path, default=None):
+def read_json(path: Path, default=None):
+    "The JSON document at `path`, or `default` when there is none."
     return json.loads(Path(path).read_text()) if Path(path).exists() else default
 
 @patch
@@ -307,7 +308,7 @@ def read_selection(self: Workspace) -> dict: return json.loads(self.require("sel
 @patch
 def registry(self: Workspace) -> Registry: return Registry(self.path("registry"))
 @patch
-def read_gate(self: Workspace, default=None) -> dict | None: return _read_json(self.path("gate"), default)
+def read_gate(self: Workspace, default=None) -> dict | None: return read_json(self.path("gate"), default)
 @patch
 def write_gate(self: Workspace, gate: dict) -> Path: return write_json_atomic(self.path("gate"), gate)
 
