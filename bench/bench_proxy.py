@@ -10,9 +10,9 @@ realistic). The upstream and each proxy run in their own process (uvicorn); the 
 
 1. Latency at concurrency 1: p50/p99 of (proxied - direct) per call, requests interleaved so drift hits all paths
    alike; the same for the inline writer and for the proxy logging nothing.
-2. Throughput at `--concurrency`: requests/s direct, through the proxy (records written by the background writer),
-   through the proxy with the writer inline on the request path (the design before), and through the same proxy
-   logging nothing (the cost of the HTTP hop alone). Each path
+2. Throughput at `--concurrency`: requests/s direct, through the proxy (records written by group commit on its event
+   loop, `LoopWriter`), through the proxy with a writer thread (`BackgroundWriter`, the design before), with the
+   writer inline in each request's handler, and through the same proxy logging nothing (the cost of the HTTP hop). Each path
    runs twice, alternating, and the better run counts (the CPU is shared; alternating spreads the noise).
 3. Crash: a fresh proxy under the same load is killed with SIGKILL after `--kill-after` answered calls. Reported:
    calls the clients saw answered, calls in flight at the kill, calls logged; `answered_not_logged` must be 0.
@@ -39,13 +39,13 @@ def _run_upstream(port, delay_s):
     uvicorn.run(demo_upstream_app(delay_s=delay_s), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def _run_proxy(port, upstream, store, public_key, pseudonym_key, background, switch_interval=None):
+def _run_proxy(port, upstream, store, public_key, pseudonym_key, commit, switch_interval=None):
     import sys
     import uvicorn
     if switch_interval: sys.setswitchinterval(switch_interval)  # how soon the writer thread gets the GIL back
     from slm_research.capture import Pseudonymizer, SegmentWriter, create_app
     writer = SegmentWriter(store, public_key, Pseudonymizer(pseudonym_key)) if store else None  # None: forwards, logs nothing
-    uvicorn.run(create_app(upstream, writer, agent="bench", background=background), host="127.0.0.1", port=port,
+    uvicorn.run(create_app(upstream, writer, agent="bench", commit=commit), host="127.0.0.1", port=port,
                 log_level="warning", access_log=False)
 
 
@@ -168,24 +168,26 @@ def main(argv=None):
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         keys = generate_keys(Path(tmp)/"keys")
-        up_port, bg_port, inl_port, bare_port, crash_port = (_free_port() for _ in range(5))
-        upstream, proxy, inline, bare, crash = (f"http://127.0.0.1:{p}" for p in (up_port, bg_port, inl_port, bare_port, crash_port))
+        up_port, bg_port, thr_port, inl_port, bare_port, crash_port = (_free_port() for _ in range(6))
+        upstream, proxy, thread, inline, bare, crash = (
+            f"http://127.0.0.1:{p}" for p in (up_port, bg_port, thr_port, inl_port, bare_port, crash_port))
         store = lambda name: str(Path(tmp)/name)
         keyargs = (str(keys["public"]), str(keys["pseudonym"]))
         procs = [ctx.Process(target=_run_upstream, args=(up_port, args.upstream_delay_ms / 1000), daemon=True),
-                 ctx.Process(target=_run_proxy, args=(bg_port, upstream, store("bg"), *keyargs, True, args.switch_interval), daemon=True),
-                 ctx.Process(target=_run_proxy, args=(inl_port, upstream, store("inline"), *keyargs, False, args.switch_interval), daemon=True),
-                 ctx.Process(target=_run_proxy, args=(bare_port, upstream, None, *keyargs, True, args.switch_interval), daemon=True)]
+                 ctx.Process(target=_run_proxy, args=(bg_port, upstream, store("bg"), *keyargs, "loop", args.switch_interval), daemon=True),
+                 ctx.Process(target=_run_proxy, args=(thr_port, upstream, store("thread"), *keyargs, "thread", args.switch_interval), daemon=True),
+                 ctx.Process(target=_run_proxy, args=(inl_port, upstream, store("inline"), *keyargs, "inline", args.switch_interval), daemon=True),
+                 ctx.Process(target=_run_proxy, args=(bare_port, upstream, None, *keyargs, "loop", args.switch_interval), daemon=True)]
         for p in procs: p.start()
         try:
-            for u in (upstream, proxy, inline, bare): _wait(u)
-            rows = asyncio.run(_latency([upstream, proxy, inline, bare], requests[: args.requests]))
+            for u in (upstream, proxy, thread, inline, bare): _wait(u)
+            rows = asyncio.run(_latency([upstream, proxy, thread, inline, bare], requests[: args.requests]))
             batch = requests[: args.throughput_requests]
-            rps = {"direct": [], "proxy": [], "inline": [], "bare": []}
+            rps = {"direct": [], "proxy": [], "thread": [], "inline": [], "bare": []}
             for _ in range(2):
-                for name, url in (("direct", upstream), ("proxy", proxy), ("inline", inline), ("bare", bare)):
+                for name, url in (("direct", upstream), ("proxy", proxy), ("thread", thread), ("inline", inline), ("bare", bare)):
                     rps[name].append(asyncio.run(_throughput(url, batch, args.concurrency)))
-            victim = ctx.Process(target=_run_proxy, args=(crash_port, upstream, store("crash"), *keyargs, True, args.switch_interval), daemon=True)
+            victim = ctx.Process(target=_run_proxy, args=(crash_port, upstream, store("crash"), *keyargs, "loop", args.switch_interval), daemon=True)
             victim.start(); _wait(crash)
             sent, answered = asyncio.run(_crash(crash, requests[: args.kill_after * 2], args.concurrency, args.kill_after, victim.pid))
             victim.join(10)
@@ -195,12 +197,14 @@ def main(argv=None):
         priv = load_private_keys(keys["private"])
         n_logged = sum(1 for _ in read_store(store("bg"), priv))
         n_logged_inline = sum(1 for _ in read_store(store("inline"), priv))
+        n_logged_thread = sum(1 for _ in read_store(store("thread"), priv))
         report = []
         logged_crash = {r["request"]["messages"][0]["content"] for r in read_store(store("crash"), priv, report)}
 
-    added = [p - d for d, p, _, _ in rows]
-    added_inline = [i - d for d, _, i, _ in rows]
-    added_bare = [b - d for d, _, _, b in rows]
+    added = [p - d for d, p, _, _, _ in rows]
+    added_thread = [t - d for d, _, t, _, _ in rows]
+    added_inline = [i - d for d, _, _, i, _ in rows]
+    added_bare = [b - d for d, _, _, _, b in rows]
     best = {k: max(v) for k, v in rps.items()}
     result = dict(
         baseline="direct calls to the same upstream with the same httpx client, measured in the same run",
@@ -209,13 +213,15 @@ def main(argv=None):
         upstream_delay_ms=args.upstream_delay_ms,
         direct_ms_p50=_pct([r[0] for r in rows], 50), proxy_ms_p50=_pct([r[1] for r in rows], 50),
         added_ms_p50=_pct(added, 50), added_ms_p99=_pct(added, 99), added_ms_mean=statistics.fmean(added),
-        added_ms_p50_inline_writer=_pct(added_inline, 50), added_ms_p50_no_logging=_pct(added_bare, 50),
+        added_ms_p50_thread_writer=_pct(added_thread, 50), added_ms_p50_inline_writer=_pct(added_inline, 50),
+        added_ms_p50_no_logging=_pct(added_bare, 50),
         rps_runs=rps, rps_direct=best["direct"], rps_proxy=best["proxy"], rps_proxy_inline_writer=best["inline"],
-        rps_proxy_no_logging=best["bare"],
-        rps_ratio=best["proxy"] / best["direct"], rps_ratio_inline_writer=best["inline"] / best["direct"],
+        rps_proxy_no_logging=best["bare"], rps_proxy_thread_writer=best["thread"],
+        rps_ratio=best["proxy"] / best["direct"], rps_ratio_thread_writer=best["thread"] / best["direct"],
+        rps_ratio_inline_writer=best["inline"] / best["direct"],
         rps_ratio_no_logging=best["bare"] / best["direct"],
         logged=n_logged, expected_logged=20 + args.requests + 2 * args.throughput_requests,
-        logged_inline=n_logged_inline, client_errors={u: len(v) for u, v in ERRORS.items()},
+        logged_inline=n_logged_inline, logged_thread=n_logged_thread, client_errors={u: len(v) for u, v in ERRORS.items()},
         crash=dict(sent=len(sent), answered=len(answered), in_flight_at_kill=len(sent - answered), logged=len(logged_crash),
                    answered_not_logged=len(answered - logged_crash), in_flight_logged=len(logged_crash - answered),
                    segments=[{k: v for k, v in r.__dict__.items() if k != "key_id"} for r in report]),
@@ -230,14 +236,14 @@ def main(argv=None):
           f"added p50 {result['added_ms_p50']:.2f} ms, p99 {result['added_ms_p99']:.2f} ms (goal: p50 <= 2 ms); "
           f"inline writer {result['added_ms_p50_inline_writer']:.2f} ms; the same proxy logging nothing {result['added_ms_p50_no_logging']:.2f} ms")
     print(f"requests/s at concurrency {args.concurrency}: direct {best['direct']:.0f}, via proxy {best['proxy']:.0f} "
-          f"(ratio {result['rps_ratio']:.2f}, goal >= 0.9); inline writer {best['inline']:.0f} (ratio {result['rps_ratio_inline_writer']:.2f}); logging nothing {best['bare']:.0f} ({result['rps_ratio_no_logging']:.2f})")
+          f"(ratio {result['rps_ratio']:.2f}, goal >= 0.9); writer thread {best['thread']:.0f} (ratio {result['rps_ratio_thread_writer']:.2f}); inline writer {best['inline']:.0f} (ratio {result['rps_ratio_inline_writer']:.2f}); logging nothing {best['bare']:.0f} ({result['rps_ratio_no_logging']:.2f})")
     print(f"kill -9 under load: {c['answered']} answered, {c['in_flight_at_kill']} in flight, {c['logged']} logged; "
           f"answered but not logged: {c['answered_not_logged']} (goal 0)")
     print(f"logged {n_logged} of {result['expected_logged']} proxied calls; load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores ({result['caveat']}); results: {out}")
-    n_err = len(ERRORS.get(proxy, [])) + len(ERRORS.get(inline, []))
+    n_err = len(ERRORS.get(proxy, [])) + len(ERRORS.get(inline, [])) + len(ERRORS.get(thread, []))
     if n_err: print(f"client errors (not counted as answered): {result['client_errors']}")
-    if min(n_logged, n_logged_inline) < result["expected_logged"] - n_err: raise SystemExit("some proxied calls were not logged")
+    if min(n_logged, n_logged_inline, n_logged_thread) < result["expected_logged"] - n_err: raise SystemExit("some proxied calls were not logged")
     if c["answered_not_logged"]: raise SystemExit("the crash lost calls whose answer a client had seen")
     return result
 

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import click
 import h11
+import orjson
 import polars as pl
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -37,18 +38,18 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fastapi import Request  # at module level: FastAPI resolves the (postponed) annotations of the routes here
 
-from .core import Quarantine, check_counts, check_schema, content_hash, paths
+from .core import Quarantine, check_counts, check_schema, content_hash, paths, progress
 from .workspace import Config, Workspace
 
 # %% auto #0
-__all__ = ['MAGIC', 'MANIFEST', 'RAW_SCHEMA', 'ROLES', 'CONVERSATION_KEYS', 'FORMATS', 'ABANDONED', 'store_option',
+__all__ = ['MAGIC', 'MANIFEST', 'COMMITS', 'RAW_SCHEMA', 'ROLES', 'CONVERSATION_KEYS', 'FORMATS', 'ABANDONED', 'store_option',
            'CaptureKeyError', 'default_key_dir', 'key_id', 'generate_keys', 'load_public_key', 'load_private_keys',
            'load_pseudonym_key', 'Pseudonymizer', 'StoreError', 'SegmentWriter', 'SegmentReport', 'TruncatedHeader',
            'StoreWarning', 'read_segment', 'list_segments', 'read_manifest', 'read_store', 'BackgroundWriter',
-           'to_frame', 'ExportStats', 'dedupe', 'export_frame', 'RecordError', 'validate_record', 'conversation_key',
-           'ImportStats', 'parse_lines', 'import_file', 'assemble_stream', 'completion_to_chunks', 'capture_openai',
-           'RouteResult', 'create_app', 'demo_upstream_app', 'Served', 'serve', 'UpstreamError', 'Upstream',
-           'write_private_parquet', 'CaptureConfig', 'CaptureResult', 'ensure_keys', 'capture_to_files',
+           'LoopWriter', 'to_frame', 'ExportStats', 'dedupe', 'export_frame', 'RecordError', 'validate_record',
+           'conversation_key', 'ImportStats', 'parse_lines', 'import_file', 'assemble_stream', 'completion_to_chunks',
+           'capture_openai', 'RouteResult', 'create_app', 'demo_upstream_app', 'Served', 'serve', 'UpstreamError',
+           'Upstream', 'write_private_parquet', 'CaptureConfig', 'CaptureResult', 'ensure_keys', 'capture_to_files',
            'default_store', 'one_line_errors', 'capture_cmd', 'keygen_cmd', 'import_cmd', 'export_cmd']
 
 # %% ../nbs/10_capture.ipynb #45b1370c
@@ -463,6 +464,43 @@ class BackgroundWriter:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
+# %% ../nbs/10_capture.ipynb #d48cf492
+def _settle(fut, error: BaseException | None) -> None:
+    if not fut.done(): fut.set_exception(error) if error else fut.set_result(None)  # a caller that left: still written
+
+class LoopWriter:
+    "A `SegmentWriter` fed from an asyncio event loop: the records of one loop turn are written together at its end."
+    def __init__(self, writer: SegmentWriter):
+        self.writer, self.n_batches, self._pending = writer, 0, []
+
+    def submit(self, record: dict | Callable[[], dict]) -> asyncio.Future:
+        "Queue `record` (or a function that builds it) for this turn's batch; the future completes once it is written."
+        loop = asyncio.get_running_loop()
+        if not self._pending: loop.call_soon(self.flush)
+        fut = loop.create_future()
+        self._pending.append((record, fut))
+        return fut
+
+    def flush(self) -> None:
+        "Build, pseudonymise, encrypt and write what is pending in one `append_many`; settle each caller's future."
+        batch, self._pending = self._pending, []
+        items = []
+        for record, fut in batch:
+            try: items.append((record() if callable(record) else record, fut))
+            except Exception as e: _settle(fut, e)
+        if not items: return
+        try: self.writer.append_many([r for r, _ in items]); error = None
+        except Exception as e: error = e
+        self.n_batches += 1
+        for _, fut in items: _settle(fut, error)
+
+    def close(self) -> list[Path]:
+        "Write what is pending, then seal the open segment (fsync)."
+        self.flush()
+        return self.writer.close()
+
+COMMITS = {"loop": LoopWriter, "thread": BackgroundWriter, "inline": None}   # how the proxy writes its records
+
 # %% ../nbs/10_capture.ipynb #932d2a52
 RAW_SCHEMA = {
     "id": pl.String, "timestamp": pl.Datetime("us", "UTC"), "agent": pl.String, "session": pl.String, "user": pl.String,
@@ -872,14 +910,12 @@ def import_file(
     path = Path(path)
     stats = ImportStats()
     ts = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat()
-    from tqdm.auto import tqdm
     with path.open("rb") as f:
-        for rec in tqdm(
+        for rec in progress(
             parse_lines(f, fmt, agent, path.name, quarantine, ts, stats),
             desc=f"import {path.name}",
             unit=" records",
             mininterval=1,
-            disable=None,
         ):
             writer.append(rec)
     check_counts(stats.n_in, stats.n_units_ok + stats.n_skipped, stats.n_quarantined, f"capture import {path.name}")
@@ -1051,11 +1087,15 @@ def _parse_answer(status: int, content: bytes) -> tuple[dict | None, str | None]
     except ValueError: return None, f"HTTP {status}: upstream answered non-JSON"
 
 def _parse_sse(raw: bytes) -> tuple[dict | None, None]:
-    "(completion, None) assembled from the raw bytes of a server-sent-event stream."
-    chunks = []
-    for line in raw.split(b"\n"):
-        if line.startswith(b"data:") and line[5:].strip() not in (b"", b"[DONE]"):
-            try: chunks.append(json.loads(line[5:]))
+    "(completion, None) assembled from the raw bytes of a server-sent-event stream (chunks that are not JSON skipped)."
+    lines = (line[5:].strip() for line in raw.split(b"\n") if line.startswith(b"data:"))
+    payloads = [p for p in lines if p not in (b"", b"[DONE]")]
+    try: chunks = orjson.loads(b"[" + b",".join(payloads) + b"]")   # one fast parse: a stream is many small chunks
+    except ValueError: chunks = None   # orjson.JSONDecodeError is a ValueError
+    if not isinstance(chunks, list) or len(chunks) != len(payloads):   # a bad chunk (or one holding a comma): one by one
+        chunks = []
+        for p in payloads:
+            try: chunks.append(json.loads(p))
             except ValueError: pass
     return assemble_stream(chunks), None
 
@@ -1063,7 +1103,7 @@ def _parse_sse(raw: bytes) -> tuple[dict | None, None]:
 async def _relay(r, request, body, t0, route, log, log_nowait):
     """Pass an upstream stream through chunk by chunk. The answer is logged as soon as the upstream's `[DONE]` arrives
     and before it is passed on, so a client that saw the end of its stream has its call in the store; a client that
-    leaves before the end gets its call marked abandoned. Chunks are parsed on the writer thread, not here."""
+    leaves before the end gets its call marked abandoned. Chunks are parsed when the writer builds the record (in one pass), not here."""
     pieces, logged = [], False
     answer = lambda: _parse_sse(b"".join(pieces))
     try:
@@ -1089,9 +1129,10 @@ async def _relay(r, request, body, t0, route, log, log_nowait):
 
 # %% ../nbs/10_capture.ipynb #f8bd7dd6
 def create_app(upstream_url: str, store: SegmentWriter | None = None, router=None, agent: str = "proxy",
-               upstream_api_key: str | None = None, timeout: float = 600.0, background: bool = True):
+               upstream_api_key: str | None = None, timeout: float = 600.0, commit: str = "loop"):
     """The capture proxy as a FastAPI app; `store` is anything with `append(record)` (usually a `SegmentWriter`, which is
-    then fed through a `BackgroundWriter` unless `background=False`). The app closes the store when it shuts down."""
+    then written by group commit: `commit="loop"` on the event loop (`LoopWriter`), `"thread"` on a writer thread
+    (`BackgroundWriter`), `"inline"` by each request's handler). The app closes the store when it shuts down."""
     import sys
     from contextlib import asynccontextmanager
     from fastapi import FastAPI
@@ -1101,7 +1142,8 @@ def create_app(upstream_url: str, store: SegmentWriter | None = None, router=Non
     base = upstream_url.rstrip("/")
     if not base.endswith("/v1"): base += "/v1"
     state = {}
-    sink = BackgroundWriter(store) if background and isinstance(store, SegmentWriter) else store
+    if commit not in COMMITS: raise ValueError(f"commit={commit!r}: choose one of {', '.join(COMMITS)}")
+    sink = COMMITS[commit](store) if isinstance(store, SegmentWriter) and COMMITS[commit] else store
 
     @asynccontextmanager
     async def lifespan(app):
@@ -1135,6 +1177,7 @@ def create_app(upstream_url: str, store: SegmentWriter | None = None, router=Non
         if sink is None: return
         build = record(*args, **kw)
         try:
+            if isinstance(sink, LoopWriter): return await sink.submit(build)
             if not hasattr(sink, "submit"): return sink.append(build())
             try: fut = sink.submit(build, block=False)
             except queue.Full: fut = await run_in_threadpool(sink.submit, build)

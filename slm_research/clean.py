@@ -34,6 +34,7 @@ from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer
 
 from .capture import export_frame
 from .core import plugin
+from .core import progress as progress_bar
 from .workspace import Config, Workspace
 
 # %% auto #0
@@ -1808,7 +1809,6 @@ def clean(
     are kept and scanned (findings, never values, in `report`). Malformed calls go to `quarantine` (raise without one).
     """
     import polars as pl
-    from tqdm.auto import tqdm
     from slm_research.core import CLEAN_SCHEMA, check_schema
     config = config or CleanConfig()
     engine = engine or MaskingEngine(config)
@@ -1822,7 +1822,7 @@ def clean(
     keep, masked_msgs, masked_resp, findings = [], [], [], []
     rows = zip(frame["id"], frame["session"], frame["messages"], frame["response"], tools_col)
     for i, (cid, session, messages, response, tools) in enumerate(
-        tqdm(rows, total=frame.height, desc="S2 masking", disable=not progress)
+        progress_bar(rows, total=frame.height, desc="S2 masking", disable=not progress)
     ):
         try:
             size = len(messages or "") + len(response or "") + len(tools or "")
@@ -1973,7 +1973,6 @@ def clean_jsonl(in_path, out_path, config: CleanConfig | None = None, progress: 
     the input's fields masked (user and session ids pseudonymised) and adds `entities`. Bad lines go to
     `OUT.quarantine.jsonl` with `file:line` and the reason; both files are written to temporary files and renamed at the
     end. Refuses an `out_path` that would overwrite `in_path`. Returns the counts and the tool-definition findings."""
-    from tqdm.auto import tqdm
     from slm_research.core import Quarantine, check_counts
     config = config or CleanConfig()
     in_path, out_path = Path(in_path), check_output(in_path, out_path)
@@ -1983,7 +1982,7 @@ def clean_jsonl(in_path, out_path, config: CleanConfig | None = None, progress: 
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as dst:
-            for where, rec, reason in tqdm(read_lines(in_path, config), desc="masking", disable=not progress):
+            for where, rec, reason in progress_bar(read_lines(in_path, config), desc="masking", disable=not progress):
                 n_in += 1
                 if reason: q.add(where, reason); continue
                 try:

@@ -15,9 +15,8 @@ from pathlib import Path
 import click
 import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
 
-from .core import CLEAN_SCHEMA, Quarantine, check_counts, check_schema, content_hash, paths, plugin
+from .core import CLEAN_SCHEMA, Quarantine, check_counts, check_schema, content_hash, paths, plugin, progress
 from .workspace import Config, Workspace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -146,7 +145,7 @@ def distill_static(model_path: str | None = None, out: Path | None = None, pca_d
     vocab = Tokenizer.from_file(str(Path(model_path)/"tokenizer.json"))
     n, vecs = vocab.get_vocab_size(), []
     with torch.inference_mode():
-        for s in tqdm(range(0, n, batch_size), desc="distilling static embeddings"):
+        for s in progress(range(0, n, batch_size), desc="distilling static embeddings"):
             ids = torch.tensor([[tok.cls_token_id, i, tok.sep_token_id] for i in range(s, min(n, s + batch_size))])
             vecs.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.mean(1).numpy())
     emb = PCA(pca_dims, random_state=0).fit_transform(np.concatenate(vecs))
@@ -449,16 +448,24 @@ class Clusterer:
         ok = sims[np.arange(len(x)), best] >= self.thresholds[best]
         return np.where(ok, np.asarray(self.clusters)[best], -1)
 
-    def vectors(self, frame: pl.DataFrame, embedder=None) -> np.ndarray:
+    def vectors(self, frame: pl.DataFrame, embedder=None, progress_bar: bool | None = None) -> np.ndarray:
         "The representation of the calls of `frame` (CLEAN_SCHEMA, or a frame with `text`)."
         parts = build_parts(frame, self.text)
         texts = ["\n".join(t for t in ts if t) for ts in zip(*parts.values())]
-        emb = embed_parts(parts, embedder or self.embedder, progress=len(frame) > 5000)
+        show = len(frame) > 5000 if progress_bar is None else progress_bar
+        emb = embed_parts(parts, embedder or self.embedder, progress=show)
         return self.representation.transform(emb, texts)
 
-    def assign(self, frame: pl.DataFrame, embedder=None) -> pl.DataFrame:
-        "`frame` with `cluster` (Int64, -1 for outliers) and `cluster_label` added."
-        ids = self.assign_vectors(self.vectors(frame, embedder))
+    def assign(self, frame: pl.DataFrame, embedder=None, batch_calls: int = 50_000) -> pl.DataFrame:
+        """`frame` with `cluster` (Int64, -1 for outliers) and `cluster_label` added; `batch_calls` at a time, so
+        memory stays bounded however long the log (each call is assigned on its own: batching changes no answer)."""
+        starts = range(0, max(frame.height, 1), batch_calls)
+        batched = len(starts) > 1   # then one bar over the batches, none inside them
+        if batched: starts = progress(starts, desc="assigning calls", unit="batch")
+        ids = np.concatenate(
+            [self.assign_vectors(self.vectors(frame.slice(s, batch_calls), embedder, False if batched else None))
+             for s in starts]
+        )
         return frame.with_columns(pl.Series("cluster", ids, dtype=pl.Int64),
                                   pl.Series("cluster_label", [self.label_of(int(c)) for c in ids], dtype=pl.String))
 

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import click
 
 from .core import content_hash, paths
+from .core import progress as progress_bar
 
 # %% auto #0
 __all__ = ['AGENT_SHARE', 'SUBTASKS', 'DRIFT_SUBTASKS', 'PII_LABELS', 'PROJECTS', 'REQUIREMENT_FRAMES', 'METAGPT_ROLES',
@@ -1532,14 +1533,13 @@ def generate_corpus(n_records: int, seed: int, mix: dict | None = None, extra_su
     out = corpus_dir(n_records, seed, mix, extra_subtasks, id_prefix, start)
     if _is_current(out): return out
     import os, shutil, tempfile
-    from tqdm.auto import tqdm
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     canaries = []
     try:
         with (tmp/"calls.jsonl").open("w") as fc, (tmp/"gold.jsonl").open("w") as fg:
             recs = generate_records(n_records, seed, mix, extra_subtasks, id_prefix, start or "2025-03-01T08:00:00Z")
-            for record, gold, canary in tqdm(recs, total=n_records, desc="corpus", disable=not progress or n_records < 2000, mininterval=1):
+            for record, gold, canary in progress_bar(recs, total=n_records, desc="corpus", disable=not progress or n_records < 2000, mininterval=1):
                 fc.write(json.dumps(record, ensure_ascii=False) + "\n")
                 fg.write(json.dumps(gold, ensure_ascii=False) + "\n")
                 if canary: canaries.append(canary)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .core import headline, paths, raw_file, set_seed, show
+from .core import headline, paths, progress, raw_file, set_seed, show
 
 # %% auto #0
 __all__ = ['ArchConfig', 'param_count', 'non_embedding_params', 'flops_per_token', 'kv_cache_bytes', 'weight_bytes',
@@ -246,10 +246,9 @@ def _measure(cfg, n_new_tokens, prompt_len, n_warmup, dtype, seed, model) -> Lat
 # %% ../nbs/02_models.ipynb #b5076273
 def measure_sizes_latency(keys: list[str], configs: dict[str, ArchConfig] | None = None, **kw) -> pl.DataFrame:
     "Measure `measure_decode_latency` for each config named or sized in `keys`, one model in memory at a time."
-    from tqdm.auto import tqdm
     configs = configs if configs is not None else load_arch_configs()
     rows = []
-    for key in (bar := tqdm(keys, desc="decode latency")):
+    for key in (bar := progress(keys, desc="decode latency")):
         cfg = find_config(key, configs)
         bar.set_postfix_str(cfg.name)
         r = measure_decode_latency(cfg, **kw)

@@ -611,6 +611,38 @@ def test_kill_9_during_load_loses_only_calls_in_flight(tmp_path, keys):
     assert all(not r.sealed for r in rep if r.segment.endswith(".open"))
 
 
+def test_a_stream_is_parsed_in_one_pass_and_survives_a_bad_chunk():
+    from slm_research.capture import _parse_sse, assemble_stream
+    chunks = [{"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+               "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]} for w in ("Hel", "lo, ", "world")]
+    raw = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    want = assemble_stream(chunks)
+    assert want["choices"][0]["message"]["content"] == "Hello, world"
+    assert _parse_sse(raw) == (want, None)
+    for bad in (b"data: {not json\n\n", b"data: 1, 2\n\n"):            # skipped, the rest kept
+        assert _parse_sse(bad + raw) == (want, None)
+
+
+def test_loop_writer_commits_a_turn_at_once_and_isolates_a_failure(tmp_path, keys):
+    import asyncio
+    from slm_research.capture import LoopWriter
+    lw = LoopWriter(SegmentWriter(tmp_path/"store", keys["public"], Pseudonymizer(keys["pseudonym"])))
+
+    async def turn():
+        def broken(): raise ValueError("cannot build this record")
+        futs = [lw.submit(valid_raw(0)), lw.submit(broken), lw.submit(lambda: valid_raw(2))]
+        lw.submit(valid_raw(3)).cancel()                                  # a caller that left: still logged
+        return await asyncio.gather(*futs, return_exceptions=True)
+
+    results = asyncio.run(turn())
+    assert results[0] is None and results[2] is None and isinstance(results[1], ValueError)
+    assert lw.n_batches == 1                                             # one write, one flush for the turn
+    ids = [r["id"] for r in read_store(tmp_path/"store", load_private_keys(keys["private"]))]
+    assert ids == ["ok-0", "ok-2", "ok-3"]                               # written before the callers resumed
+    lw.close()
+    assert [p.suffix for p in list_segments(tmp_path/"store")] == [".seg"]
+
+
 def test_background_writer_is_bounded_and_writes_before_it_answers(tmp_path, keys):
     import queue
     import threading

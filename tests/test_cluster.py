@@ -56,6 +56,8 @@ def test_saved_clusterer_assigns_new_calls_and_outliers(workspace):
     new, new_gold = calls(30, seed=7)
     got = model.assign(new.with_columns(pl.format("n{}", pl.col("id")).alias("id")))
     assert score_clusters(new_gold, got["cluster"])["nmi"] == 1.0
+    # in batches (bounded memory on long logs) the answers are the same, call for call
+    assert got.equals(model.assign(new.with_columns(pl.format("n{}", pl.col("id")).alias("id")), batch_calls=7))
     odd = new.head(1).with_columns(messages=pl.lit(json.dumps([{"role": "system", "content": "You are a poet."},
                                                               {"role": "user", "content": "Write a sonnet on autumn rain over the sea."}])))
     assert model.assign(odd)["cluster"].to_list() == [-1]

@@ -1,4 +1,4 @@
-"""The package's shape: no import cycles between its modules, and each hand-off file named by one owner."""
+"""The package's shape: no import cycles between its modules, each hand-off file named by one owner, one owner of progress bars."""
 import ast
 import re
 from pathlib import Path
@@ -56,6 +56,13 @@ def test_the_package_has_no_import_cycle():
 def test_handoff_file_names_are_spelled_only_in_the_workspace(name):
     owners = sorted(p.stem for p in PKG.glob("*.py") if p.stem != "_modidx" and re.search(re.escape(f'"{name}"'), p.read_text()))
     assert owners == ["workspace"], f"{name} is spelled out in {owners}"
+
+
+def test_progress_bars_have_one_owner():
+    "Every bar goes through `core.progress`, which honours SLM_PROGRESS and throttles when stderr is not a terminal."
+    users = sorted(p.stem for p in PKG.glob("*.py") if p.stem not in ("core", "_modidx")
+                   and re.search(r"^\s*(from tqdm|import tqdm)", p.read_text(), re.M))
+    assert users == [], f"tqdm used directly in {users}: use slm_research.core.progress"
 
 
 STEPS = [("capture", "capture_to_files", "CaptureConfig"), ("clean", "clean_to_files", "CleanConfig"),
