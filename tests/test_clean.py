@@ -1,5 +1,6 @@
 "S2 cleaning: real Presidio engine, real capture store, real files."
 import json
+import re
 from pathlib import Path
 
 import polars as pl
@@ -66,7 +67,8 @@ def test_json_stays_valid_and_offsets_point_into_the_original(engine, doc, ascii
         piece = raw[e["start"]:e["end"]]
         assert '"' not in piece.replace('\\"', "")
         json.loads('"' + piece + '"')
-    if doc.get("email") == "anna@example.org": assert out["email"] == "<EMAIL_1>"
+    if doc.get("email") == "anna@example.org":   # a nested value under an `email` key may take <EMAIL_1> first
+        assert re.fullmatch(r"<EMAIL_\d+>", out["email"])
 
 
 def _frame(records):
