@@ -168,6 +168,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'slm_research.capture._settle': ('capture.html#_settle', 'slm_research/capture.py'),
                                       'slm_research.capture._sse': ('capture.html#_sse', 'slm_research/capture.py'),
                                       'slm_research.capture._text_or_file': ('capture.html#_text_or_file', 'slm_research/capture.py'),
+                                      'slm_research.capture._write_batch': ('capture.html#_write_batch', 'slm_research/capture.py'),
                                       'slm_research.capture._write_secret': ('capture.html#_write_secret', 'slm_research/capture.py'),
                                       'slm_research.capture.assemble_stream': ('capture.html#assemble_stream', 'slm_research/capture.py'),
                                       'slm_research.capture.capture_cmd': ('capture.html#capture_cmd', 'slm_research/capture.py'),

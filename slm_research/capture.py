@@ -418,6 +418,21 @@ def read_store(store_dir: Path | None = None, private_keys: dict | str | Path | 
             _gap(r, strict)
 
 # %% ../nbs/10_capture.ipynb #58a9096e
+def _settle(fut, error: BaseException | None) -> None:
+    if not fut.done(): fut.set_exception(error) if error else fut.set_result(None)  # a caller that left: still written
+
+def _write_batch(writer: "SegmentWriter", batch: list) -> bool:
+    "Build each `(record or builder, future)`, write them in one `append_many`, settle each future; False if none built."
+    items = []
+    for record, fut in batch:
+        try: items.append((record() if callable(record) else record, fut))
+        except Exception as e: _settle(fut, e)
+    if not items: return False
+    try: writer.append_many([r for r, _ in items]); error = None
+    except Exception as e: error = e
+    for _, fut in items: _settle(fut, error)
+    return True
+
 class BackgroundWriter:
     "A `SegmentWriter` fed through a bounded queue by one writer thread that writes and flushes in batches."
     def __init__(self, writer: SegmentWriter, max_queue: int = 10_000, max_batch: int = 512):
@@ -443,15 +458,7 @@ class BackgroundWriter:
             while batch[-1] is not None and len(batch) < self.max_batch:
                 try: batch.append(self._q.get_nowait())
                 except queue.Empty: break
-            items = []
-            for b in batch[: len(batch) - (batch[-1] is None)]:
-                try: items.append((b[0]() if callable(b[0]) else b[0], b[1]))
-                except Exception as e: b[1].set_exception(e)
-            if items:
-                try: self.writer.append_many([r for r, _ in items]); err = None
-                except Exception as e: err = e
-                self.n_batches += 1
-                for _, fut in items: fut.set_exception(err) if err else fut.set_result(None)
+            if _write_batch(self.writer, batch[: len(batch) - (batch[-1] is None)]): self.n_batches += 1
             if batch[-1] is None: return
 
     def close(self) -> list[Path]:
@@ -465,9 +472,6 @@ class BackgroundWriter:
     def __exit__(self, *exc): self.close()
 
 # %% ../nbs/10_capture.ipynb #d48cf492
-def _settle(fut, error: BaseException | None) -> None:
-    if not fut.done(): fut.set_exception(error) if error else fut.set_result(None)  # a caller that left: still written
-
 class LoopWriter:
     "A `SegmentWriter` fed from an asyncio event loop: the records of one loop turn are written together at its end."
     def __init__(self, writer: SegmentWriter):
@@ -484,15 +488,7 @@ class LoopWriter:
     def flush(self) -> None:
         "Build, pseudonymise, encrypt and write what is pending in one `append_many`; settle each caller's future."
         batch, self._pending = self._pending, []
-        items = []
-        for record, fut in batch:
-            try: items.append((record() if callable(record) else record, fut))
-            except Exception as e: _settle(fut, e)
-        if not items: return
-        try: self.writer.append_many([r for r, _ in items]); error = None
-        except Exception as e: error = e
-        self.n_batches += 1
-        for _, fut in items: _settle(fut, error)
+        if _write_batch(self.writer, batch): self.n_batches += 1
 
     def close(self) -> list[Path]:
         "Write what is pending, then seal the open segment (fsync)."
