@@ -1,19 +1,22 @@
-"""The S1 capture proxy on loopback, against calling the upstream directly: added latency, throughput, and what a
-crash loses.
+"""The S1 capture proxy on loopback, against calling the upstream directly: added latency, throughput, CPU per call,
+and what a crash loses.
 
-    .venv/bin/python bench/bench_proxy.py [--requests 300] [--throughput-requests 600] [--concurrency 20]
+    .venv/bin/python bench/bench_proxy.py [--requests 300] [--throughput-requests 2000] [--concurrency 20]
                                           [--stream-share 0.3] [--upstream-delay-ms 0] [--kill-after 300]
 
 Baseline: the same OpenAI-compatible upstream (slm_research.capture.demo_upstream_app), called directly with the
 same client and the same requests (taken from the embedded corpus, so prompts, tool definitions and sizes are
 realistic). The upstream and each proxy run in their own process (uvicorn); the client (httpx, asyncio) in this one.
+The proxy paths (`PATHS`): group commit on the event loop (`LoopWriter`, the default), a writer thread
+(`BackgroundWriter`), the writer inline in each request's handler, and the same proxy logging nothing (the HTTP hop).
 
-1. Latency at concurrency 1: p50/p99 of (proxied - direct) per call, requests interleaved so drift hits all paths
-   alike; the same for the inline writer and for the proxy logging nothing.
-2. Throughput at `--concurrency`: requests/s direct, through the proxy (records written by group commit on its event
-   loop, `LoopWriter`), through the proxy with a writer thread (`BackgroundWriter`, the design before), with the
-   writer inline in each request's handler, and through the same proxy logging nothing (the cost of the HTTP hop). Each path
-   runs twice, alternating, and the better run counts (the CPU is shared; alternating spreads the noise).
+1. Latency at concurrency 1: p50/p99 of (proxied - direct) per call, requests interleaved so drift hits all paths alike.
+2. Throughput at `--concurrency`, twice: the mixed workload (`--stream-share` streamed) and non-streamed calls only.
+   The proxy passes on what has arrived of a stream in one piece, so through it the client reads fewer, larger pieces
+   than from the upstream directly, which can put the mixed ratio above 1; the non-streamed ratio has no such effect.
+   Each path runs twice, alternating, and the better run counts (the CPU is shared; alternating spreads the noise).
+   Also reported: the proxy's and the upstream's CPU time per call (their processes' user + system time), which
+   does not depend on which process is the bottleneck on this machine.
 3. Crash: a fresh proxy under the same load is killed with SIGKILL after `--kill-after` answered calls. Reported:
    calls the clients saw answered, calls in flight at the kill, calls logged; `answered_not_logged` must be 0.
 Every proxied call of phases 1-2 must be in the store. Results go to bench/results/proxy-<timestamp>.json.
@@ -107,15 +110,21 @@ async def _latency(urls, requests):
     return rows
 
 
-async def _throughput(url, requests, concurrency):
+async def _throughput(url, requests, concurrency, pids=()):
+    "Requests/s through `url`, and the CPU ms per call that the processes `pids` spent meanwhile."
     import httpx
+    import psutil
+    procs = [psutil.Process(p) for p in pids]
     it = iter(requests)
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency * 2)) as c:
         async def worker():
             for req in it: await _try(c, url, req)
+        cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
         t = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return len(requests) / (time.perf_counter() - t)
+        rps = len(requests) / (time.perf_counter() - t)
+    cpu_ms = [(sum(p.cpu_times()[:2]) - c0) * 1000 / len(requests) for p, c0 in zip(procs, cpu0)]
+    return rps, cpu_ms
 
 
 async def _crash(url, requests, concurrency, kill_after, pid, timeout_s=120):
@@ -139,12 +148,18 @@ async def _crash(url, requests, concurrency, kill_after, pid, timeout_s=120):
     return sent, answered
 
 
+PATHS = {  # the proxy paths measured against calling the upstream directly: (how records are committed, logs at all)
+    "proxy": ("loop", True), "thread": ("thread", True), "inline": ("inline", True), "bare": ("loop", False)}
+LABELS = {"direct": "direct", "proxy": "via proxy", "thread": "writer thread", "inline": "inline writer",
+          "bare": "logging nothing"}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=300, help="sequential requests per path (latency)")
-    ap.add_argument("--throughput-requests", type=int, default=600, help="requests per path and run (throughput)")
+    ap.add_argument("--throughput-requests", type=int, default=2000, help="requests per path, workload and run (throughput)")
     ap.add_argument("--concurrency", type=int, default=20)
-    ap.add_argument("--stream-share", type=float, default=0.3, help="share of streamed requests")
+    ap.add_argument("--stream-share", type=float, default=0.3, help="share of streamed requests in the mixed workload")
     ap.add_argument("--upstream-delay-ms", type=float, default=0.0, help="simulated LLM time in the upstream (0: pure overhead)")
     ap.add_argument("--kill-after", type=int, default=300, help="answered calls before the proxy is killed (crash phase)")
     ap.add_argument("--switch-interval", type=float, default=None,
@@ -164,64 +179,60 @@ def main(argv=None):
         req["model"] = "demo-llm"
         req["stream"] = rng.random() < args.stream_share
         requests.append(req)
+    batch = requests[: args.throughput_requests]
+    workloads = {"mixed": batch, "non_streamed": [{**r, "stream": False} for r in batch]}
 
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         keys = generate_keys(Path(tmp)/"keys")
-        up_port, bg_port, thr_port, inl_port, bare_port, crash_port = (_free_port() for _ in range(6))
-        upstream, proxy, thread, inline, bare, crash = (
-            f"http://127.0.0.1:{p}" for p in (up_port, bg_port, thr_port, inl_port, bare_port, crash_port))
-        store = lambda name: str(Path(tmp)/name)
         keyargs = (str(keys["public"]), str(keys["pseudonym"]))
-        procs = [ctx.Process(target=_run_upstream, args=(up_port, args.upstream_delay_ms / 1000), daemon=True),
-                 ctx.Process(target=_run_proxy, args=(bg_port, upstream, store("bg"), *keyargs, "loop", args.switch_interval), daemon=True),
-                 ctx.Process(target=_run_proxy, args=(thr_port, upstream, store("thread"), *keyargs, "thread", args.switch_interval), daemon=True),
-                 ctx.Process(target=_run_proxy, args=(inl_port, upstream, store("inline"), *keyargs, "inline", args.switch_interval), daemon=True),
-                 ctx.Process(target=_run_proxy, args=(bare_port, upstream, None, *keyargs, "loop", args.switch_interval), daemon=True)]
-        for p in procs: p.start()
+        store = lambda name: str(Path(tmp)/name)
+        ports = {name: _free_port() for name in ("direct", *PATHS, "crash")}
+        urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+        proxy = lambda name, commit, logs: ctx.Process(target=_run_proxy, daemon=True, args=(
+            ports[name], urls["direct"], store(name) if logs else None, *keyargs, commit, args.switch_interval))
+        procs = {"direct": ctx.Process(target=_run_upstream, args=(ports["direct"], args.upstream_delay_ms / 1000), daemon=True)}
+        procs |= {name: proxy(name, *how) for name, how in PATHS.items()}
+        for p in procs.values(): p.start()
         try:
-            for u in (upstream, proxy, thread, inline, bare): _wait(u)
-            rows = asyncio.run(_latency([upstream, proxy, thread, inline, bare], requests[: args.requests]))
-            batch = requests[: args.throughput_requests]
-            rps = {"direct": [], "proxy": [], "thread": [], "inline": [], "bare": []}
-            for _ in range(2):
-                for name, url in (("direct", upstream), ("proxy", proxy), ("thread", thread), ("inline", inline), ("bare", bare)):
-                    rps[name].append(asyncio.run(_throughput(url, batch, args.concurrency)))
-            victim = ctx.Process(target=_run_proxy, args=(crash_port, upstream, store("crash"), *keyargs, "loop", args.switch_interval), daemon=True)
-            victim.start(); _wait(crash)
-            sent, answered = asyncio.run(_crash(crash, requests[: args.kill_after * 2], args.concurrency, args.kill_after, victim.pid))
+            for name in procs: _wait(urls[name])
+            latency_rows = asyncio.run(_latency([urls[n] for n in procs], requests[: args.requests]))
+            runs = {w: {n: [] for n in procs} for w in workloads}   # (requests/s, [upstream, proxy] CPU ms per call)
+            for w, reqs in workloads.items():
+                for _ in range(2):
+                    for n in procs:
+                        pids = [procs["direct"].pid] + ([procs[n].pid] if n != "direct" else [])
+                        runs[w][n].append(asyncio.run(_throughput(urls[n], reqs, args.concurrency, pids)))
+            victim = proxy("crash", "loop", True)
+            victim.start(); _wait(urls["crash"])
+            sent, answered = asyncio.run(_crash(urls["crash"], requests[: args.kill_after * 2], args.concurrency, args.kill_after, victim.pid))
             victim.join(10)
         finally:
-            for p in procs: p.terminate()  # SIGTERM: uvicorn shuts down gracefully, the proxies seal their segments
-            for p in procs: p.join(15)
+            for p in procs.values(): p.terminate()  # SIGTERM: uvicorn shuts down gracefully, the proxies seal their segments
+            for p in procs.values(): p.join(15)
         priv = load_private_keys(keys["private"])
-        n_logged = sum(1 for _ in read_store(store("bg"), priv))
-        n_logged_inline = sum(1 for _ in read_store(store("inline"), priv))
-        n_logged_thread = sum(1 for _ in read_store(store("thread"), priv))
+        n_logged = {n: sum(1 for _ in read_store(store(n), priv)) for n, (_, logs) in PATHS.items() if logs}
         report = []
         logged_crash = {r["request"]["messages"][0]["content"] for r in read_store(store("crash"), priv, report)}
 
-    added = [p - d for d, p, _, _, _ in rows]
-    added_thread = [t - d for d, _, t, _, _ in rows]
-    added_inline = [i - d for d, _, _, i, _ in rows]
-    added_bare = [b - d for d, _, _, _, b in rows]
-    best = {k: max(v) for k, v in rps.items()}
+    direct_ms = [row[0] for row in latency_rows]
+    added = {n: [row[i] - row[0] for row in latency_rows] for i, n in enumerate(procs) if n != "direct"}
+    throughput = {}
+    for w, by_path in runs.items():
+        best_direct = max(r for r, _ in by_path["direct"])
+        throughput[w] = {n: dict(rps_runs=[r for r, _ in rs], rps=max(r for r, _ in rs), ratio=max(r for r, _ in rs) / best_direct,
+                                 cpu_ms_per_call=dict(zip(("upstream", "proxy"), map(statistics.fmean, zip(*(c for _, c in rs))))))
+                         for n, rs in by_path.items()}
+    expected = 20 + args.requests + 2 * len(workloads) * args.throughput_requests
     result = dict(
         baseline="direct calls to the same upstream with the same httpx client, measured in the same run",
-        caveat="2 CPU cores shared with other work while measured: ratios are indicative; rerun on an idle machine",
-        requests=args.requests, concurrency=args.concurrency, switch_interval=args.switch_interval, stream_share=args.stream_share,
-        upstream_delay_ms=args.upstream_delay_ms,
-        direct_ms_p50=_pct([r[0] for r in rows], 50), proxy_ms_p50=_pct([r[1] for r in rows], 50),
-        added_ms_p50=_pct(added, 50), added_ms_p99=_pct(added, 99), added_ms_mean=statistics.fmean(added),
-        added_ms_p50_thread_writer=_pct(added_thread, 50), added_ms_p50_inline_writer=_pct(added_inline, 50),
-        added_ms_p50_no_logging=_pct(added_bare, 50),
-        rps_runs=rps, rps_direct=best["direct"], rps_proxy=best["proxy"], rps_proxy_inline_writer=best["inline"],
-        rps_proxy_no_logging=best["bare"], rps_proxy_thread_writer=best["thread"],
-        rps_ratio=best["proxy"] / best["direct"], rps_ratio_thread_writer=best["thread"] / best["direct"],
-        rps_ratio_inline_writer=best["inline"] / best["direct"],
-        rps_ratio_no_logging=best["bare"] / best["direct"],
-        logged=n_logged, expected_logged=20 + args.requests + 2 * args.throughput_requests,
-        logged_inline=n_logged_inline, logged_thread=n_logged_thread, client_errors={u: len(v) for u, v in ERRORS.items()},
+        caveat="2 CPU cores shared by client, upstream and proxy: throughput ratios say whether the proxy fits beside them",
+        requests=args.requests, throughput_requests=args.throughput_requests, concurrency=args.concurrency,
+        stream_share=args.stream_share, upstream_delay_ms=args.upstream_delay_ms, switch_interval=args.switch_interval,
+        direct_ms_p50=_pct(direct_ms, 50), added_ms_p50=_pct(added["proxy"], 50), added_ms_p99=_pct(added["proxy"], 99),
+        added_ms_p50_by_path={n: _pct(a, 50) for n, a in added.items()},
+        rps_ratio=throughput["mixed"]["proxy"]["ratio"], rps_ratio_non_streamed=throughput["non_streamed"]["proxy"]["ratio"],
+        throughput=throughput, logged=n_logged, expected_logged=expected, client_errors={u: len(v) for u, v in ERRORS.items()},
         crash=dict(sent=len(sent), answered=len(answered), in_flight_at_kill=len(sent - answered), logged=len(logged_crash),
                    answered_not_logged=len(answered - logged_crash), in_flight_logged=len(logged_crash - answered),
                    segments=[{k: v for k, v in r.__dict__.items() if k != "key_id"} for r in report]),
@@ -231,19 +242,24 @@ def main(argv=None):
     out = Path(__file__).parent/"results"/f"proxy-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
+    by = result["added_ms_p50_by_path"]
+    print(f"latency (concurrency 1): direct p50 {result['direct_ms_p50']:.2f} ms; added p50 {by['proxy']:.2f} ms "
+          f"(p99 {result['added_ms_p99']:.2f} ms, goal: p50 <= 2 ms); " +
+          "; ".join(f"{LABELS[n]} {by[n]:.2f} ms" for n in PATHS if n != "proxy"))
+    for w, t in throughput.items():
+        kind = f"{args.stream_share:.0%} streamed" if w == "mixed" else "none streamed"
+        print(f"requests/s at concurrency {args.concurrency}, {kind}: direct {t['direct']['rps']:.0f}; " +
+              "; ".join(f"{LABELS[n]} {t[n]['rps']:.0f} ({t[n]['ratio']:.2f}{', goal >= 0.9' if n == 'proxy' else ''})" for n in PATHS))
+        print(f"  CPU ms per call: upstream {t['direct']['cpu_ms_per_call']['upstream']:.2f}; " +
+              "; ".join(f"{LABELS[n]} {t[n]['cpu_ms_per_call']['proxy']:.2f}" for n in PATHS))
     c = result["crash"]
-    print(f"latency (concurrency 1)  direct p50 {result['direct_ms_p50']:.2f} ms | via proxy p50 {result['proxy_ms_p50']:.2f} ms | "
-          f"added p50 {result['added_ms_p50']:.2f} ms, p99 {result['added_ms_p99']:.2f} ms (goal: p50 <= 2 ms); "
-          f"inline writer {result['added_ms_p50_inline_writer']:.2f} ms; the same proxy logging nothing {result['added_ms_p50_no_logging']:.2f} ms")
-    print(f"requests/s at concurrency {args.concurrency}: direct {best['direct']:.0f}, via proxy {best['proxy']:.0f} "
-          f"(ratio {result['rps_ratio']:.2f}, goal >= 0.9); writer thread {best['thread']:.0f} (ratio {result['rps_ratio_thread_writer']:.2f}); inline writer {best['inline']:.0f} (ratio {result['rps_ratio_inline_writer']:.2f}); logging nothing {best['bare']:.0f} ({result['rps_ratio_no_logging']:.2f})")
     print(f"kill -9 under load: {c['answered']} answered, {c['in_flight_at_kill']} in flight, {c['logged']} logged; "
           f"answered but not logged: {c['answered_not_logged']} (goal 0)")
-    print(f"logged {n_logged} of {result['expected_logged']} proxied calls; load average {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} cores ({result['caveat']}); results: {out}")
-    n_err = len(ERRORS.get(proxy, [])) + len(ERRORS.get(inline, [])) + len(ERRORS.get(thread, []))
+    print(f"logged {min(n_logged.values())} of {expected} proxied calls per logging path; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; results: {out}")
+    n_err = sum(len(ERRORS.get(urls[n], [])) for n in n_logged)
     if n_err: print(f"client errors (not counted as answered): {result['client_errors']}")
-    if min(n_logged, n_logged_inline, n_logged_thread) < result["expected_logged"] - n_err: raise SystemExit("some proxied calls were not logged")
+    if min(n_logged.values()) < expected - n_err: raise SystemExit("some proxied calls were not logged")
     if c["answered_not_logged"]: raise SystemExit("the crash lost calls whose answer a client had seen")
     return result
 

@@ -9,7 +9,6 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import io
 import json
 import os
 import queue
@@ -46,11 +45,12 @@ __all__ = ['MAGIC', 'MANIFEST', 'COMMITS', 'RAW_SCHEMA', 'ROLES', 'CONVERSATION_
            'CaptureKeyError', 'default_key_dir', 'key_id', 'generate_keys', 'load_public_key', 'load_private_keys',
            'load_pseudonym_key', 'Pseudonymizer', 'StoreError', 'SegmentWriter', 'SegmentReport', 'TruncatedHeader',
            'StoreWarning', 'read_segment', 'list_segments', 'read_manifest', 'read_store', 'BackgroundWriter',
-           'LoopWriter', 'to_frame', 'ExportStats', 'dedupe', 'export_frame', 'RecordError', 'validate_record',
-           'conversation_key', 'ImportStats', 'parse_lines', 'import_file', 'assemble_stream', 'completion_to_chunks',
-           'capture_openai', 'RouteResult', 'create_app', 'demo_upstream_app', 'Served', 'serve', 'UpstreamError',
-           'Upstream', 'write_private_parquet', 'CaptureConfig', 'CaptureResult', 'ensure_keys', 'capture_to_files',
-           'default_store', 'one_line_errors', 'capture_cmd', 'keygen_cmd', 'import_cmd', 'export_cmd']
+           'LoopWriter', 'InlineWriter', 'to_frame', 'ExportStats', 'dedupe', 'export_frame', 'RecordError',
+           'validate_record', 'conversation_key', 'ImportStats', 'parse_lines', 'import_file', 'assemble_stream',
+           'completion_to_chunks', 'capture_openai', 'RouteResult', 'create_app', 'demo_upstream_app', 'Served',
+           'serve', 'UpstreamError', 'Upstream', 'write_private_parquet', 'CaptureConfig', 'CaptureResult',
+           'ensure_keys', 'capture_to_files', 'default_store', 'one_line_errors', 'capture_cmd', 'keygen_cmd',
+           'import_cmd', 'export_cmd']
 
 # %% ../nbs/10_capture.ipynb #45b1370c
 class CaptureKeyError(ValueError):
@@ -452,6 +452,12 @@ class BackgroundWriter:
 
     def append(self, record: dict) -> None: self.submit(record)
 
+    async def write(self, record: dict | Callable[[], dict]) -> None:
+        "From an event loop: queue `record` and wait until it is written (a full queue is waited on in a thread, not on the loop)."
+        try: fut = self.submit(record, block=False)
+        except queue.Full: fut = await asyncio.to_thread(self.submit, record)
+        await asyncio.wrap_future(fut)
+
     def _run(self):
         while True:
             batch = [self._q.get()]
@@ -485,6 +491,10 @@ class LoopWriter:
         self._pending.append((record, fut))
         return fut
 
+    async def write(self, record: dict | Callable[[], dict]) -> None:
+        "Queue `record` and wait until this turn's batch, with it, is written."
+        await self.submit(record)
+
     def flush(self) -> None:
         "Build, pseudonymise, encrypt and write what is pending in one `append_many`; settle each caller's future."
         batch, self._pending = self._pending, []
@@ -495,7 +505,14 @@ class LoopWriter:
         self.flush()
         return self.writer.close()
 
-COMMITS = {"loop": LoopWriter, "thread": BackgroundWriter, "inline": None}   # how the proxy writes its records
+class InlineWriter:
+    "A `SegmentWriter` written by each caller itself, one record at a time: no batching (the simplest path, to compare)."
+    def __init__(self, writer: SegmentWriter): self.writer = writer
+    def submit(self, record: dict | Callable[[], dict]) -> None: self.writer.append(record() if callable(record) else record)
+    async def write(self, record: dict | Callable[[], dict]) -> None: self.submit(record)
+    def close(self) -> list[Path]: return self.writer.close()
+
+COMMITS = {"loop": LoopWriter, "thread": BackgroundWriter, "inline": InlineWriter}   # how the proxy writes its records
 
 # %% ../nbs/10_capture.ipynb #932d2a52
 RAW_SCHEMA = {
@@ -1126,9 +1143,9 @@ async def _relay(r, request, body, t0, route, log, log_nowait):
 # %% ../nbs/10_capture.ipynb #f8bd7dd6
 def create_app(upstream_url: str, store: SegmentWriter | None = None, router=None, agent: str = "proxy",
                upstream_api_key: str | None = None, timeout: float = 600.0, commit: str = "loop"):
-    """The capture proxy as a FastAPI app; `store` is anything with `append(record)` (usually a `SegmentWriter`, which is
-    then written by group commit: `commit="loop"` on the event loop (`LoopWriter`), `"thread"` on a writer thread
-    (`BackgroundWriter`), `"inline"` by each request's handler). The app closes the store when it shuts down."""
+    """The capture proxy as a FastAPI app, logging every call to `store` (None: forwards only). `commit` is how records
+    are written: `"loop"`, by group commit on the event loop (`LoopWriter`); `"thread"`, on a writer thread
+    (`BackgroundWriter`); `"inline"`, by each request's handler (`InlineWriter`). The app closes the store when it shuts down."""
     import sys
     from contextlib import asynccontextmanager
     from fastapi import FastAPI
@@ -1139,14 +1156,14 @@ def create_app(upstream_url: str, store: SegmentWriter | None = None, router=Non
     if not base.endswith("/v1"): base += "/v1"
     state = {}
     if commit not in COMMITS: raise ValueError(f"commit={commit!r}: choose one of {', '.join(COMMITS)}")
-    sink = COMMITS[commit](store) if isinstance(store, SegmentWriter) and COMMITS[commit] else store
+    sink = COMMITS[commit](store) if store is not None else None
 
     @asynccontextmanager
     async def lifespan(app):
         state["client"] = Upstream(base, timeout)
         yield
         await state["client"].aclose()
-        if sink is not None and hasattr(sink, "close"): sink.close()
+        if sink is not None: sink.close()
 
     app = FastAPI(title="slm-research capture proxy", lifespan=lifespan)
 
@@ -1171,20 +1188,13 @@ def create_app(upstream_url: str, store: SegmentWriter | None = None, router=Non
     async def log(*args, **kw):
         "Log one call and wait until it is written: the client hears back only after its call is in the store."
         if sink is None: return
-        build = record(*args, **kw)
-        try:
-            if isinstance(sink, LoopWriter): return await sink.submit(build)
-            if not hasattr(sink, "submit"): return sink.append(build())
-            try: fut = sink.submit(build, block=False)
-            except queue.Full: fut = await run_in_threadpool(sink.submit, build)
-            await asyncio.wrap_future(fut)
+        try: await sink.write(record(*args, **kw))
         except Exception as e: print(f"capture proxy: a call was not logged ({type(e).__name__}: {e})", file=sys.stderr)
 
     def log_nowait(*args, **kw):
         "For a cancelled stream, which may not await: queue the record without waiting for the write."
         if sink is None: return
-        build = record(*args, **kw)
-        try: sink.submit(build) if hasattr(sink, "submit") else sink.append(build())
+        try: sink.submit(record(*args, **kw))
         except Exception as e: print(f"capture proxy: a call was not logged ({type(e).__name__}: {e})", file=sys.stderr)
 
     def error_body(message: str, kind: str = "upstream_error"):
@@ -1393,10 +1403,12 @@ class _UpstreamResponse:
         self.headers = {k.decode().lower(): v.decode(errors="replace") for k, v in event.headers}
 
     async def aiter_raw(self):
+        "The body as it arrives. What has arrived is passed on in one piece: one write onward, not one per upstream chunk."
         while not self._done:
-            ev = await self._up._next(self._conn, self._reader)
-            if isinstance(ev, h11.Data): yield bytes(ev.data)
-            elif isinstance(ev, h11.EndOfMessage): self._done = True; self._up._release(self._conn, self._reader, self._writer)
+            ev, data = await self._up._next(self._conn, self._reader), []
+            while isinstance(ev, h11.Data): data.append(bytes(ev.data)); ev = await self._up._next(self._conn, None)
+            if isinstance(ev, h11.EndOfMessage): self._done = True; self._up._release(self._conn, self._reader, self._writer)
+            if data: yield b"".join(data)
 
     async def aread(self) -> bytes: return b"".join([piece async for piece in self.aiter_raw()])
 
@@ -1417,8 +1429,9 @@ class Upstream:
         self.authority = u.netloc.rsplit("@", 1)[-1]
 
     async def _next(self, conn, reader):
+        "The connection's next event; with `reader=None`, NEED_DATA rather than waiting for more bytes."
         try:
-            while (ev := conn.next_event()) is h11.NEED_DATA:
+            while (ev := conn.next_event()) is h11.NEED_DATA and reader is not None:
                 async with asyncio.timeout(self.timeout): conn.receive_data(await reader.read(65536))  # no extra task, unlike wait_for
         except (OSError, asyncio.TimeoutError, h11.ProtocolError) as e:
             raise UpstreamError(f"upstream connection broke: {type(e).__name__}: {e}") from None

@@ -611,6 +611,32 @@ def test_kill_9_during_load_loses_only_calls_in_flight(tmp_path, keys):
     assert all(not r.sealed for r in rep if r.segment.endswith(".open"))
 
 
+def test_upstream_passes_on_what_has_arrived_in_one_piece_and_holds_nothing_back():
+    "Three chunks that arrived together leave as one piece (one write onward); the first piece does not wait for the rest."
+    from slm_research.capture import Upstream
+    chunk = lambda p: b"%x\r\n%s\r\n" % (len(p), p)
+
+    async def main():
+        rest_sent = asyncio.Event()
+        async def handle(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/event-stream\r\n\r\n"
+                         + b"".join(chunk(b"data: %d\n\n" % i) for i in range(3)))
+            await rest_sent.wait()
+            writer.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        up = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", timeout=5)
+        pieces = (await up.request("GET", "/stream")).aiter_raw()
+        first = await asyncio.wait_for(anext(pieces), 2)   # the upstream holds back the end until we have this
+        rest_sent.set()
+        rest = [p async for p in pieces]
+        await up.aclose(); server.close()
+        return first, rest
+
+    first, rest = asyncio.run(main())
+    assert first == b"data: 0\n\ndata: 1\n\ndata: 2\n\n" and rest == [b"data: [DONE]\n\n"]
+
+
 def test_a_stream_is_parsed_in_one_pass_and_survives_a_bad_chunk():
     from slm_research.capture import _parse_sse, assemble_stream
     chunks = [{"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
