@@ -453,7 +453,7 @@ class BackgroundWriter:
     def append(self, record: dict) -> None: self.submit(record)
 
     async def write(self, record: dict | Callable[[], dict]) -> None:
-        "From an event loop: queue `record` and wait until it is written (a full queue is waited on in a thread, not on the loop)."
+        "From an event loop: queue `record`, wait until it is written (a full queue is waited on in a thread)."
         try: fut = self.submit(record, block=False)
         except queue.Full: fut = await asyncio.to_thread(self.submit, record)
         await asyncio.wrap_future(fut)
@@ -506,9 +506,10 @@ class LoopWriter:
         return self.writer.close()
 
 class InlineWriter:
-    "A `SegmentWriter` written by each caller itself, one record at a time: no batching (the simplest path, to compare)."
+    "A `SegmentWriter` written by each caller itself, one record at a time (no batching; the path to compare with)."
     def __init__(self, writer: SegmentWriter): self.writer = writer
-    def submit(self, record: dict | Callable[[], dict]) -> None: self.writer.append(record() if callable(record) else record)
+    def submit(self, record: dict | Callable[[], dict]) -> None:
+        self.writer.append(record() if callable(record) else record)
     async def write(self, record: dict | Callable[[], dict]) -> None: self.submit(record)
     def close(self) -> list[Path]: return self.writer.close()
 
@@ -1145,7 +1146,7 @@ def create_app(upstream_url: str, store: SegmentWriter | None = None, router=Non
                upstream_api_key: str | None = None, timeout: float = 600.0, commit: str = "loop"):
     """The capture proxy as a FastAPI app, logging every call to `store` (None: forwards only). `commit` is how records
     are written: `"loop"`, by group commit on the event loop (`LoopWriter`); `"thread"`, on a writer thread
-    (`BackgroundWriter`); `"inline"`, by each request's handler (`InlineWriter`). The app closes the store when it shuts down."""
+    (`BackgroundWriter`); `"inline"`, by each request's handler (`InlineWriter`). The app closes the store at shutdown."""
     import sys
     from contextlib import asynccontextmanager
     from fastapi import FastAPI
@@ -1403,11 +1404,12 @@ class _UpstreamResponse:
         self.headers = {k.decode().lower(): v.decode(errors="replace") for k, v in event.headers}
 
     async def aiter_raw(self):
-        "The body as it arrives. What has arrived is passed on in one piece: one write onward, not one per upstream chunk."
+        "The body as it arrives; what has arrived goes on in one piece (one write onward, not one per upstream chunk)."
         while not self._done:
             ev, data = await self._up._next(self._conn, self._reader), []
             while isinstance(ev, h11.Data): data.append(bytes(ev.data)); ev = await self._up._next(self._conn, None)
-            if isinstance(ev, h11.EndOfMessage): self._done = True; self._up._release(self._conn, self._reader, self._writer)
+            if isinstance(ev, h11.EndOfMessage):
+                self._done = True; self._up._release(self._conn, self._reader, self._writer)
             if data: yield b"".join(data)
 
     async def aread(self) -> bytes: return b"".join([piece async for piece in self.aiter_raw()])

@@ -28,15 +28,15 @@ from .core import CLEAN_SCHEMA, check_schema, content_hash, progress, set_seed
 from .workspace import AdapterRecord, Config, Workspace, build_gate, score_interval
 
 # %% auto #0
-__all__ = ['log', 'BASE_PRESETS', 'METHODS', 'OUTPUT_KINDS', 'TRAIN_FORWARD_MULTIPLE', 'GPUS', 'TRAIN_OPTIONS', 'default_threads',
-           'call_example', 'answered', 'split_rows', 'synthetic_calls', 'render_texts', 'train_tokenizer', 'BaseConfig',
-           'base_config', 'build_stand_in_model', 'load_base', 'encode_example', 'encode_lm', 'sft_dataset',
-           'FinetuneConfig', 'AdapterResult', 'pick_backend', 'training_dtype', 'last_checkpoint', 'train',
-           'build_stand_in_base', 'data_hash', 'finetune', 'load_adapter', 'generate', 'answer_fields',
-           'decision_fields', 'output_kind', 'answer_profile', 'score_answer', 'cluster_profile', 'evaluate',
-           'answer_budget', 'specialise_cluster', 'specialisation_order', 'specialise', 'synthetic_workspace',
-           'gate_table', 'print_gate', 'training_flops_per_token', 'training_cost_table', 'finetune_cmd',
-           'evaluate_cmd']
+__all__ = ['log', 'BASE_PRESETS', 'METHODS', 'OUTPUT_KINDS', 'MIN_TRAIN_CALLS', 'TRAIN_FORWARD_MULTIPLE', 'GPUS', 'TRAIN_OPTIONS',
+           'default_threads', 'call_example', 'answered', 'split_rows', 'synthetic_calls', 'render_texts',
+           'train_tokenizer', 'BaseConfig', 'base_config', 'build_stand_in_model', 'load_base', 'encode_example',
+           'encode_lm', 'sft_dataset', 'FinetuneConfig', 'AdapterResult', 'pick_backend', 'training_dtype',
+           'last_checkpoint', 'train', 'build_stand_in_base', 'data_hash', 'finetune', 'load_adapter', 'generate',
+           'answer_fields', 'decision_fields', 'output_kind', 'answer_profile', 'score_answer', 'cluster_profile',
+           'evaluate', 'answer_budget', 'specialise_cluster', 'specialisation_order', 'specialise',
+           'synthetic_workspace', 'gate_table', 'print_gate', 'training_flops_per_token', 'training_cost_table',
+           'finetune_cmd', 'evaluate_cmd']
 
 # %% ../nbs/14_finetune.ipynb #f841b939
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -783,18 +783,21 @@ def specialise_cluster(frame: pl.DataFrame, cluster: int, label: str, config: Fi
     }
 
 # %% ../nbs/14_finetune.ipynb #e4b378ce
-def specialisation_order(frame: pl.DataFrame, clusters: list[int], share_of: dict) -> list[int]:
-    """The order S5 takes clusters in: structured outputs before free text, then shorter answers first (the most
-    templated calls, the paper's first candidates and the cheapest to specialise; by the 90th percentile of their
-    length, as a long answer must fit the training window), then larger call volume."""
+MIN_TRAIN_CALLS = 16   # two batches: fewer training calls than this teach an adapter the calls, not the task
+
+def specialisation_order(frame: pl.DataFrame, clusters: list[int], share_of: dict,
+                         min_train: int = MIN_TRAIN_CALLS) -> list[int]:
+    """The order S5 takes clusters in: clusters with at least `min_train` training calls first, then structured outputs
+    before free text, then shorter answers first (the most templated calls, the paper's first candidates and the
+    cheapest to specialise; by the 90th percentile of their length, as a long answer must fit the training window),
+    then larger call volume."""
     train = split_rows(frame, "train")
     def key(c):
-        targets = [
-            call_example(r)["target"] for r in train.filter(pl.col("cluster") == c).head(200).iter_rows(named=True)
-        ]
+        rows = train.filter(pl.col("cluster") == c)
+        targets = [call_example(r)["target"] for r in rows.head(200).iter_rows(named=True)]
         lengths = [len(t.get("content") or json.dumps(t.get("tool_calls"))) for t in targets]
         length = np.quantile(lengths, 0.9) if targets else np.inf
-        return (answer_profile(targets)["kind"] == "text", float(length), -share_of.get(c, 0.0))
+        return (rows.height < min_train, answer_profile(targets)["kind"] == "text", float(length), -share_of.get(c, 0.0))
     return sorted(clusters, key=key)
 
 def _register(ws: Workspace, gate: dict) -> None:

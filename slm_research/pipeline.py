@@ -106,6 +106,9 @@ def run_pipeline(config: PipelineConfig, finetune: FinetuneConfig | None = None,
         counts["S4"] = {"loadable": sorted({s["loadable_model"] for s in selection["selections"]})}
         echo(f"  S5 trains on: {', '.join(counts['S4']['loadable'])}")
     with _step("S5 fine-tuning", seconds, echo):
+        n_selected = len(ws.selected_clusters())
+        echo(f"  {min(n_selected, finetune.max_clusters or n_selected)} of {n_selected} clusters, most specialised first"
+             + ("" if finetune.max_clusters else "; a few minutes each on a CPU (--max-clusters N takes fewer)"))
         gate = specialise(ws, finetune, fresh=True)
     rounds = []
     for i, batch in enumerate(batches, 1):

@@ -15,7 +15,8 @@ from slm_research.core import CLEAN_SCHEMA, check_schema
 from slm_research.finetune import (FinetuneConfig, base_config, build_stand_in_base, call_example, encode_example,
                                    evaluate, finetune, render_texts, train_tokenizer,
                                    last_checkpoint, load_adapter, load_base, parse_assistant, score_answer,
-                                   specialise, synthetic_calls, synthetic_workspace, training_dtype)
+                                   MIN_TRAIN_CALLS, specialisation_order, specialise, split_rows, synthetic_calls,
+                                   synthetic_workspace, training_dtype)
 from slm_research.workspace import Workspace, build_gate, split_by_session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,6 +206,20 @@ def test_specialise_scores_zero_shot_then_trains_registers_and_gates(workspace, 
     # a second run is a new version of one cluster's adapter, recorded beside the first; the other rows are kept
     specialise(ws, cfg, clusters=[saved["clusters"][0]["cluster"]])
     assert [r.version for r in ws.registry().records][-1] == 2 and len(ws.read_gate()["clusters"]) == 2
+
+
+def test_clusters_too_small_to_learn_from_are_taken_last(workspace):
+    ws = synthetic_workspace(workspace.processed, n=1000, seed=0)
+    frame = ws.cluster_frame(0)
+    clusters = sorted(frame["cluster"].unique().to_list())
+    share = {c: 1 / len(clusters) for c in clusters}
+    first = specialisation_order(frame, clusters, share, min_train=0)[0]
+    few = split_rows(frame.filter(pl.col("cluster") == first), "train").head(MIN_TRAIN_CALLS - 1)["id"]
+    small = frame.filter((pl.col("cluster") != first) | pl.col("id").is_in(few.implode()))
+    others = split_rows(small, "train").filter(pl.col("cluster") != first).group_by("cluster").len()["len"]
+    assert others.min() >= MIN_TRAIN_CALLS                       # every other cluster has enough to learn from
+    assert specialisation_order(small, clusters, share, min_train=0)[0] == first
+    assert specialisation_order(small, clusters, share)[-1] == first
 
 
 def test_long_prompt_is_cut_in_the_middle_and_the_answer_kept(calls):
