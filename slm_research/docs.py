@@ -17,7 +17,7 @@ import click
 import nbformat
 
 from .core import paths
-from .runner import NOTEBOOK_RE
+from .runner import NOTEBOOK_RE, kernel_config
 
 # %% auto #0
 __all__ = ['DIRECTIVE', 'CONF_PY', 'FAVICON', 'SITE_CSS', 'MATHJAX_PARTS', 'PLOTLY_MIME', 'WIDGET_MIME', 'notebook_markdown',
@@ -60,7 +60,7 @@ def build_readme(index_nb: Path | None = None, out: Path | None = None, execute:
     nb = nbformat.read(index_nb, as_version=4)
     if execute:
         from nbclient import NotebookClient
-        NotebookClient(nb, timeout=600, kernel_name="python3",
+        NotebookClient(nb, timeout=600, kernel_name="python3", config=kernel_config(),
                        resources={"metadata": {"path": str(index_nb.parent)}}).execute()
     header = ("<!-- Generated from nbs/index.ipynb by `slm-research docs --readme`: "
               "edit the notebook, not this file. -->\n\n")

@@ -23,9 +23,9 @@ from .core import paths, profile_params, read_headlines
 
 # %% auto #0
 __all__ = ['NOTEBOOK_RE', 'QUIET_KERNEL_ENV', 'PROGRESS_RE', 'WARNING_RE', 'discover_notebooks', 'parameters_cell',
-           'declared_parameters', 'notebook_parameters', 'parse_overrides', 'NotebookResult', 'RunSummary', 'RunFailed',
-           'new_run_dir', 'run_notebooks', 'output_noise', 'strip_progress_outputs', 'summary_markdown',
-           'write_summary', 'run_cmd']
+           'declared_parameters', 'notebook_parameters', 'parse_overrides', 'NotebookResult', 'RunSummary',
+           'kernel_config', 'RunFailed', 'new_run_dir', 'run_notebooks', 'output_noise', 'strip_progress_outputs',
+           'summary_markdown', 'write_summary', 'run_cmd']
 
 # %% ../nbs/90_runner.ipynb #fe6e6aa2
 NOTEBOOK_RE = re.compile(r"^\d\d_.+\.ipynb$")
@@ -103,6 +103,15 @@ QUIET_KERNEL_ENV = {"SLM_PROGRESS": "0", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PR
                     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
                     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "once"}
 
+def kernel_config():
+    "Kernels talk over Unix sockets in the user's private runtime folder, not over plain TCP that others on the host can read."
+    from jupyter_core.paths import jupyter_runtime_dir
+    from traitlets.config import Config
+    runtime = Path(jupyter_runtime_dir())
+    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # an absolute socket path: a relative one resolves against the kernel's folder, not the runner's
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(runtime/"slm-kernel")}})
+
 class RunFailed(click.ClickException):
     "A notebook failed; the message names it and the failing cell's error."
 
@@ -168,7 +177,7 @@ def run_notebooks(profile: str = "demo", only: list[str] | None = None, override
         with _environ(**env), _quiet_papermill():
             try:
                 pm.execute_notebook(nb, out, parameters=params, cwd=nb.parent, progress_bar=progress,
-                                    kernel_name="python3")
+                                    kernel_name="python3", config=kernel_config())
                 result = NotebookResult(nb.stem, "ok", parameters=params, output=str(out))
             except Exception as e:  # papermill raises PapermillExecutionError for cell errors
                 result = NotebookResult(nb.stem, "failed", parameters=params, error=_describe_error(e),

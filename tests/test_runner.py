@@ -25,6 +25,8 @@ def mini_workspace(tmp_path, monkeypatch):
               "from slm_research.core import headline\n"
               "import os, pathlib\n"
               "pathlib.Path(os.environ['SLM_RUN_DIR'], 'seen.json').write_text(str([seed, n]))\n"
+              "import json; from ipykernel.connect import get_connection_info\n"
+              "pathlib.Path(os.environ['SLM_RUN_DIR'], 'transport').write_text(json.loads(get_connection_info())['transport'])\n"
               "headline('n_squared', n * n, 'computed')")
     _notebook(tmp_path / "nbs" / "02_fails.ipynb", "n = 1", "raise ValueError(f'bad n={n}')")
     _notebook(tmp_path / "nbs" / "03_after.ipynb", "n = 1", "pass")
@@ -37,6 +39,7 @@ def test_profile_parameters_reach_the_notebook(mini_workspace):
     res = CliRunner().invoke(main, ["run", "--profile", "ci", "--only", "01", "--run-dir", str(run_dir), "-p", "n=4"])
     assert res.exit_code == 0, res.output
     assert (run_dir / "seen.json").read_text() == "[7, 4]"  # seed from the profile, n from -p
+    assert (run_dir / "transport").read_text() == "ipc"      # not plain TCP, which others on the host could read
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["ok"] and summary["results"][0]["status"] == "ok"
     assert summary["headlines"]["01_ok"][0]["value"] == 16
