@@ -755,6 +755,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'slm_research.iterate.known_calls': ('iterate.html#known_calls', 'slm_research/iterate.py'),
                                       'slm_research.iterate.load_history': ('iterate.html#load_history', 'slm_research/iterate.py'),
                                       'slm_research.iterate.load_new_logs': ('iterate.html#load_new_logs', 'slm_research/iterate.py'),
+                                      'slm_research.iterate.log_rounds': ('iterate.html#log_rounds', 'slm_research/iterate.py'),
                                       'slm_research.iterate.measure_drift': ('iterate.html#measure_drift', 'slm_research/iterate.py'),
                                       'slm_research.iterate.new_clusters_from': ( 'iterate.html#new_clusters_from',
                                                                                   'slm_research/iterate.py'),

@@ -30,7 +30,7 @@ __all__ = ['call_text', 'HISTORY_SCHEMA', 'cluster_shares', 'psi_terms', 'psi', 
            'request_frame', 'Assigner', 'RequestAssigner', 'DriftReport', 'measure_drift', 'estimated_cost',
            'AdapterTrainer', 'IterateConfig', 'held_out', 'ClusterDecision', 'IterationResult', 'import_logs',
            'load_new_logs', 'load_history', 'known_calls', 'round_gate', 'place_new_calls', 'plan_retraining',
-           'retrain', 'iterate', 'FinetuneTrainer', 'default_trainer', 'iterate_cmd']
+           'retrain', 'iterate', 'FinetuneTrainer', 'default_trainer', 'iterate_cmd', 'log_rounds']
 
 # %% ../nbs/15_iterate.ipynb #14e7d42f
 def cluster_shares(clusters: Iterable[int]) -> dict[int, float]:
@@ -794,3 +794,11 @@ def iterate_cmd(new_logs, fmt, agent, workspace, threshold, max_retrain, seed, p
         )
     console.print(table)
     console.print(f"report: {res.report_path}")
+
+# %% ../nbs/15_iterate.ipynb #586ee3e5
+def log_rounds(n_calls: int, n_first_round: int, n_rounds: int, n_per_round: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Row numbers of round 0 and of each of S6's batches for a log of `n_calls` in time order: the newest
+    `n_rounds` x `n_per_round` calls (at most half the log) are the batches, up to `n_first_round` before them round 0."""
+    start = n_calls - min(n_rounds * n_per_round, n_calls // 2)
+    batches = [b for b in np.array_split(np.arange(start, n_calls), n_rounds) if len(b)]
+    return np.arange(max(0, start - n_first_round), start), batches
