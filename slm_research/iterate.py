@@ -796,9 +796,9 @@ def iterate_cmd(new_logs, fmt, agent, workspace, threshold, max_retrain, seed, p
     console.print(f"report: {res.report_path}")
 
 # %% ../nbs/15_iterate.ipynb #586ee3e5
-def log_rounds(n_calls: int, n_first_round: int, n_rounds: int, n_per_round: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Row numbers of round 0 and of each of S6's batches for a log of `n_calls` in time order: the newest
-    `n_rounds` x `n_per_round` calls (at most half the log) are the batches, up to `n_first_round` before them round 0."""
-    start = n_calls - min(n_rounds * n_per_round, n_calls // 2)
+def log_rounds(n_calls: int, n_new: int, n_rounds: int, n_first: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Row numbers of round 0 and of S6's `n_rounds` batches for a log of `n_calls` in time order: the newest `n_new`
+    calls are the batches, the calls before them round 0 (only the last `n_first` of them, if given)."""
+    start = n_calls - n_new
     batches = [b for b in np.array_split(np.arange(start, n_calls), n_rounds) if len(b)]
-    return np.arange(max(0, start - n_first_round), start), batches
+    return np.arange(start - (start if n_first is None else min(n_first, start)), start), batches

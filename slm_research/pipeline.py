@@ -9,14 +9,13 @@ import time
 from dataclasses import dataclass, field
 
 import click
-import numpy as np
 import polars as pl
 
 from .capture import FORMATS, CaptureConfig, capture_to_files, export_frame
 from .clean import CleanConfig, clean_to_files
 from .cluster import ClusterConfig, cluster_to_files
 from .finetune import TRAIN_OPTIONS, FinetuneConfig, print_gate, specialise
-from .iterate import IterateConfig, iterate
+from .iterate import IterateConfig, iterate, log_rounds
 from .selection import SelectConfig, select_to_files
 from .workspace import Config, Workspace
 
@@ -67,9 +66,8 @@ def _held_back(calls: pl.DataFrame, config: PipelineConfig) -> tuple[pl.DataFram
     "The calls S1-S5 see, and the batches S6 replays (the newest `holdout` share, in time order)."
     if not config.rounds: return calls, []
     calls = calls.sort("timestamp")
-    cut = int(calls.height * (1 - config.holdout))
-    batches = [calls[b.tolist()] for b in np.array_split(np.arange(cut, calls.height), config.rounds) if len(b)]
-    return calls.head(cut), batches
+    first, batches = log_rounds(calls.height, calls.height - int(calls.height * (1 - config.holdout)), config.rounds)
+    return calls[first.tolist()], [calls[b.tolist()] for b in batches]
 
 # %% ../nbs/18_pipeline.ipynb #6d5f618d
 def run_pipeline(config: PipelineConfig, finetune: FinetuneConfig | None = None, ws: Workspace | None = None,
