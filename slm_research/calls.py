@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from .core import CLEAN_SCHEMA, check_schema
+from .core import CLEAN_SCHEMA, check_schema, content_hash
 
 # %% auto #0
 __all__ = ['CHAT_TEMPLATE', 'SPECIAL_TOKENS', 'MARKUP_TOKENS', 'content_text', 'loads', 'tool_name', 'tool_names',
-           'tool_arguments', 'system_prompt', 'last_user_turn', 'request_text', 'Call', 'parse_calls',
-           'normalise_message', 'fit_prompt', 'parse_assistant']
+           'tool_arguments', 'system_prompt', 'last_user_turn', 'request_text', 'split_prefix', 'prefix_hash', 'Call',
+           'parse_calls', 'normalise_message', 'fit_prompt', 'parse_assistant']
 
 # %% ../nbs/06_calls.ipynb #bde625a3
 def content_text(content, sep: str = "") -> str:
@@ -72,6 +72,18 @@ def request_text(messages, tools="[]", system_chars: int = 200, user_chars: int 
         f"tools: {names}" if names else "",
     )
     return "\n".join(p for p in parts if p)
+
+# %% ../nbs/06_calls.ipynb #92cecf74
+def split_prefix(messages: list, tools=None) -> tuple[list, list, list]:
+    "`(head, tools, rest)`: the leading system/developer messages, the tools offered, and the conversation after them."
+    i = 0
+    while i < len(messages) and messages[i].get("role") in ("system", "developer"): i += 1
+    return list(messages[:i]), list(tools or []), list(messages[i:])
+
+def prefix_hash(messages, tools="[]") -> str:
+    "A short hash of a request's constant head (its system prompts' text and its tools); `messages`, `tools`: lists or JSON."
+    head, tools, _ = split_prefix(loads(messages, []), loads(tools, []) or [])
+    return content_hash({"system": [content_text(m.get("content")) for m in head], "tools": tools})
 
 # %% ../nbs/06_calls.ipynb #f8db7543
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
@@ -18,19 +18,19 @@ import numpy as np
 import polars as pl
 
 from .calls import request_text
-from .core import CLEAN_SCHEMA, check_schema, content_hash, paths, progress
-from .finetune import (FinetuneConfig, answer_budget, evaluate, finetune, load_adapter, load_base,
-                                   specialisation_order)
-from .workspace import (AdapterRecord, Config, Registry, Workspace, min_test_calls, read_json,
+from .core import CLEAN_SCHEMA, check_schema, paths, progress
+from .finetune import FinetuneConfig, adapter_evidence, finetune_order, train_specialist
+from .gate import GateConfig, build_gate, evidence_row, wilson_interval
+from .workspace import (AdapterRecord, Config, Registry, Workspace, read_json, session_hash,
                                     write_json_atomic)
 
 # %% auto #0
-__all__ = ['call_text', 'HISTORY_SCHEMA', 'cluster_shares', 'psi_terms', 'psi', 'js_divergence', 'text_embedder',
-           'emerging_clusters', 'NewCluster', 'describe', 'new_clusters_from', 'Decision', 'decide_promotion',
-           'request_frame', 'Assigner', 'RequestAssigner', 'DriftReport', 'measure_drift', 'estimated_cost',
-           'AdapterTrainer', 'IterateConfig', 'held_out', 'ClusterDecision', 'IterationResult', 'import_logs',
-           'load_new_logs', 'load_history', 'known_calls', 'round_gate', 'place_new_calls', 'plan_retraining',
-           'retrain', 'iterate', 'FinetuneTrainer', 'default_trainer', 'iterate_cmd', 'log_rounds']
+__all__ = ['call_text', 'EVIDENCE', 'HISTORY_SCHEMA', 'cluster_shares', 'psi_terms', 'psi', 'js_divergence', 'text_embedder',
+           'emerging_clusters', 'NewCluster', 'describe', 'new_clusters_from', 'add_evidence', 'Decision',
+           'decide_version', 'request_frame', 'Assigner', 'RequestAssigner', 'DriftReport', 'measure_drift',
+           'estimated_cost', 'AdapterTrainer', 'IterateConfig', 'held_out', 'ClusterDecision', 'IterationResult',
+           'import_logs', 'load_new_logs', 'load_history', 'known_calls', 'round_gate', 'place_new_calls', 'shadow',
+           'plan_retraining', 'retrain', 'iterate', 'FinetuneTrainer', 'default_trainer', 'iterate_cmd', 'log_rounds']
 
 # %% ../nbs/15_iterate.ipynb #14e7d42f
 def cluster_shares(clusters: Iterable[int]) -> dict[int, float]:
@@ -154,29 +154,39 @@ def new_clusters_from(
     return found, ids
 
 # %% ../nbs/15_iterate.ipynb #009f1ddf
+EVIDENCE = ("n_scored", "n_accepted", "agree")
+
+def add_evidence(metrics: dict, counts: dict) -> dict:
+    "A version's metrics with a round's evidence counts added to its totals (and the round kept in `rounds`)."
+    out = {**metrics, **{k: (metrics.get(k) or 0) + counts[k] for k in EVIDENCE}}
+    return {**out, "rounds": [*metrics.get("rounds", []), {k: counts[k] for k in EVIDENCE}]}
+
 @dataclass
 class Decision:
-    "What to do with a candidate adapter, and why."
-    promote: bool
-    passed_gate: bool
+    "What the evidence says about a version: its new status, and why."
+    status: str          # promoted | candidate | rejected | retired
     reason: str
 
-def decide_promotion(candidate: float, promoted: float | None = None, teacher: float = 1.0,
-                     threshold: float = 0.95, tolerance: float = 0.0, lower: float | None = None) -> Decision:
-    """Gate `candidate` (its score; `lower`, the lower end of its 95% interval, defaults to the score) against the teacher,
-    and against the `promoted` adapter's score on the same calls."""
-    bar, lower = threshold * teacher, candidate if lower is None else lower
-    if lower < bar:
-        return Decision(
-            False, False, f"below the gate: lower bound {lower:.3f} < {threshold:g} x teacher {teacher:.3f}"
-        )
-    if promoted is not None and candidate + tolerance < promoted:
-        return Decision(
-            False, True, f"passes the gate but is worse than the promoted adapter ({candidate:.3f} < {promoted:.3f})"
-        )
-    if promoted is None: return Decision(True, True, f"passes the gate: lower bound {lower:.3f} >= {bar:.3f}")
-    return Decision(True, True, f"passes the gate ({lower:.3f} >= {bar:.3f}) and matches or beats the promoted adapter "
-                                f"({promoted:.3f})")
+def decide_version(metrics: dict, status: str, gate: GateConfig, serving: dict | None = None,
+                   round_counts: dict | None = None, tolerance: float = 0.0) -> Decision:
+    """The status a version's summed evidence (`metrics`) gives it. `serving`: the metrics of the version serving its
+    cluster now (another one); `round_counts`: this round's evidence alone (a promoted version is retired when it
+    falls clearly below the gate on it)."""
+    ev = evidence_row(metrics.get("n_scored", 0), metrics.get("n_accepted", 0), metrics.get("agree", 0.0), gate)
+    lo = ev["accepted_interval"][0]
+    told = f"{ev['n_accepted']} of {ev['n_scored']} calls accepted, agreement lower bound {lo:.3f}"
+    if status == "promoted":
+        if round_counts and round_counts["n_accepted"]:
+            hi = wilson_interval(round_counts["agree"], round_counts["n_accepted"])[1]
+            if hi < gate.threshold:
+                return Decision("retired", f"fell on new calls: upper bound {hi:.3f} < gate {gate.threshold:g}")
+        return Decision("promoted", f"serving; {told}")
+    if ev["passed"]:
+        if serving and ev["coverage"] + tolerance < (serving.get("n_accepted") or 0) / max(serving.get("n_scored") or 1, 1):
+            return Decision("candidate", f"passes ({told}) but answers fewer calls than the version serving")
+        return Decision("promoted", f"passes the gate: {told} >= {gate.threshold:g}")
+    if not ev["could_pass"]: return Decision("rejected", f"cannot pass: {told}, upper bound below {gate.threshold:g}")
+    return Decision("candidate", f"gathering evidence: {told} < {gate.threshold:g}")
 
 # %% ../nbs/15_iterate.ipynb #0d1974c6
 def request_frame(request: dict, call_id: str = "live") -> pl.DataFrame:
@@ -404,22 +414,23 @@ def estimated_cost(calls: pl.DataFrame, routed: dict[int, float], llm, slm) -> d
 
 # %% ../nbs/15_iterate.ipynb #0d1fbe2d
 class AdapterTrainer:
-    "What S6 needs from S5: train an adapter version on a cluster's calls, and score an adapter (None: the base model) on held-out calls."
+    "What S6 needs from S5: train a version on a cluster's calls, and score a version on new calls."
     method = "lora"
-    def train(self, train: pl.DataFrame, out_dir: Path, seed: int) -> dict:
-        "Train on `train` (S2 schema) and save to `out_dir`; returns at least `method` and `data_hash`."
+    gate = GateConfig()
+    def train(self, frame: pl.DataFrame, out_dir: Path, seed: int) -> dict:
+        """Train on the `train` split of `frame` (S2 schema plus `split`: train, calibration, test), choose the acceptance
+        threshold on `calibration` and score `test`; returns `method`, `data_hash`, `primary_metric` and the counts."""
         raise NotImplementedError
-    def evaluate(self, adapter_dir: Path | None, test: pl.DataFrame) -> dict:
-        "`primary_metric` (its name), `score` (1.0 = the teacher's own answers) and `n` on `test`."
+    def evidence(self, adapter_dir: Path, calls: pl.DataFrame) -> dict:
+        "The counts (`n_scored`, `n_accepted`, `agree`) of the version in `adapter_dir` answering `calls`."
         raise NotImplementedError
 
 def _help(text: str) -> dict: return {"help": text}
 
 @dataclass
 class IterateConfig(Config):
-    "How S6 decides what drifted, what to retrain and what to promote."
-    threshold: float = field(default=0.95, metadata=_help("The gate: lower 95% bound of agreement with the teacher."))
-    tolerance: float = field(default=0.0, metadata=_help("A new version may trail the promoted one by this much."))
+    "How S6 decides what drifted and what to retrain; the gate is S5's (`gate.json`) unless one is given."
+    tolerance: float = field(default=0.0, metadata=_help("A new version may answer this much less than the one serving."))
     psi_threshold: float = field(default=0.1, metadata=_help("The whole mix counts as shifted at this PSI."))
     min_share_change: float = field(default=0.02, metadata=_help("A cluster drifted when its share moved this much."))
     min_new_calls: int = field(
@@ -427,19 +438,21 @@ class IterateConfig(Config):
     )
     min_new_cluster: int = field(default=15, metadata=_help("Outliers that must agree to form a new cluster."))
     min_train: int = field(default=12, metadata=_help("Fewest calls to train an adapter on."))
-    min_test: int = field(default=4, metadata=_help("Fewest held-out calls to gate on."))
-    max_test: int = field(default=150, metadata=_help("Held-out calls a gate scores, newest first (95% needs 73)."))
+    min_test: int = field(default=4, metadata=_help("Fewest held-out calls to give a new version its first evidence."))
+    max_test: int = field(default=150, metadata=_help("New calls a version is scored on per round, newest first."))
     max_retrain: int | None = field(default=None, metadata=_help(
         "Retrain at most this many clusters a round: new ones first, then fallen adapters, then S5's order."))
     test_fraction: float = field(default=0.3, metadata=_help("Share of each batch's conversations held out."))
     max_outlier_pool: int = field(default=5000, metadata=_help("Outliers remembered across rounds, newest kept."))
+    gate: GateConfig | None = None
     seed: int = 0
 
-def held_out(sessions: pl.Series, fraction: float, seed: int) -> pl.Series:
-    "True for calls whose conversation is held out (a stable hash of seed and session, so no conversation spans both sides)."
-    return sessions.map_elements(
-        lambda s: int(content_hash(f"{seed}:{s}"), 16) % 10_000 < fraction * 10_000, return_dtype=pl.Boolean
-    )
+    def __post_init__(self):
+        if isinstance(self.gate, dict): self.gate = GateConfig.from_dict(self.gate)
+
+def held_out(frame: pl.DataFrame, fraction: float, seed: int) -> pl.Series:
+    "True for calls whose conversation is held out (`workspace.session_hash`: no conversation spans both sides)."
+    return (session_hash(frame, seed) < fraction).alias("test")
 
 # %% ../nbs/15_iterate.ipynb #1b39a0e7
 HISTORY_SCHEMA = {"id": pl.String, "session": pl.String, "cluster": pl.Int64, "round": pl.Int64, "test": pl.Boolean}
@@ -454,10 +467,9 @@ class ClusterDecision:
     n_test: int = 0
     version: int | None = None
     primary_metric: str = ""
-    candidate_score: float | None = None
-    promoted_score: float | None = None   # the adapter that served so far, on the same held-out calls
-    base_score: float | None = None
-    status: str = "kept"                  # promoted | rejected | retired | kept | skipped
+    candidate_coverage: float | None = None   # share of the new version's test calls it answers
+    promoted_coverage: float | None = None    # share of the round's calls the version serving answers
+    status: str = "kept"                      # promoted | candidate | rejected | retired | kept | skipped
     reason: str = ""
 
 @dataclass
@@ -525,27 +537,28 @@ def known_calls(ws: Workspace | Path, history: pl.DataFrame) -> pl.DataFrame:
 
 # %% ../nbs/15_iterate.ipynb #629bf9a3
 def round_gate(gate: dict, shares: dict[int, float], labels: dict[int, str], registry: Registry,
-               threshold: float) -> dict:
-    "The gate after a round: who passes, the scores of S6's promoted versions, and the new batch's shares."
+               config: GateConfig) -> dict:
+    "The gate after a round: each cluster's serving (or best candidate) version's evidence, and the new batch's shares."
     entries = {int(g["cluster"]): dict(g) for g in gate.get("clusters", [])}
     for c in sorted(set(entries) | set(registry.clusters()) | {k for k in shares if k != -1}):
-        e = entries.setdefault(c, {"cluster": c, "label": labels.get(c, ""), "primary_metric": "", "base_score": None,
-                                   "adapter_score": None, "teacher_score": 1.0, "agreement": None, "n_test": 0,
-                                   "passed": False})
-        rec = registry.promoted(c)
-        if rec is None: e["passed"] = e.get("method") == "zero-shot" and e.get("passed", False)  # the base passed
-        elif rec.round > 0:      # promoted by S6: it passed the gate on this round's held-out calls
+        e = entries.setdefault(c, {"cluster": c, "label": labels.get(c, ""), "primary_metric": "",
+                                   "n_scored": 0, "n_accepted": 0, "agree": 0.0})
+        rec = registry.promoted(c) or max(registry.candidates(c), key=lambda r: r.metrics.get("n_accepted") or 0,
+                                          default=None)
+        if rec is not None:
             m = rec.metrics
-            e.update(passed=True, version=rec.version, primary_metric=m.get("primary_metric", ""),
-                     adapter_score=m.get("adapter_score"), base_score=m.get("base_score", e.get("base_score")),
-                     teacher_score=m.get("teacher_score", 1.0), agreement=m.get("agreement"), n_test=m.get("n_test", 0))
+            e.update(version=rec.version, status=rec.status, primary_metric=m.get("primary_metric", ""),
+                     **{k: m.get(k) or 0 for k in EVIDENCE})
+        elif e.get("method") != "zero-shot": e.update(n_scored=0, n_accepted=0, agree=0.0, version=None)
         e["share"] = shares.get(c, 0.0)
         if labels.get(c): e["label"] = labels[c]
-    clusters = [entries[c] for c in sorted(entries)]
-    share = float(sum(e["share"] for e in clusters if e.get("passed")))
-    share_hi = float(sum(e["share"] for e in clusters if e.get("passed") or e.get("could_pass")))
-    return {**gate, "threshold": threshold, "min_test_calls": min_test_calls(threshold), "clusters": clusters,
-            "replaceable_share": share, "replaceable_share_interval": [share, share_hi]}
+    rows = [entries[c] for c in sorted(entries)]
+    out = build_gate(rows, config)
+    for r in out["clusters"]:      # a candidate's evidence may pass here; it serves only once promoted
+        if r.get("status") == "candidate": r["passed"] = False
+    share = sum(r["share"] * r["coverage"] for r in out["clusters"] if r["passed"])
+    lo = sum(r["share"] * r["coverage_interval"][0] for r in out["clusters"] if r["passed"])
+    return {**out, "replaceable_share": share, "replaceable_share_interval": [lo, out["replaceable_share_interval"][1]]}
 
 # %% ../nbs/15_iterate.ipynb #1c67c661
 def _place_outliers(calls, history, pool, assigner, cfg, state_dir):
@@ -583,77 +596,96 @@ def place_new_calls(calls: pl.DataFrame, history: pl.DataFrame, assigner, cfg: I
     return calls, history, found
 
 # %% ../nbs/15_iterate.ipynb #cdb92f82
-def _retrain_reasons(c, found, drift, new_train, promoted, promoted_score, cfg) -> list[str]:
+def _retrain_reasons(c, found, drift, new_train, fell, cfg) -> list[str]:
     reasons = []
     if c in {n.cluster for n in found}: reasons.append("new cluster")
     if c in drift.drifted and new_train.height: reasons.append(f"share moved {drift.share_change.get(c, 0):+.3f}")
     if new_train.height >= cfg.min_new_calls: reasons.append(f"{new_train.height} new calls")
-    if promoted_score is not None and promoted_score < cfg.threshold:
-        reasons.append(f"promoted v{promoted.version} fell to {promoted_score:.3f} on new calls")
+    if fell: reasons.append(fell)
     return reasons
 
-def plan_retraining(calls, everything, registry, drift, found, labels, trainer, cfg, ws: Path):
-    "A decision per cluster (the promoted adapter scored on new held-out calls) and the plans to retrain, in order."
+def shadow(c: int, calls: pl.DataFrame, registry: Registry, trainer, cfg: IterateConfig, gate: GateConfig,
+           ws: Path, rnd: int) -> tuple[dict, str | None]:
+    """Score cluster `c`'s promoted and candidate versions on the round's new calls of `c` and decide each; returns the
+    promoted version's round counts (None without one) and why it fell, if it did."""
+    new = calls.filter((pl.col("cluster") == c) & pl.col("response").is_not_null())
+    new = new.sort("timestamp", descending=True).head(cfg.max_test)
+    served, fell = None, None
+    versions = [r for r in registry.versions(c) if r.status in ("promoted", "candidate")]
+    for rec in sorted(versions, key=lambda r: r.status != "promoted"):
+        if new.height < cfg.min_test: break
+        counts = trainer.evidence(ws/rec.path, new)
+        rec.metrics = add_evidence(rec.metrics, counts)
+        serving = registry.promoted(c)
+        d = decide_version(rec.metrics, rec.status, gate, None if serving is rec or serving is None else
+                           serving.metrics, counts if rec.status == "promoted" else None, cfg.tolerance)
+        if rec.status == "promoted":
+            served = counts
+            if d.status == "retired": fell = f"promoted v{rec.version} {d.reason}"
+        registry.decide(c, rec.version, d.status, f"round {rnd}: {d.reason}")
+    return served, fell
+
+def plan_retraining(calls, everything, registry, drift, found, labels, trainer, cfg, gate, ws: Path, rnd: int):
+    "A decision per cluster (its versions' shadow evidence decided) and the plans to retrain, in order."
     decisions, plans = [], []
     for c in sorted(c for c in set(calls["cluster"].to_list()) | set(registry.clusters()) if c != -1):
         mine = everything.filter(pl.col("cluster") == c)     # answered calls only: unanswered ones teach nothing
-        test = mine.filter(pl.col("test")).sort("timestamp", descending=True).head(cfg.max_test)
+        test = calls.filter((pl.col("cluster") == c) & pl.col("test") & pl.col("response").is_not_null())
         new_train = calls.filter((pl.col("cluster") == c) & ~pl.col("test") & pl.col("response").is_not_null())
         label = labels.get(c) or next((r.label for r in registry.versions(c) if r.label), "")
-        d, promoted = ClusterDecision(c, label, n_test=test.height), registry.promoted(c)
-        if promoted and test.height >= cfg.min_test:
-            m = trainer.evaluate(ws/promoted.path, test)
-            d.primary_metric, d.promoted_score = m["primary_metric"], m["score"]
-            drift.quality[c] = d.promoted_score
-        reasons = _retrain_reasons(c, found, drift, new_train, promoted, d.promoted_score, cfg)
+        d = ClusterDecision(c, label, n_test=test.height)
+        served, fell = shadow(c, calls, registry, trainer, cfg, gate, ws, rnd)
+        if served: d.promoted_coverage = served["n_accepted"] / max(served["n_scored"], 1)
+        if fell: d.status = "retired"
+        reasons = _retrain_reasons(c, found, drift, new_train, fell, cfg)
         d.why = "; ".join(reasons) or "no drift, few new calls"
         decisions.append(d)
-        if reasons: plans.append((d, mine, test, promoted))
-    # the budget goes first to new tasks, then to adapters that fell below the gate, then in S5's order
-    # (structured, short answers first, then by share of calls)
-    order = specialisation_order(everything.filter(~pl.col("test")), [p[0].cluster for p in plans], drift.shares)
+        if reasons: plans.append((d, mine, test))
+    # the budget goes first to new tasks, then to adapters that fell, then in S5's order (the most winnable volume)
+    order = finetune_order(everything.filter(~pl.col("test")), [p[0].cluster for p in plans], trainer.config
+                           if hasattr(trainer, "config") else FinetuneConfig())
     new = {n.cluster for n in found}
-    plans.sort(key=lambda p: (p[0].cluster not in new, "fell to" not in p[0].why, order.index(p[0].cluster)))
+    plans.sort(key=lambda p: (p[0].cluster not in new, "fell" not in p[0].why, order.index(p[0].cluster)))
     return decisions, plans
 
 # %% ../nbs/15_iterate.ipynb #4ccdbd8c
-def retrain(plans, decisions, registry: Registry, trainer, cfg: IterateConfig, ws: Path, rnd: int) -> None:
-    "Train, score and gate a new version for each plan (within the budget); record every version in the registry."
-    for i, (d, mine, test, promoted) in enumerate(progress(plans, desc=f"S6 round {rnd}: retraining", leave=False)):
+def retrain(plans, decisions, registry: Registry, trainer, cfg: IterateConfig, gate: GateConfig, ws: Path,
+            rnd: int) -> None:
+    "Train, score and decide a new version for each plan (within the budget); record every version in the registry."
+    for i, (d, mine, test) in enumerate(progress(plans, desc=f"S6 round {rnd}: retraining", leave=False)):
         if cfg.max_retrain is not None and i >= cfg.max_retrain:
             d.status, d.reason = "skipped", f"over this round's budget of {cfg.max_retrain} retrainings"; continue
-        train = mine.filter(~pl.col("test")).select(list(CLEAN_SCHEMA))
+        train = mine.filter(~pl.col("test")).sort("timestamp").select(list(CLEAN_SCHEMA))
         d.n_train = train.height
         if train.height < cfg.min_train or test.height < cfg.min_test:
             d.status, d.reason = "skipped", (f"too few calls to train ({train.height}, need {cfg.min_train}) "
-                                             f"or to gate ({test.height}, need {cfg.min_test})")
+                                             f"or to score ({test.height}, need {cfg.min_test})")
             continue
+        scored = test.select(list(CLEAN_SCHEMA)).with_columns(
+            split=pl.when(session_hash(test, cfg.seed + rnd + 1) < gate.calibration_share)
+            .then(pl.lit("calibration")).otherwise(pl.lit("test")))
+        frame = pl.concat([train.with_columns(split=pl.lit("train")), scored])
         d.version = registry.next_version(d.cluster)
         out_dir = ws/"adapters"/f"cluster-{d.cluster}"/f"v{d.version}"
-        meta = trainer.train(train, out_dir, cfg.seed + rnd)
-        m = trainer.evaluate(out_dir, test)
-        d.primary_metric, d.candidate_score = m["primary_metric"], m["score"]
-        if promoted is None: d.base_score = trainer.evaluate(None, test)["score"]
-        decision = decide_promotion(d.candidate_score, d.promoted_score, 1.0, cfg.threshold, cfg.tolerance,
-                                    lower=m.get("interval", [d.candidate_score])[0])
-        d.status, d.reason = ("promoted" if decision.promote else "rejected"), decision.reason
-        metrics = {"primary_metric": d.primary_metric, "adapter_score": d.candidate_score, "base_score": d.base_score,
-                   "teacher_score": 1.0, "agreement": d.candidate_score, "n_test": test.height, "n_train": train.height,
-                   "replaced_score": d.promoted_score, **({"all": m["metrics"]} if "metrics" in m else {})}
+        meta = trainer.train(frame, out_dir, cfg.seed + rnd)
+        counts = {k: meta[k] for k in EVIDENCE}
+        serving = registry.promoted(d.cluster)
+        decision = decide_version(add_evidence({}, counts), "candidate", gate,
+                                  serving.metrics if serving else None, tolerance=cfg.tolerance)
+        d.status, d.reason = decision.status, decision.reason
+        d.primary_metric, d.candidate_coverage = meta.get("primary_metric", ""), counts["n_accepted"] / max(counts["n_scored"], 1)
+        metrics = {"primary_metric": d.primary_metric, "n_train": train.height, **add_evidence({}, counts),
+                   **{k: meta[k] for k in ("acceptance", "adapter_score") if k in meta}}
         registry.add(AdapterRecord(d.cluster, d.version, meta.get("method", trainer.method), metrics,
                                    meta.get("data_hash", ""), d.status, f"round {rnd}: {d.why} -> {decision.reason}",
                                    path=str(out_dir.relative_to(ws)), label=d.label, round=rnd))
-    for d in decisions:   # a promoted adapter that fell below the gate and was not replaced stops serving
-        if d.status != "promoted" and d.promoted_score is not None and d.promoted_score < cfg.threshold:
-            registry.retire(d.cluster, f"round {rnd}: {d.promoted_score:.3f} < gate {cfg.threshold:g} on new calls")
-            d.status = "retired"
 
 # %% ../nbs/15_iterate.ipynb #3d02e490
 def _source(new_logs) -> str: return "the frame" if isinstance(new_logs, pl.DataFrame) else str(new_logs)
 
 def iterate(new_logs, config: IterateConfig | None = None, workspace: Workspace | Path | None = None,
             trainer: AdapterTrainer | None = None, assigner: Assigner | None = None, **import_kw) -> IterationResult:
-    "One round of S6 on `new_logs`: assign, measure drift, retrain what needs it, gate, promote, record it all."
+    "One round of S6 on `new_logs`: assign, measure drift, gather shadow evidence, retrain what needs it, gate, record."
     cfg, wsp = config or IterateConfig(), _workspace(workspace or paths().processed)
     ws, state_dir = wsp.root, wsp.root/"iterate"
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -664,6 +696,9 @@ def iterate(new_logs, config: IterateConfig | None = None, workspace: Workspace 
         known = [NewCluster(**c) for c in read_json(state_dir/"new_clusters.json", [])]
         assigner = Assigner(load_clusterer(wsp.clusterer), known)
     trainer = trainer or default_trainer(ws)
+    gate = wsp.read_gate({"clusters": [], "replaceable_share": 0.0})
+    gate_config = cfg.gate or GateConfig.from_dict(gate.get("config") or {})
+    trainer.gate = gate_config
 
     history = load_history(wsp)   # calls seen before are not counted twice
     calls = load_new_logs(new_logs, ws, **import_kw).filter(~pl.col("id").is_in(history["id"].implode()))
@@ -675,19 +710,19 @@ def iterate(new_logs, config: IterateConfig | None = None, workspace: Workspace 
     drift = measure_drift(ref or calls["cluster"].to_list(), calls["cluster"].to_list(), rnd, cfg.min_share_change)
     drift.new_clusters = found
 
-    # held-out conversations (this round's and earlier rounds') judge every adapter and are never trained on
-    calls = calls.with_columns(held_out(calls["session"], cfg.test_fraction, cfg.seed + rnd).alias("test"))
+    # held-out conversations give new versions their threshold and first evidence, and are never trained on
+    calls = calls.with_columns(held_out(calls, cfg.test_fraction, cfg.seed + rnd))
     everything = pl.concat([known_calls(wsp, history), calls.select(*CLEAN_SCHEMA, "cluster", "test")])
     everything = everything.filter(pl.col("response").is_not_null())
     registry = wsp.registry()
-    gate = wsp.read_gate({"threshold": cfg.threshold, "clusters": [], "replaceable_share": 0.0})
     labels = {int(g["cluster"]): g.get("label", "") for g in gate.get("clusters", [])}
     labels.update((c, l) for c, l in zip(calls["cluster"].to_list(), calls["cluster_label"].to_list()) if l)
-    decisions, plans = plan_retraining(calls, everything, registry, drift, found, labels, trainer, cfg, ws)
-    retrain(plans, decisions, registry, trainer, cfg, ws, rnd)
+    decisions, plans = plan_retraining(calls, everything, registry, drift, found, labels, trainer, cfg, gate_config,
+                                       ws, rnd)
+    retrain(plans, decisions, registry, trainer, cfg, gate_config, ws, rnd)
 
     gate = round_gate(gate, drift.shares, dict(zip(calls["cluster"].to_list(), calls["cluster_label"].to_list())),
-                      registry, cfg.threshold)
+                      registry, gate_config)
     wsp.write_gate(gate)
     return IterationResult(drift, decisions, gate, _record_round(wsp, calls, history, assigner, drift, decisions,
                                                                  gate, cfg, rnd))
@@ -711,27 +746,18 @@ def _record_round(wsp: Workspace, calls, history, assigner, drift, decisions, ga
 
 # %% ../nbs/15_iterate.ipynb #d39af4ed
 class FinetuneTrainer(AdapterTrainer):
-    "The default trainer: S5's `finetune` and `evaluate` with one `FinetuneConfig`."
+    "The default trainer: S5's `train_specialist` and `adapter_evidence` with one `FinetuneConfig`."
     def __init__(self, config: FinetuneConfig):
-        self.config, self.method = config, config.method
+        self.config, self.method, self.gate = config, config.method, config.gate
 
-    def train(self, train: pl.DataFrame, out_dir: Path, seed: int) -> dict:
-        from dataclasses import replace
-        res = finetune(train.with_columns(split=pl.lit("train")), replace(self.config, seed=seed), out_dir)
-        return {
-            "method": res.method,
-            "data_hash": res.data_hash,
-            "n_train": res.n_train,
-            "losses": [res.first_loss, res.last_loss],
-        }
+    def train(self, frame: pl.DataFrame, out_dir: Path, seed: int) -> dict:
+        cfg = replace(self.config, seed=seed, gate=self.gate)
+        train = frame.filter(pl.col("split") == "train").tail(cfg.max_train_calls)
+        frame = pl.concat([train, frame.filter(pl.col("split") != "train")])
+        return train_specialist(frame, cfg, Path(out_dir))
 
-    def evaluate(self, adapter_dir: Path | None, test: pl.DataFrame) -> dict:
-        from dataclasses import replace
-        model, tok = load_adapter(adapter_dir, merge=True) if adapter_dir is not None else load_base(self.config.base)
-        cfg = replace(self.config, max_new_tokens=answer_budget(test, tok, self.config.max_new_tokens), n_eval=None)
-        name = f"{Path(adapter_dir).parent.name}/{Path(adapter_dir).name}" if adapter_dir else "base"
-        r = evaluate(model, tok, test.with_columns(split=pl.lit("test")), cfg, desc=f"scoring {name}")
-        return {k: r[k] for k in ("primary_metric", "score", "interval", "n", "kind", "metrics")}
+    def evidence(self, adapter_dir: Path, calls: pl.DataFrame) -> dict:
+        return adapter_evidence(Path(adapter_dir), calls, replace(self.config, gate=self.gate))
 
 def default_trainer(ws: Path) -> FinetuneTrainer:
     "A `FinetuneTrainer` with the settings of the workspace's newest adapter (`meta.json`), else S5's defaults."
@@ -767,7 +793,9 @@ def default_trainer(ws: Path) -> FinetuneTrainer:
     default=None,
     help="Processed folder (default: the active profile's).",
 )
-@IterateConfig.click_options("threshold", "max_retrain", "seed")
+@click.option("--threshold", type=float, default=None,
+              help="Gate threshold; default: the one S5's gate.json was built with.")
+@IterateConfig.click_options("max_retrain", "seed")
 @click.option(
     "--pseudonym-key", default=None, help="Pseudonym key (hex or path); default $SLM_PSEUDONYM_KEY or the key folder."
 )
@@ -776,20 +804,24 @@ def iterate_cmd(new_logs, fmt, agent, workspace, threshold, max_retrain, seed, p
     from rich.console import Console
     from rich.table import Table
     kw = {} if new_logs.suffix == ".parquet" else dict(fmt=fmt, agent=agent, pseudonym_key=pseudonym_key)
-    res = iterate(new_logs, IterateConfig(threshold=threshold, max_retrain=max_retrain, seed=seed), workspace, **kw)
+    gate = None
+    if threshold is not None:
+        saved = Workspace(workspace).read_gate({})
+        gate = GateConfig.from_dict({**(saved.get("config") or {}), "threshold": threshold})
+    res = iterate(new_logs, IterateConfig(max_retrain=max_retrain, seed=seed, gate=gate), workspace, **kw)
     console, d = Console(), res.drift
     console.print(f"round {d.round}: {d.n_calls} calls, PSI {d.psi:.3f}, JS {d.js:.3f}, outliers {d.outlier_rate:.1%}, "
                   f"new clusters {[c.cluster for c in d.new_clusters]}, replaceable share {res.replaceable_share:.1%}")
-    table = Table("cluster", "label", "why", "status", "score", "before", "reason")
-    fmt_score = lambda x: "" if x is None else f"{x:.3f}"
+    table = Table("cluster", "label", "why", "status", "new version answers", "serving version answers", "reason")
+    fmt_score = lambda x: "" if x is None else f"{x:.0%}"
     for c in res.decisions:
         table.add_row(
             str(c.cluster),
             c.label[:30],
             c.why,
             c.status,
-            fmt_score(c.candidate_score),
-            fmt_score(c.promoted_score),
+            fmt_score(c.candidate_coverage),
+            fmt_score(c.promoted_coverage),
             c.reason,
         )
     console.print(table)

@@ -11,20 +11,24 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .calls import CHAT_TEMPLATE, MARKUP_TOKENS, fit_prompt, normalise_message, parse_assistant
+from .calls import (CHAT_TEMPLATE, MARKUP_TOKENS, fit_prompt, normalise_message, parse_assistant,
+                                split_prefix)
 
 # %% auto #0
-__all__ = ['EMBEDDED', 'MODEL_NAME', 'PACKAGE', 'PACKAGE_VERSION', 'TOOL_CALL', 'embedded_gguf', 'embedded_available',
-           'sha256_file', 'convert_gguf', 'models_cache', 'embedded_slm_path', 'resolve_base', 'load_base',
-           'prompt_ids', 'decode_answer', 'generate_batch', 'tool_call_probability', 'bf16_ok', 'train_precision',
-           'unwrap_autocast']
+__all__ = ['EMBEDDED', 'MODEL_NAME', 'PACKAGE', 'PACKAGE_VERSION', 'TURN_START', 'TOOL_CALL', 'embedded_gguf',
+           'embedded_available', 'sha256_file', 'convert_gguf', 'models_cache', 'embedded_slm_path', 'resolve_base',
+           'load_base', 'render_head', 'render_prompt', 'fit_tail', 'cut_prompt', 'prompt_ids', 'decode_answer',
+           'HeadCache', 'Answer', 'answer_batch', 'generate_batch', 'tool_call_probability', 'bf16_ok',
+           'train_precision', 'unwrap_autocast']
 
 # %% ../nbs/09_slm.ipynb #9ec2642c
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -152,21 +156,44 @@ def load_base(spec: str = "", dtype=torch.bfloat16):
     return model, tok
 
 # %% ../nbs/09_slm.ipynb #38353967
-def prompt_ids(model, tokenizer, request: dict, max_new_tokens: int = 96, max_prompt_tokens: int | None = None) -> list:
-    "Token ids of a request's prompt (`messages`, `tools`), cut in the middle to fit, as `finetune.generate` does."
-    msgs = [normalise_message(m) for m in request["messages"]]
-    prompt = tokenizer.apply_chat_template(msgs, tools=request.get("tools") or None, add_generation_prompt=True,
-                                           tokenize=False)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    context = min(getattr(model.config, "max_position_embeddings", None) or 4096, tokenizer.model_max_length or 4096)
-    return fit_prompt(ids, max_prompt_tokens or max(context - max_new_tokens, context // 2))
+TURN_START = "<|im_start|>"
 
-def _left_pad(rows: list[list], pad_id: int, device) -> tuple:
-    "Input ids and attention mask of `rows`, padded on the left."
-    n = max(map(len, rows))
-    ids = torch.tensor([[pad_id] * (n - len(r)) + list(r) for r in rows], device=device)
-    mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
+def render_head(tokenizer, messages: list, tools=None) -> str:
+    "The chat-formatted text of a request's constant head (its system messages and tools); empty when it has none."
+    head, tools, _ = split_prefix([normalise_message(m) for m in messages], tools)
+    return tokenizer.apply_chat_template(head, tools=tools or None, tokenize=False) if head or tools else ""
+
+def render_prompt(tokenizer, messages: list, tools=None, strip: bool = False) -> str:
+    "The chat-formatted request ending with the assistant's turn; `strip` leaves out its constant head."
+    msgs = [normalise_message(m) for m in messages]
+    if strip: msgs, tools = split_prefix(msgs, tools)[2], None
+    return tokenizer.apply_chat_template(msgs, tools=tools or None, add_generation_prompt=True, tokenize=False)
+
+def fit_tail(ids: list, budget: int, turn_id: int | None = None) -> list:
+    """The last `budget` of `ids`, starting at the first turn start (`turn_id`) inside them, unless that keeps less than
+    half the budget."""
+    if len(ids) <= budget: return list(ids)
+    if budget <= 0: return []
+    start = len(ids) - budget
+    turn = next((i for i in range(start, len(ids)) if ids[i] == turn_id), None) if turn_id is not None else None
+    if turn is not None and len(ids) - turn >= budget // 2: start = turn
+    return list(ids[start:])
+
+# %% ../nbs/09_slm.ipynb #a59b0fc6
+def cut_prompt(tokenizer, ids: list, budget: int, strip: bool = False) -> list:
+    "A prompt's ids within `budget`: the latest turns when the head is stripped, else the whole cut in the middle."
+    if not strip: return fit_prompt(ids, budget)
+    turn = tokenizer.convert_tokens_to_ids(TURN_START)
+    return fit_tail(ids, budget, None if turn in (None, tokenizer.unk_token_id) else turn)
+
+def prompt_ids(model, tokenizer, request: dict, max_new_tokens: int = 96, max_prompt_tokens: int | None = None,
+               strip: bool = False) -> list:
+    """Token ids of a request's prompt (`messages`, `tools`), at most `max_prompt_tokens` (by default the model's
+    context less the answer): the most recent part of the conversation when `strip`, else the whole, middle cut."""
+    text = render_prompt(tokenizer, request["messages"], request.get("tools"), strip)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    context = min(getattr(model.config, "max_position_embeddings", None) or 4096, tokenizer.model_max_length or 4096)
+    return cut_prompt(tokenizer, ids, max_prompt_tokens or max(context - max_new_tokens, context // 2), strip)
 
 def decode_answer(tokenizer, ids) -> dict:
     "The assistant message of generated ids: markup such as `<tool_call>` kept, cut at the end of turn, parsed."
@@ -174,43 +201,118 @@ def decode_answer(tokenizer, ids) -> dict:
     for t in set(tokenizer.all_special_tokens) - set(MARKUP_TOKENS): text = text.replace(t, "")
     return parse_assistant(text)
 
-# %% ../nbs/09_slm.ipynb #2e8d7ef1
-@torch.no_grad()
-def generate_batch(model, tokenizer, requests: list[dict], max_new_tokens: int = 96, batch_size: int = 8,
-                   max_prompt_tokens: int | None = None) -> list[dict]:
-    """The model's assistant message for each request (`messages`, `tools`): greedy, in batches of prompts of similar
-    length, left-padded, each stopping at its end of turn. Answers come back in the order of `requests`."""
-    prompts = [prompt_ids(model, tokenizer, r, max_new_tokens, max_prompt_tokens) for r in requests]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = [None] * len(prompts)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        ids, mask = _left_pad([prompts[i] for i in idx], tokenizer.pad_token_id, model.device)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        for row, i in enumerate(idx): out[i] = decode_answer(tokenizer, gen[row, ids.shape[1]:])
-    return out
+# %% ../nbs/09_slm.ipynb #f0822d90
+class HeadCache:
+    "The keys and values of a constant head's tokens, computed once and shared by every call that carries the head."
+    def __init__(self, model, tokenizer, text: str):
+        self.ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        self.layers = []
+        if self.ids:
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([self.ids], device=model.device), use_cache=True)
+            self.layers = [(k, v) for k, v, *_ in out.cache]
+
+    def __len__(self) -> int: return len(self.ids)
+
+    def cache(self, batch: int):
+        "A fresh cache holding the head for `batch` rows (decoding appends to it; the head's tensors stay untouched)."
+        from transformers import DynamicCache
+        if not self.layers: return None
+        return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                                            for k, v in self.layers])
 
 # %% ../nbs/09_slm.ipynb #7c6645f0
 TOOL_CALL = "<tool_call>"
 
+@dataclass
+class Answer:
+    "A generated assistant message with the model's own view of it."
+    message: dict
+    p_tool: float | None        # probability that the answer is a tool call (None: no tool offered)
+    mean_logprob: float         # mean log-probability of the answer's tokens after the tool-or-reply decision
+    n_prompt: int = 0           # prompt tokens read, the head included
+
+    @property
+    def confidence(self) -> float:
+        "The probability of the tool-or-reply decision taken times the answer's geometric-mean token probability."
+        decided = 1.0 if self.p_tool is None else max(self.p_tool, 1.0 - self.p_tool)
+        return decided * math.exp(self.mean_logprob)
+
+# %% ../nbs/09_slm.ipynb #2b4a3aab
 @torch.no_grad()
+def _decode(model, rows: list[list], max_new_tokens: int, eos_id: int, pad_id: int, mark: list | None = None,
+            head: HeadCache | None = None, tool_threshold: float = 0.5) -> list[tuple]:
+    "Greedy answers for prompt `rows` after `head`: per row (generated ids, p_tool, mean log-probability)."
+    dev, n_rows, k = model.device, len(rows), len(mark or [])
+    ext = [list(r) + (list(mark[:-1]) if k else []) for r in rows]     # the prompt, then `<tool_call>` but its last token
+    n, P = max(map(len, ext)), len(head or [])
+    ids = torch.tensor([[pad_id] * (n - len(r)) + r for r in ext], device=dev)
+    mask = torch.tensor([[1] * P + [0] * (n - len(r)) + [1] * len(r) for r in ext], device=dev)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
+    cache = head.cache(n_rows) if head and len(head) else None
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                logits_to_keep=max(k, 1))
+    cache, logp = out.cache, torch.log_softmax(out.logits.float(), -1)
+    first = logp[:, 0]                                                   # the answer's first token, after the prompt
+    if k:
+        p_tool = logp.gather(-1, torch.tensor(mark, device=dev).expand(n_rows, -1).unsqueeze(-1)).sum((1, 2)).exp()
+        tool = p_tool >= tool_threshold
+        if k > 1: mask[~tool, -(k - 1):] = 0                             # a reply does not see the mark's tokens
+        first = first.clone(); first[:, mark[0]] = -torch.inf
+    else: p_tool, tool = None, torch.zeros(n_rows, dtype=torch.bool, device=dev)
+    pick = first.argmax(-1)
+    gen = [list(mark) if tool[i] else [int(pick[i])] for i in range(n_rows)]
+    total = [0.0 if tool[i] else float(logp[i, 0, pick[i]]) for i in range(n_rows)]
+    count = [0 if tool[i] else 1 for i in range(n_rows)]
+    done = [max_new_tokens <= len(g) or (not tool[i] and g[0] == eos_id) for i, g in enumerate(gen)]
+    while not all(done):
+        nxt = torch.tensor([[g[-1]] for g in gen], device=dev)
+        step_pos = mask.sum(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones(n_rows, 1, dtype=mask.dtype, device=dev)], -1)
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=step_pos, cache=cache, use_cache=True)
+        cache, lp = out.cache, torch.log_softmax(out.logits[:, -1].float(), -1)
+        best = lp.argmax(-1)
+        for i in range(n_rows):
+            if done[i]: continue
+            t = int(best[i]); gen[i].append(t); total[i] += float(lp[i, t]); count[i] += 1
+            done[i] = t == eos_id or len(gen[i]) >= max_new_tokens
+    return [(g, None if p_tool is None else float(p_tool[i]), total[i] / max(count[i], 1)) for i, g in enumerate(gen)]
+
+# %% ../nbs/09_slm.ipynb #30c6ecfd
+def answer_batch(model, tokenizer, requests: list[dict], max_new_tokens: int = 96, batch_size: int = 8,
+                 max_prompt_tokens: int | None = None, strip: bool = False, head: HeadCache | None = None,
+                 decide_tool: bool | None = None, tool_threshold: float = 0.5,
+                 max_batch_tokens: int = 32_768) -> list[Answer]:
+    """The model's `Answer` to each request (`messages`, `tools`), in the order of `requests`. With `head`, the prompt
+    is the cached head and the stripped request; `decide_tool` (default: when a request offers tools) takes the
+    tool-or-reply decision by probability. A batch holds at most `max_batch_tokens` tokens of head and prompt."""
+    strip = strip or head is not None
+    decide_tool = any(r.get("tools") for r in requests) if decide_tool is None else decide_tool
+    mark = tokenizer(TOOL_CALL, add_special_tokens=False)["input_ids"] if decide_tool else None
+    prompts = [prompt_ids(model, tokenizer, r, max_new_tokens, max_prompt_tokens, strip) for r in requests]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out, s, P = [None] * len(prompts), 0, len(head or [])
+    while s < len(order):
+        size = max(1, min(batch_size, max_batch_tokens // (P + len(prompts[order[min(s + batch_size, len(order)) - 1]]))))
+        idx = order[s:s + size]; s += size
+        rows = _decode(model, [prompts[i] for i in idx], max_new_tokens, tokenizer.eos_token_id,
+                       tokenizer.pad_token_id, mark, head, tool_threshold)
+        for i, (ids, p_tool, mean_lp) in zip(idx, rows):
+            out[i] = Answer(decode_answer(tokenizer, ids), p_tool, mean_lp, P + len(prompts[i]))
+    return out
+
+def generate_batch(model, tokenizer, requests: list[dict], max_new_tokens: int = 96, batch_size: int = 8,
+                   max_prompt_tokens: int | None = None, strip: bool = False) -> list[dict]:
+    "The assistant message of each request's `answer_batch` answer."
+    return [a.message for a in answer_batch(model, tokenizer, requests, max_new_tokens, batch_size,
+                                            max_prompt_tokens, strip)]
+
+# %% ../nbs/09_slm.ipynb #d26193ca
 def tool_call_probability(model, tokenizer, requests: list[dict], batch_size: int = 8,
                           max_prompt_tokens: int | None = None) -> list[float]:
-    """For each request, the probability that the assistant's answer starts with `<tool_call>`: the product of the
-    probabilities of its tokens (SmolLM2 splits it into 5 ordinary tokens; where it is one token, that one)."""
-    mark = tokenizer(TOOL_CALL, add_special_tokens=False)["input_ids"]
-    prompts = [prompt_ids(model, tokenizer, r, len(mark), max_prompt_tokens) for r in requests]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = [None] * len(prompts)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        ids, mask = _left_pad([prompts[i] + mark[:-1] for i in idx], tokenizer.pad_token_id, model.device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-        logp = torch.log_softmax(logits[:, -len(mark):].float(), -1)  # the positions that predict each mark token
-        lp = logp.gather(-1, torch.tensor(mark, device=ids.device).expand(len(idx), -1).unsqueeze(-1)).sum((1, 2))
-        for row, i in enumerate(idx): out[i] = float(lp[row].exp())
-    return out
+    "For each request, the probability that the assistant's answer starts with `<tool_call>`."
+    return [a.p_tool for a in answer_batch(model, tokenizer, requests, 0, batch_size, max_prompt_tokens,
+                                           decide_tool=True)]
 
 # %% ../nbs/09_slm.ipynb #0782f312
 def bf16_ok() -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import tempfile
 import typing
@@ -16,7 +15,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import click
-import numpy as np
 import polars as pl
 
 from fastcore.basics import patch
@@ -24,9 +22,9 @@ from fastcore.basics import patch
 from .core import CLEAN_SCHEMA, check_schema, paths
 
 # %% auto #0
-__all__ = ['SPLIT_FRACTIONS', 'Z95', 'STATUSES', 'CLUSTERS_SCHEMA', 'Config', 'write_json_atomic', 'write_parquet_atomic',
-           'split_by_session', 'wilson_interval', 'bootstrap_interval', 'score_interval', 'min_test_calls', 'gate_row',
-           'build_gate', 'AdapterRecord', 'Registry', 'MissingHandoff', 'Workspace', 'read_json']
+__all__ = ['SPLIT_FRACTIONS', 'SPLITS', 'STATUSES', 'CLUSTERS_SCHEMA', 'Config', 'write_json_atomic', 'write_parquet_atomic',
+           'session_hash', 'split_by_session', 'evidence_split', 'AdapterRecord', 'Registry', 'MissingHandoff',
+           'Workspace', 'read_json']
 
 # %% ../nbs/07_workspace.ipynb #74c83f88
 def _option_type(hint, default):
@@ -84,71 +82,38 @@ def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> Path:
     return path
 
 # %% ../nbs/07_workspace.ipynb #64e75b76
-SPLIT_FRACTIONS = (0.7, 0.0, 0.3)   # train, val, test: the gate needs many held-out calls (see `min_test_calls`)
+SPLIT_FRACTIONS = (0.7, 0.0, 0.3)   # train, val, test
+
+def session_hash(frame: pl.DataFrame, seed: int = 0) -> pl.Series:
+    "A number in [0, 1) per call, equal for the calls of one conversation (`session`, else the call's `id`)."
+    key = pl.col("session").fill_null(pl.col("id")) if "id" in frame.columns else pl.col("session")
+    return frame.select(((key.hash(seed=seed) % 1_000_000).cast(pl.Float64) / 1_000_000).alias("u")).to_series()
 
 def split_by_session(frame: pl.DataFrame, fractions: tuple = SPLIT_FRACTIONS, seed: int = 0) -> pl.DataFrame:
     "Add a `split` column (train/val/test) assigning whole sessions by a seeded hash."
     if abs(sum(fractions) - 1) > 1e-6: raise ValueError(f"split fractions {fractions} must sum to 1")
-    u = (pl.col("session").hash(seed=seed) % 1_000_000).cast(pl.Float64) / 1_000_000
+    u = session_hash(frame, seed)
     a, b = fractions[0], fractions[0] + fractions[1]
     return frame.with_columns(pl.when(u < a).then(pl.lit("train")).when(u < b).then(pl.lit("val"))
                               .otherwise(pl.lit("test")).alias("split"))
 
 # %% ../nbs/07_workspace.ipynb #5389c59d
-Z95 = 1.959963984540054
+SPLITS = ("train", "calibration", "test")
 
-def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    "Wilson score interval of a rate `successes / n` (95% by default); (0, 1) when `n` is 0."
-    if n <= 0: return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
-    return (0.0 if successes <= 0 else lo, 1.0 if successes >= n else hi)   # exact at the ends, despite rounding
-
-def bootstrap_interval(scores, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    "Percentile bootstrap interval of the mean of `scores`; (0, 1) when there are none."
-    x = np.asarray(scores, dtype=float)
-    if x.size == 0: return (0.0, 1.0)
-    means = np.random.default_rng(seed).choice(x, size=(n_boot, x.size), replace=True).mean(axis=1)
-    a = (1 - level) / 2
-    return (float(np.quantile(means, a)), float(np.quantile(means, 1 - a)))
-
-def score_interval(scores, seed: int = 0) -> tuple[float, float]:
-    "Wilson when every score is 0 or 1 (a rate), else the bootstrap."
-    x = np.asarray(scores, dtype=float)
-    if x.size and np.isin(x, (0.0, 1.0)).all(): return wilson_interval(float(x.sum()), int(x.size))
-    return bootstrap_interval(x, seed=seed)
-
-# %% ../nbs/07_workspace.ipynb #7b671b89
-def min_test_calls(threshold: float = 0.95, z: float = Z95) -> int:
-    "Fewest held-out calls with which a cluster can pass a `threshold` gate (every call agreeing)."
-    if not 0 <= threshold < 1: raise ValueError(f"threshold {threshold} must be in [0, 1)")
-    if threshold == 0: return 1
-    return math.ceil(threshold * z * z / (1 - threshold) - 1e-9)
-
-# %% ../nbs/07_workspace.ipynb #50ead04f
-def gate_row(row: dict, threshold: float = 0.95) -> dict:
-    """`row` (`cluster`, `label`, `primary_metric`, `adapter_score`, `share`, `n_test`, optional `teacher_score`,
-    `adapter_interval`, `base_score`) with `agreement`, its interval and the decision `passed` added."""
-    teacher = row.get("teacher_score", 1.0) or 0.0
-    lo, hi = row.get("adapter_interval") or wilson_interval(row["adapter_score"] * row["n_test"], row["n_test"])
-    scale = (lambda v: min(1.0, v / teacher)) if teacher else (lambda v: 0.0)
-    agreement, interval = scale(row["adapter_score"]), [scale(lo), scale(hi)]
-    passed = bool(row["n_test"] > 0 and interval[0] >= threshold)
-    return {**row, "teacher_score": teacher, "agreement": agreement, "agreement_interval": interval, "passed": passed,
-            "could_pass": bool(interval[1] >= threshold)}
-
-def build_gate(rows: list[dict], threshold: float = 0.95, **extra) -> dict:
-    "The `gate.json` document for per-cluster `rows` (see `gate_row`)."
-    out = sorted((gate_row(r, threshold) for r in rows), key=lambda r: r["cluster"])
-    share = float(sum(r["share"] for r in out if r["passed"]))
-    share_hi = float(sum(r["share"] for r in out if r["could_pass"]))
-    return {"threshold": threshold, "min_test_calls": min_test_calls(threshold), **extra, "clusters": out,
-            "replaceable_share": share, "replaceable_share_interval": [share, share_hi]}
+def evidence_split(frame: pl.DataFrame, max_train: int, max_train_share: float = 0.5, calibration_share: float = 0.3,
+                   seed: int = 0) -> pl.DataFrame:
+    "Add `split` (train, calibration, test) to one cluster's calls, whole conversations at a time."
+    u, v = session_hash(frame, seed), session_hash(frame, seed + 1)
+    calls = frame.with_columns(_u=u, _v=v)
+    cap = min(max_train, int(max_train_share * frame.height))
+    sizes = calls.group_by("_u").agg(n=pl.len()).sort("_u").with_columns(before=pl.col("n").cum_sum() - pl.col("n"))
+    train_u = sizes.filter(pl.col("before") < cap)["_u"].implode() if cap > 0 else pl.Series([], dtype=pl.Float64).implode()
+    split = (pl.when(pl.col("_u").is_in(train_u)).then(pl.lit("train"))
+             .when(pl.col("_v") < calibration_share).then(pl.lit("calibration")).otherwise(pl.lit("test")))
+    return calls.with_columns(split.alias("split")).drop("_u", "_v")
 
 # %% ../nbs/07_workspace.ipynb #a03ee0f7
-STATUSES = ("promoted", "rejected", "retired")
+STATUSES = ("promoted", "candidate", "rejected", "retired")
 
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -217,6 +182,19 @@ class Registry:
             self.retire(old.cluster, f"replaced by v{record.version}", save=False)
         self.records.append(record); self.save()
         return record
+
+    def candidates(self, cluster: int) -> list[AdapterRecord]:
+        "The versions of `cluster` still gathering evidence (S6 scores them on new calls)."
+        return [r for r in self.versions(cluster) if r.status == "candidate"]
+
+    def decide(self, cluster: int, version: int, status: str, reason: str) -> AdapterRecord:
+        "Set a version's status (promoting it retires the one it replaces), saying why. Saves."
+        rec = next(r for r in self.versions(cluster) if r.version == version)
+        if status == "promoted" and (old := self.promoted(cluster)) and old is not rec:
+            self.retire(cluster, f"replaced by v{version}", save=False)
+        rec.status, rec.reason = status, reason
+        self.save()
+        return rec
 
     def retire(self, cluster: int, reason: str, save: bool = True) -> AdapterRecord | None:
         "Take the promoted adapter of `cluster` out of service, saying why."
