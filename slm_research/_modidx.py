@@ -914,6 +914,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'slm_research.serve.Router': ('serve.html#router', 'slm_research/serve.py'),
                                     'slm_research.serve.Router.__init__': ('serve.html#router.__init__', 'slm_research/serve.py'),
                                     'slm_research.serve.Router.handle': ('serve.html#router.handle', 'slm_research/serve.py'),
+                                    'slm_research.serve._placeholders': ('serve.html#_placeholders', 'slm_research/serve.py'),
                                     'slm_research.serve.chat_completion': ('serve.html#chat_completion', 'slm_research/serve.py'),
                                     'slm_research.serve.json_answer_share': ('serve.html#json_answer_share', 'slm_research/serve.py'),
                                     'slm_research.serve.load_router': ('serve.html#load_router', 'slm_research/serve.py'),

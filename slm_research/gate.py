@@ -128,11 +128,11 @@ def choose_threshold(confidence, agreement, config: GateConfig | None = None) ->
     best, rule = 0, "none"
     for k in range(len(c), 0, -1):                    # most accepting first
         if k < len(c) and c[k] == c[k - 1]: continue   # a threshold takes every call with equal confidence
-        if wilson_interval(sums[k - 1], k)[0] >= config.threshold: best, rule = k, "bound"; break
+        if config.passes(sums[k - 1], k): best, rule = k, "bound"; break
     if not best:
         for k in range(len(c), config.min_accepted - 1, -1):
             if k < len(c) and c[k] == c[k - 1]: continue
-            if sums[k - 1] / k >= config.threshold: best, rule = k, "rate"; break
+            if sums[k - 1] / k >= (1 + config.threshold) / 2: best, rule = k, "rate"; break
     if not best: return {"threshold": math.inf, "n_accepted": 0, "agreement": None, "rule": rule, "n": len(c)}
     tau = 0.0 if best == len(c) else float((c[best - 1] + c[best]) / 2)
     return {"threshold": tau, "n_accepted": best, "agreement": float(sums[best - 1] / best), "rule": rule, "n": len(c)}

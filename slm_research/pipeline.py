@@ -14,7 +14,8 @@ import polars as pl
 from .capture import FORMATS, CaptureConfig, capture_to_files, export_frame
 from .clean import CleanConfig, clean_to_files
 from .cluster import ClusterConfig, cluster_to_files
-from .finetune import TRAIN_OPTIONS, FinetuneConfig, print_gate, specialise
+from .finetune import TRAIN_OPTIONS, FinetuneConfig, finetune_config, finetune_to_files, print_gate
+from .gate import GateConfig
 from .iterate import IterateConfig, iterate, log_rounds
 from .selection import SelectConfig, select_to_files
 from .workspace import Config, Workspace
@@ -105,13 +106,13 @@ def run_pipeline(config: PipelineConfig, finetune: FinetuneConfig | None = None,
         echo(f"  S5 trains on: {', '.join(counts['S4']['loadable'])}")
     with _step("S5 fine-tuning", seconds, echo):
         n_selected = len(ws.selected_clusters())
-        echo(f"  {min(n_selected, finetune.max_clusters or n_selected)} of {n_selected} clusters, most specialised first"
-             + ("" if finetune.max_clusters else "; a few minutes each on a CPU (--max-clusters N takes fewer)"))
-        gate = specialise(ws, finetune, fresh=True)
+        echo(f"  {min(n_selected, finetune.max_clusters or n_selected)} of {n_selected} clusters, most winnable volume "
+             "first" + ("" if finetune.max_clusters else "; a few minutes each on a CPU (--max-clusters N takes fewer)"))
+        gate = finetune_to_files(ws, finetune, fresh=True)
     rounds = []
     for i, batch in enumerate(batches, 1):
         with _step(f"S6 round {i}", seconds, echo):
-            res = iterate(batch, IterateConfig(threshold=finetune.threshold, seed=config.seed), ws.root)
+            res = iterate(batch, IterateConfig(seed=config.seed, gate=finetune.gate), ws.root)
             rounds.append(res)
             echo(f"  {res.drift.summary()}; replaceable share {res.replaceable_share:.1%}")
     return PipelineResult(counts, seconds, gate, rounds)
@@ -120,7 +121,8 @@ def run_pipeline(config: PipelineConfig, finetune: FinetuneConfig | None = None,
 @click.command("pipeline")
 @PipelineConfig.click_options()
 @FinetuneConfig.click_options(*(o for o in TRAIN_OPTIONS if o != "seed"))
-def pipeline_cmd(logs, format, agent, k, fast, rounds, holdout, engine, seed, **train):
+@GateConfig.click_options("threshold")
+def pipeline_cmd(logs, format, agent, k, fast, rounds, holdout, engine, seed, threshold, **train):
     "S1-S5 (and S6 with --rounds) on a log file: capture, mask, cluster, select, fine-tune, gate."
     if not logs: raise click.UsageError("--logs FILE is required")
     config = PipelineConfig(logs=logs, format=format, agent=agent, k=k, fast=fast, rounds=rounds, holdout=holdout,
@@ -128,9 +130,8 @@ def pipeline_cmd(logs, format, agent, k, fast, rounds, holdout, engine, seed, **
     ws = Workspace()
     click.echo(f"workspace: {ws.root}")
     try:
-        res = run_pipeline(
-            config, FinetuneConfig.from_dict(train, alpha=2 * train["rank"], seed=seed), ws, echo=click.echo
-        )
+        res = run_pipeline(config, finetune_config({**train, "seed": seed}, {"threshold": threshold}), ws,
+                           echo=click.echo)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e))
     print_gate(res.gate if not res.rounds else ws.read_gate(), echo=click.echo)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -20,13 +21,15 @@ from .calls import tool_name, tool_names
 from .capture import (Pseudonymizer, RouteResult, SegmentWriter, create_app, default_store,
                                   one_line_errors, store_option)
 from .core import paths
-from .finetune import generate, load_adapter, load_base
+from .heads import HeadPlan
 from .iterate import RequestAssigner, load_history, known_calls
+from .slm import answer_batch, load_base
+from .training import load_adapter
 from .workspace import Workspace
 
 # %% auto #0
-__all__ = ['SLMBackend', 'validate_message', 'chat_completion', 'Route', 'Router', 'AdapterServer', 'json_answer_share',
-           'load_router', 'proxy_cmd']
+__all__ = ['SLMBackend', 'PLACEHOLDER', 'validate_message', 'chat_completion', 'Route', 'Router', 'AdapterServer',
+           'json_answer_share', 'load_router', 'proxy_cmd']
 
 # %% ../nbs/16_serve.ipynb #6ce771e8
 def validate_message(message: dict, request: dict, expects_json: bool = False) -> str | None:
@@ -74,37 +77,56 @@ def chat_completion(message: dict, model: str, usage: dict | None = None) -> dic
     return out
 
 # %% ../nbs/16_serve.ipynb #c8281325
-SLMBackend = Callable[[dict], dict]   # request -> assistant message (optionally with a "usage" entry)
+SLMBackend = Callable[[dict], dict]   # request -> assistant message (optionally with "usage" and "confidence")
+PLACEHOLDER = re.compile(r"<[A-Z][A-Z_]*_\d+>")
 
 @dataclass
 class Route:
-    "A cluster the router may serve with an SLM."
+    "A cluster the router may serve with an SLM, as its gate certified it."
     cluster: int
     backend: SLMBackend
     model: str                  # what `served_by` and the response's `model` say, e.g. "slm/cluster-3/v2"
     expects_json: bool = False  # the cluster's answers are JSON (from its S3 profile)
+    plan: HeadPlan = field(default_factory=HeadPlan)   # the heads its adapter learnt
+    acceptance: float = 0.0     # answer only when the SLM's confidence reaches this
+
+def _placeholders(message: dict) -> set[str]:
+    return set(PLACEHOLDER.findall(json.dumps({k: message.get(k) for k in ("content", "tool_calls")})))
 
 class Router:
-    "Assign each request to a cluster; serve it with the cluster's promoted SLM if it passed the gate and its answer validates, else defer to the LLM."
-    def __init__(self, assign: Callable[[dict], int], routes: Iterable[Route]):
-        self.assign, self.routes = assign, {r.cluster: r for r in routes}
+    "Mask, assign, check the head and the SLM's confidence, restore the values, validate; else defer to the LLM."
+    def __init__(self, assign: Callable[[dict], int], routes: Iterable[Route], mask: Callable | None = None,
+                 unmask: Callable | None = None):
+        self.assign, self.routes, self.mask, self.unmask = assign, {r.cluster: r for r in routes}, mask, unmask
 
     def handle(self, request: dict) -> RouteResult:
         if (request.get("n") or 1) > 1: return RouteResult(None, "upstream", None, "n > 1 goes to the LLM")
-        try: cluster = int(self.assign(request))
+        try: masked, mapping = self.mask(request) if self.mask else (request, {})
+        except Exception as e: return RouteResult(None, "upstream", None, f"masking failed: {type(e).__name__}: {e}")
+        try: cluster = int(self.assign(masked))
         except Exception as e: return RouteResult(None, "upstream", None, f"cluster assignment failed: {type(e).__name__}: {e}")
         route = self.routes.get(cluster)
         if route is None:
             why = "outlier: no known task" if cluster == -1 else f"cluster {cluster} has no adapter that passed the gate"
             return RouteResult(None, "upstream", cluster, why)
-        try: message = dict(route.backend(request))
+        if not route.plan.covers(masked["messages"], masked.get("tools") or []):
+            return RouteResult(None, "upstream", cluster, "drift: the request's system prompt or tools are not a head "
+                                                          "its adapter learnt")
+        try: message = dict(route.backend(masked))
         except Exception as e: return RouteResult(None, "upstream", cluster, f"SLM failed: {type(e).__name__}: {e}")
-        usage = message.pop("usage", None)
+        usage, confidence = message.pop("usage", None), message.pop("confidence", None)
+        if confidence is not None and confidence < route.acceptance:
+            return RouteResult(None, "upstream", cluster, f"SLM not sure: confidence {confidence:.3f} < {route.acceptance:.3f}")
+        if self.mask:
+            if unknown := _placeholders(message) - set(mapping):
+                return RouteResult(None, "upstream", cluster, f"the SLM's answer names {sorted(unknown)[0]}, which the "
+                                                              "request does not have")
+            message = self.unmask(message, mapping) if self.unmask else message
         if problem := validate_message(message, request, route.expects_json):
             return RouteResult(None, "upstream", cluster, f"invalid SLM output: {problem}")
         return RouteResult(chat_completion(message, route.model, usage), route.model, cluster, None)
 
-# %% ../nbs/16_serve.ipynb #ac9c4bf2
+# %% ../nbs/16_serve.ipynb #dedb951f
 class AdapterServer:
     "Serve saved adapters for the router: one copy of each base model, adapters loaded by name, switched per request."
     def __init__(self, max_new_tokens: int | None = None):
@@ -112,26 +134,24 @@ class AdapterServer:
         self.max_new_tokens, self._bases, self._lock = max_new_tokens, {}, threading.Lock()
 
     def backend(self, adapter_dir: Path) -> SLMBackend:
-        "An `SLMBackend` answering with the adapter saved in `adapter_dir`."
+        "An `SLMBackend` answering as the adapter in `adapter_dir` was scored: its head plan, budgets and tool threshold."
         adapter_dir = Path(adapter_dir)
         meta = json.loads((adapter_dir/"meta.json").read_text()) if (adapter_dir/"meta.json").exists() else {}
-        budget = self.max_new_tokens or meta.get("config", {}).get("max_new_tokens", 96)
+        budget = self.max_new_tokens or meta.get("answer_tokens") or 96
+        strip = HeadPlan.from_dict(meta.get("heads")).strip
+        kw = dict(max_prompt_tokens=meta.get("max_prompt_tokens"), strip=strip,
+                  tool_threshold=meta.get("tool_threshold", 0.5), batch_size=1)
         name = f"{adapter_dir.parent.name}-{adapter_dir.name}"
         with self._lock:
             if not (adapter_dir/"adapter_config.json").exists():      # a fully fine-tuned model: its own weights
                 model, tok = load_adapter(adapter_dir); name = None
             else:
                 from peft import PeftModel
-                base = (
-                    meta.get("base")
-                    or json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-                )
+                base = (meta.get("base")
+                        or json.loads((adapter_dir/"adapter_config.json").read_text())["base_model_name_or_path"])
                 if base not in self._bases:
                     model, tok = load_base(base)
-                    self._bases[base] = (
-                        PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name).eval(),
-                        tok,
-                    )
+                    self._bases[base] = (PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name).eval(), tok)
                 else:
                     self._bases[base][0].load_adapter(str(adapter_dir), adapter_name=name)
                 model, tok = self._bases[base]
@@ -139,10 +159,11 @@ class AdapterServer:
             limit = min(budget, request.get("max_completion_tokens") or request.get("max_tokens") or budget)
             with self._lock:
                 if name: model.set_adapter(name)
-                return generate(model, tok, request["messages"], request.get("tools"), limit)
+                answer = answer_batch(model, tok, [request], limit, decide_tool=bool(request.get("tools")) or None, **kw)[0]
+            return {**answer.message, "confidence": answer.confidence}
         return serve
 
-# %% ../nbs/16_serve.ipynb #d7372522
+# %% ../nbs/16_serve.ipynb #cdf7e010
 def json_answer_share(frame: pl.DataFrame) -> float:
     "Share of the calls whose logged answer is a JSON object or list (no tool call)."
     def is_json(r):
@@ -154,9 +175,10 @@ def json_answer_share(frame: pl.DataFrame) -> float:
     return float(np.mean([is_json(r) for r in frame["response"]])) if frame.height else 0.0
 
 def load_router(processed: Path | None = None, server: AdapterServer | None = None, json_share: float = 0.9,
-                backend: Callable[[Path], SLMBackend] | None = None) -> Router:
+                backend: Callable[[Path], SLMBackend] | None = None, mask: bool = True) -> Router:
     """The router of a workspace: clusters that passed the gate (`gate.json`) with a promoted adapter (`registry.json`)
-    are served by it; a cluster whose logged answers are JSON (at least `json_share` of them) must answer valid JSON."""
+    are served by it, on its heads and above its acceptance threshold; a cluster whose logged answers are JSON (at least
+    `json_share` of them) must answer valid JSON. Requests are masked with S2's engine (`mask=False`: as they come)."""
     ws = Path(processed or paths().processed)
     gate, registry = json.loads(Workspace(ws).require("gate").read_text()), Workspace(ws).registry()
     history = load_history(ws)
@@ -174,8 +196,13 @@ def load_router(processed: Path | None = None, server: AdapterServer | None = No
         if not entry.get("passed") or (rec := registry.promoted(c)) is None: continue
         calls = known_calls(ws, history) if calls is None else calls
         expects_json = json_answer_share(calls.filter(pl.col("cluster") == c)) >= json_share
-        routes.append(Route(c, backend(ws/rec.path), f"slm/cluster-{c}/v{rec.version}", expects_json))
-    return Router(assigner.assign_request, routes)
+        meta = json.loads((ws/rec.path/"meta.json").read_text())
+        routes.append(Route(c, backend(ws/rec.path), f"slm/cluster-{c}/v{rec.version}", expects_json,
+                            HeadPlan.from_dict(meta.get("heads")), meta.get("acceptance", {}).get("threshold", 0.0)))
+    if not mask: return Router(assigner.assign_request, routes)
+    from slm_research.clean import MaskingEngine, mask_request, unmask
+    engine = MaskingEngine()
+    return Router(assigner.assign_request, routes, mask=lambda request: mask_request(engine, request), unmask=unmask)
 
 # %% ../nbs/16_serve.ipynb #80983468
 @click.command("proxy")
