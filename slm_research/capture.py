@@ -41,9 +41,10 @@ from .core import Quarantine, check_counts, check_schema, content_hash, paths, p
 from .workspace import Config, Workspace
 
 # %% auto #0
-__all__ = ['MAGIC', 'MANIFEST', 'COMMITS', 'RAW_SCHEMA', 'ROLES', 'CONVERSATION_KEYS', 'FORMATS', 'ABANDONED', 'store_option',
-           'CaptureKeyError', 'default_key_dir', 'key_id', 'generate_keys', 'load_public_key', 'load_private_keys',
-           'load_pseudonym_key', 'Pseudonymizer', 'StoreError', 'SegmentWriter', 'SegmentReport', 'TruncatedHeader',
+__all__ = ['MAGIC', 'MAGIC2', 'FORMAT_OF', 'ITEM_LISTS', 'MANIFEST', 'COMMITS', 'RAW_SCHEMA', 'ROLES', 'CONVERSATION_KEYS',
+           'FORMATS', 'ABANDONED', 'store_option', 'CaptureKeyError', 'default_key_dir', 'key_id', 'generate_keys',
+           'load_public_key', 'load_private_keys', 'load_pseudonym_key', 'Pseudonymizer', 'StoreError', 'split_items',
+           'ItemTable', 'pack_record', 'RecordReader2', 'SegmentWriter', 'SegmentReport', 'TruncatedHeader',
            'StoreWarning', 'read_segment', 'list_segments', 'read_manifest', 'read_store', 'BackgroundWriter',
            'LoopWriter', 'InlineWriter', 'to_frame', 'ExportStats', 'dedupe', 'export_frame', 'RecordError',
            'validate_record', 'conversation_key', 'ImportStats', 'parse_lines', 'import_file', 'assemble_stream',
@@ -167,18 +168,29 @@ class Pseudonymizer:
         return out
 
 # %% ../nbs/10_capture.ipynb #3e195519
-MAGIC = b"SLMSEG1\n"
-_SEAL = b"\x00SEAL"
+MAGIC = b"SLMSEG1\n"    # format 1: each record compressed on its own
+MAGIC2 = b"SLMSEG2\n"   # format 2: the request's messages and tools stored once per segment, one deflate stream
+FORMAT_OF = {MAGIC: 1, MAGIC2: 2}
+ITEM_LISTS = ("messages", "tools")   # the request's lists whose items a segment stores once
+_SEAL, _RECORD = b"\x00SEAL", b"\x01"
 
 class StoreError(ValueError):
     "A segment cannot be read: wrong key, tampering, corruption. The message names the segment."
 
 def _kek(shared: bytes, salt: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"slm-research segment key wrap v1").derive(
-        shared
-    )
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"slm-research segment key wrap v1").derive(shared)
 
 def _aad(header_digest: bytes, index: int) -> bytes: return header_digest + struct.pack(">Q", index)
+
+def _json_encoder() -> Callable[[Any], str]:
+    "`json.dumps(obj, ensure_ascii=False, default=str)` as one reused C encoder: a call's items are many and small, and building an encoder per item cost more than encoding it."
+    from json.encoder import c_make_encoder, encode_basestring
+    if c_make_encoder is None: return partial(json.dumps, ensure_ascii=False, default=str)
+    encode = c_make_encoder(None, str, encode_basestring, None, ": ", ", ", False, False, True)   # no circular check: a cycle is a RecursionError
+    return lambda obj: "".join(encode(obj, 0))
+
+_encode_json = _json_encoder()
+def _dumps(obj) -> bytes: return _encode_json(obj).encode()
 
 MANIFEST = "MANIFEST.jsonl"
 
@@ -188,8 +200,54 @@ def _manifest_add(store_dir: Path, entry: dict) -> None:
     try: os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
     finally: os.close(fd)
 
+# %% ../nbs/10_capture.ipynb #b2c0ffee
+def split_items(record: dict, key: bytes) -> tuple[bytes, dict]:
+    """`record` as JSON with its request's `messages` and `tools` set to null, and those lists' items as
+    `{list: [(keyed hash, item JSON), ...]}`: what a format-2 segment stores once and refers to by number."""
+    req, items = record.get("request"), {}
+    if isinstance(req, dict) and any(isinstance(req.get(k), list) for k in ITEM_LISTS):
+        req = dict(req)
+        for k in ITEM_LISTS:
+            if isinstance(req.get(k), list):
+                items[k] = [(hashlib.blake2b(t, key=key, digest_size=16).digest(), t) for t in map(_dumps, req[k])]
+                req[k] = None   # keeps the key's place, so the record reads back in its order
+        record = {**record, "request": req}
+    return _dumps(record), items
+
+class ItemTable:
+    "The items a format-2 segment holds so far, by keyed hash: a new item gets the next number, a repeat its old one."
+    def __init__(self): self.number: dict[bytes, int] = {}
+    def refer(self, items: dict) -> tuple[dict, list[bytes]]:
+        "The numbers of `items` (from `split_items`), and the texts of those the segment did not hold yet."
+        refs, new = {}, []
+        for k, pairs in items.items():
+            nums = refs[k] = []
+            for h, text in pairs:
+                i = self.number.get(h)
+                if i is None: i = self.number[h] = len(self.number); new.append(text)
+                nums.append(i)
+        return refs, new
+
+def pack_record(head: bytes, refs: dict, new: list[bytes]) -> bytes:
+    "A format-2 record before compression: a line with the record and its item numbers, then a line per new item."
+    return b"\n".join([b'{"refs":' + json.dumps(refs).encode() + b',"rec":' + head + b"}", *new])
+
+class RecordReader2:
+    "Reads the record frames of one format-2 segment in order: inflates its one stream, keeps its items, fills the lists back."
+    def __init__(self): self.inflate, self.items = zlib.decompressobj(-15), []
+    def __call__(self, frame: bytes) -> dict:
+        head, *new = self.inflate.decompress(frame).decode().split("\n")   # JSON text holds no raw newline
+        self.items += new
+        line = json.loads(head)
+        rec = line["rec"]
+        for k, nums in line["refs"].items(): rec["request"][k] = [json.loads(self.items[i]) for i in nums]
+        return rec
+
+# %% ../nbs/10_capture.ipynb #d4c0ffee
 class SegmentWriter:
-    "Appends records to encrypted segments in `store_dir`; holds only the analyst's public key. Thread-safe."
+    """Appends records to encrypted segments in `store_dir`; holds only the analyst's public key. Thread-safe.
+    `format=2` (the default) stores the items of the request's `messages` and `tools` once per segment; `format=1`
+    writes segments that readers from before format 2 can read."""
     def __init__(
         self,
         store_dir: Path,
@@ -198,41 +256,33 @@ class SegmentWriter:
         max_records: int = 10_000,
         fsync: bool = False,
         level: int = 1,
+        format: int = 2,
     ):
+        if format not in (1, 2): raise ValueError(f"segment format {format!r}: choose 1 or 2")
         self.dir = Path(store_dir); self.dir.mkdir(parents=True, exist_ok=True)
         self.public_key = public_key if isinstance(public_key, X25519PublicKey) else load_public_key(public_key)
         self.pseudonymize = pseudonymizer or Pseudonymizer()
-        self.max_records, self.fsync, self.level = max_records, fsync, level
+        self.max_records, self.fsync, self.level, self.format = max_records, fsync, level, format
+        self._item_key = os.urandom(32)   # keys the hashes that find repeated items; kept in memory only
         self._lock, self._f, self.n_written, self.segments = threading.Lock(), None, 0, []
 
     def _open(self):
         seg_id = f"seg-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}"  # sorts by creation time
         data_key, eph = AESGCM.generate_key(256), X25519PrivateKey.generate()
         eph_pub = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        meta = {
-            "segment": seg_id,
-            "created": datetime.now(timezone.utc).isoformat(),
-            "key_id": key_id(self.public_key),
-            "alg": "X25519-HKDF-SHA256/AES-256-GCM",
-            "compression": "zlib",
-            "ephemeral": base64.b64encode(eph_pub).decode(),
-        }
+        meta = {"segment": seg_id, "created": datetime.now(timezone.utc).isoformat(), "key_id": key_id(self.public_key),
+                "alg": "X25519-HKDF-SHA256/AES-256-GCM", "compression": "zlib", "ephemeral": base64.b64encode(eph_pub).decode()}
+        if self.format == 2: meta |= {"format": 2, "compression": "deflate stream", "items": list(ITEM_LISTS)}
         wrap_nonce = os.urandom(12)
         kek = _kek(eph.exchange(self.public_key), eph_pub)
-        meta_bytes = json.dumps(meta, sort_keys=True).encode()
-        wrapped = AESGCM(kek).encrypt(wrap_nonce, data_key, meta_bytes)  # the key is bound to the header's fields
-        header = json.dumps(
-            {
-                "meta": meta,
-                "nonce": base64.b64encode(wrap_nonce).decode(),
-                "wrapped_key": base64.b64encode(wrapped).decode(),
-            },
-            sort_keys=True,
-        ).encode()
+        wrapped = AESGCM(kek).encrypt(wrap_nonce, data_key, json.dumps(meta, sort_keys=True).encode())  # bound to the header's fields
+        header = json.dumps({"meta": meta, "nonce": base64.b64encode(wrap_nonce).decode(),
+                             "wrapped_key": base64.b64encode(wrapped).decode()}, sort_keys=True).encode()
         self._path = self.dir/f"{seg_id}.open"
         self._f = open(self._path, "xb")
-        self._f.write(MAGIC + struct.pack(">I", len(header)) + header); self._f.flush()
+        self._f.write((MAGIC2 if self.format == 2 else MAGIC) + struct.pack(">I", len(header)) + header); self._f.flush()
         self._aes, self._digest, self._n, self._seg_id = AESGCM(data_key), hashlib.sha256(header).digest(), 0, seg_id
+        self._items, self._deflate = ItemTable(), zlib.compressobj(self.level, zlib.DEFLATED, -15)
         _manifest_add(self.dir, {"segment": seg_id, "event": "open", "key_id": meta["key_id"]})
         self._count = os.open(self._path.with_suffix(".count"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
@@ -245,14 +295,19 @@ class SegmentWriter:
     def _write(self, data: bytes):
         self._f.write(data); self._f.flush()
         if self.fsync: os.fsync(self._f.fileno())
-        os.pwrite(
-            self._count, struct.pack(">QQ", self._n, self._f.tell()), 0
-        )  # what a crash may not lose: checked on export
+        os.pwrite(self._count, struct.pack(">QQ", self._n, self._f.tell()), 0)  # what a crash may not lose: checked on export
 
-    def _plain(self, record: dict) -> bytes:
-        return zlib.compress(
-            json.dumps(self.pseudonymize.record(record), ensure_ascii=False, default=str).encode(), self.level
-        )
+    def _encode(self, record: dict):
+        "Pseudonymise and serialise (no segment state: callers do it outside the lock)."
+        rec = self.pseudonymize.record(record)
+        if self.format == 1: return zlib.compress(json.dumps(rec, ensure_ascii=False, default=str).encode(), self.level)
+        return split_items(rec, self._item_key)
+
+    def _plain(self, encoded) -> bytes:
+        "A record frame's plaintext; format 2 numbers the items in this segment and goes on with its deflate stream."
+        if self.format == 1: return encoded
+        refs, new = self._items.refer(encoded[1])
+        return _RECORD + self._deflate.compress(pack_record(encoded[0], refs, new)) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
 
     def append(self, record: dict) -> None:
         "Pseudonymise, encrypt and append one record (a whole frame, flushed)."
@@ -260,15 +315,25 @@ class SegmentWriter:
 
     def append_many(self, records: list[dict]) -> None:
         "Append several records with one write and one flush per segment (the background writer's batches)."
-        plains = [self._plain(r) for r in records]
+        encoded = [self._encode(r) for r in records]
         with self._lock:
             buf = []
-            for plain in plains:
-                if self._f is None: self._open()
-                buf.append(self._frame(plain))
-                self.n_written += 1
-                if self._n >= self.max_records: self._write(b"".join(buf)); buf = []; self._seal()
-            if buf: self._write(b"".join(buf))
+            try:
+                for enc in encoded:
+                    if self._f is None: self._open()
+                    buf.append(self._frame(self._plain(enc)))
+                    self.n_written += 1
+                    if self._n >= self.max_records: self._write(b"".join(buf)); buf = []; self._seal()
+                if buf: self._write(b"".join(buf))
+            except BaseException:
+                self._abandon(); raise
+
+    def _abandon(self):
+        "After a failed write: leave the segment `.open` (its readable frames are kept, the loss reported); the next record opens a new one."
+        if self._f is None: return
+        try: self._f.close(); os.close(self._count)
+        except OSError: pass
+        self._f = None
 
     def _seal(self):
         n = self._n
@@ -311,16 +376,12 @@ class StoreWarning(UserWarning):
 def _segment_error(path, msg, kind=StoreError): return kind(f"segment {Path(path).name}: {msg}")
 
 # %% ../nbs/10_capture.ipynb #65cf8b05
-def read_segment(path: Path, private_keys: dict[str, X25519PrivateKey], report: list | None = None) -> Iterator[dict]:
-    "Decrypt and yield the records of one segment; raises `StoreError` naming the segment on a wrong key or any tampering."
-    path = Path(path)
-    count = path.with_suffix(".count")  # read before the data: the writer updates it after each flush
-    counted = count.read_bytes()[:16] if count.is_file() else b""
-    n_counted, bytes_counted = struct.unpack(">QQ", counted) if len(counted) == 16 else (0, 0)
-    data = path.read_bytes()
-    if len(data) < len(MAGIC) + 4 and MAGIC.startswith(data[: len(MAGIC)]):
+def _open_segment(path: Path, data: bytes, private_keys: dict) -> tuple[dict, bytes, int, AESGCM]:
+    "A segment's header (checked against the file's magic and name), its bytes, where its frames start, and its data key."
+    magic = data[: len(MAGIC)]
+    if len(data) < len(MAGIC) + 4 and any(m.startswith(magic) for m in FORMAT_OF):
         raise _segment_error(path, f"truncated header ({len(data)} bytes)", TruncatedHeader)
-    if data[: len(MAGIC)] != MAGIC: raise _segment_error(path, "not a segment file (bad magic)")
+    if magic not in FORMAT_OF: raise _segment_error(path, "not a segment file (bad magic)")
     (hlen,) = struct.unpack(">I", data[len(MAGIC): len(MAGIC) + 4])
     pos = len(MAGIC) + 4 + hlen
     if pos > len(data): raise _segment_error(path, f"truncated header ({len(data)} of {pos} bytes)", TruncatedHeader)
@@ -330,8 +391,9 @@ def read_segment(path: Path, private_keys: dict[str, X25519PrivateKey], report: 
         meta, wrap_nonce, wrapped = h["meta"], base64.b64decode(h["nonce"]), base64.b64decode(h["wrapped_key"])
         eph_pub = base64.b64decode(meta["ephemeral"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e: raise _segment_error(path, f"header is corrupted ({type(e).__name__})") from None
-    sealed = path.suffix == ".seg"
     if meta.get("segment") != path.stem: raise _segment_error(path, f"file holds segment {meta.get('segment')!r}: renamed or swapped")
+    if meta.get("format", 1) != FORMAT_OF[magic]:   # the header is authenticated: this binds the magic too
+        raise _segment_error(path, f"magic says format {FORMAT_OF[magic]}, the header format {meta.get('format', 1)}")
     kid = meta.get("key_id")
     if kid not in private_keys:
         raise _segment_error(path, f"encrypted to analyst key {kid}, which is not among the keys provided ({', '.join(sorted(private_keys)) or 'none'})")
@@ -339,7 +401,27 @@ def read_segment(path: Path, private_keys: dict[str, X25519PrivateKey], report: 
         shared = private_keys[kid].exchange(X25519PublicKey.from_public_bytes(eph_pub))
         data_key = AESGCM(_kek(shared, eph_pub)).decrypt(wrap_nonce, wrapped, json.dumps(meta, sort_keys=True).encode())
     except (InvalidTag, ValueError): raise _segment_error(path, "cannot unwrap the data key: wrong key or tampered header") from None
-    aes, digest, index, n_seal, lost = AESGCM(data_key), hashlib.sha256(header).digest(), 0, None, 0
+    return meta, header, pos, AESGCM(data_key)
+
+def _record_reader(fmt: int) -> Callable[[bytes], dict]:
+    "Turns a record frame's plaintext into the record: format 1 frame by frame, format 2 in order (one stream per segment)."
+    if fmt == 1: return lambda plain: json.loads(zlib.decompress(plain))
+    read2 = RecordReader2()
+    def read(plain: bytes) -> dict:
+        if not plain.startswith(_RECORD): raise ValueError("not a record frame")
+        return read2(plain[len(_RECORD):])
+    return read
+
+def read_segment(path: Path, private_keys: dict[str, X25519PrivateKey], report: list | None = None) -> Iterator[dict]:
+    "Decrypt and yield the records of one segment (format 1 or 2); raises `StoreError` naming the segment on a wrong key or any tampering."
+    path = Path(path)
+    count = path.with_suffix(".count")  # read before the data: the writer updates it after each flush
+    counted = count.read_bytes()[:16] if count.is_file() else b""
+    n_counted, bytes_counted = struct.unpack(">QQ", counted) if len(counted) == 16 else (0, 0)
+    data = path.read_bytes()
+    meta, header, pos, aes = _open_segment(path, data, private_keys)
+    sealed, record_of = path.suffix == ".seg", _record_reader(meta.get("format", 1))
+    digest, index, n_seal = hashlib.sha256(header).digest(), 0, None
     while pos < len(data):
         if n_seal is not None: raise _segment_error(path, f"{len(data) - pos} bytes after the seal frame (appended or tampered)")
         if pos + 4 + 12 + 16 > len(data) or pos + 4 + 12 + struct.unpack(">I", data[pos: pos + 4])[0] > len(data):
@@ -355,13 +437,14 @@ def read_segment(path: Path, private_keys: dict[str, X25519PrivateKey], report: 
             if n_seal != index: raise _segment_error(path, f"seal counts {n_seal} records but {index} were read")
             continue
         index += 1
-        try: yield json.loads(zlib.decompress(plain))
-        except (zlib.error, ValueError) as e: raise _segment_error(path, f"frame {index - 1} does not hold a JSON record ({e})") from None
+        try: yield record_of(plain)
+        except (zlib.error, ValueError, KeyError, IndexError, TypeError) as e:
+            raise _segment_error(path, f"frame {index - 1} does not hold a JSON record ({e})") from None
     if sealed and n_seal is None: raise _segment_error(path, "sealed segment has no seal frame (truncated)")
     if report is not None:
         lost = 0 if sealed else max(len(data), bytes_counted) - pos
         lost_records = 0 if sealed else max(0, n_counted - index)
-        report.append(SegmentReport(path.name, kid, index, n_seal is not None, lost, lost_records))
+        report.append(SegmentReport(path.name, meta.get("key_id"), index, n_seal is not None, lost, lost_records))
 
 # %% ../nbs/10_capture.ipynb #b45842e2
 def list_segments(store_dir: Path) -> list[Path]:

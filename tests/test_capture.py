@@ -72,20 +72,6 @@ def test_wrong_key_fails_naming_the_segment(tmp_path, keys, writer):
         list(read_segment(seg, forged))
 
 
-def test_every_single_flipped_byte_is_detected(tmp_path, keys, writer):
-    fill(writer, [valid_raw(i) for i in range(3)])  # small records: every byte of the file is flipped in turn
-    seg = list_segments(tmp_path/"store")[0]
-    good, priv = seg.read_bytes(), load_private_keys(keys["private"])
-    assert len(list(read_segment(seg, priv))) == 3
-    for pos in range(len(good)):
-        for bit in (0x01, 0x80):
-            bad = bytearray(good); bad[pos] ^= bit
-            seg.write_bytes(bytes(bad))
-            with pytest.raises(StoreError, match=seg.name):
-                list(read_segment(seg, priv))
-    seg.write_bytes(good)
-
-
 def test_swapped_truncated_or_extended_segments_are_detected(tmp_path, keys, writer):
     writer.max_records = 3
     fill(writer, [r for r, _ in corpus(6)])
@@ -142,6 +128,117 @@ def test_export_frame_has_the_raw_schema(tmp_path, keys, writer):
     frame = export_frame(tmp_path/"store", load_private_keys(keys["private"]))
     assert frame.schema == pl.Schema(RAW_SCHEMA) and frame.height == 50
     assert frame["timestamp"].null_count() == 0 and frame["messages"].str.starts_with("[").all()
+
+
+# ---- segment formats: repeated history stored once, format 1 still read --------------------------
+
+FIXTURE_V1 = Path(__file__).parent/"fixtures"/"store_v1"
+V1_KEY = "b002d146c58fccc31eb718294c66e7810e6bbc5f2d00b8dc5f5bff5763288b70"   # a throwaway key made for the fixture
+
+
+def test_a_store_written_before_format_2_still_reads_and_exports(tmp_path):
+    "The fixture was written by the segment writer before format 2 existed (see its README); copied, never changed."
+    import shutil
+    import warnings
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from slm_research.capture import ExportStats, key_id, to_frame
+    store = shutil.copytree(FIXTURE_V1, tmp_path/"store")
+    key = X25519PrivateKey.from_private_bytes(bytes.fromhex(V1_KEY))
+    priv = {key_id(key.public_key()): key}
+    expected = json.loads((store/"records.json").read_text())
+    assert all(p.read_bytes().startswith(b"SLMSEG1\n") for p in list_segments(store))
+    report = []
+    assert list(read_store(store, priv, report)) == expected
+    assert [(r.n_records, r.sealed, r.status) for r in report] == [(3, True, "ok"), (2, True, "ok"), (1, False, "ok")]
+    stats = ExportStats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # no gap to warn about
+        frame = export_frame(store, priv, stats=stats)
+    assert frame.equals(to_frame(expected)) and stats.n_read == 6
+    # a store that goes on in format 2 after an upgrade: one export reads both formats, the manifest covers both
+    w = SegmentWriter(store, key.public_key(), Pseudonymizer(b"f" * 32))
+    fill(w, [{**valid_raw(1), "id": "after-upgrade"}])
+    assert list_segments(store)[-1].read_bytes().startswith(b"SLMSEG2\n")
+    both = export_frame(store, priv, strict=True)
+    assert both["id"].to_list() == [r["id"] for r in expected] + ["after-upgrade"]
+
+
+def write_both_formats(tmp_path, keys, records, max_records=10_000):
+    "The same records written in format 1 and format 2: {format: (store, bytes of its segments)}."
+    out = {}
+    for fmt in (1, 2):
+        store = tmp_path/f"format{fmt}"
+        fill(SegmentWriter(store, keys["public"], Pseudonymizer(keys["pseudonym"]), max_records, format=fmt), records)
+        out[fmt] = store, sum(p.stat().st_size for p in list_segments(store))
+    return out
+
+
+def test_format_2_stores_repeated_history_once_and_exports_the_same_frame(tmp_path, keys, shared_external):
+    "Real multi-turn logs: every step repeats the conversation and the tool schemas. Several segments, as in a long capture."
+    with (shared_external/"bfcl_multiturn_calls.jsonl").open("rb") as f:
+        records = list(parse_lines(f, "openai", "bfcl"))
+    stores = write_both_formats(tmp_path, keys, records, max_records=400)
+    priv = load_private_keys(keys["private"])
+    (old, old_bytes), (new, new_bytes) = stores[1], stores[2]
+    assert len(list_segments(new)) == 3
+    assert export_frame(new, priv, strict=True).equals(export_frame(old, priv, strict=True))
+    assert list(read_store(new, priv)) == list(read_store(old, priv))
+    assert new_bytes * 4 <= old_bytes, (old_bytes, new_bytes)
+    seg = list_segments(new)[0].read_bytes()
+    assert not any(t["function"]["description"][:30].encode() in seg for t in records[0]["request"]["tools"])   # encrypted all the same
+
+
+def test_format_2_reads_back_every_record_of_the_corpus_exactly(tmp_path, keys):
+    "Key order, nulls, non-ASCII text, records without messages or tools, records that are not calls at all."
+    records = [r for r, _ in corpus(150)]
+    records += [{"id": "odd-1", "request": {"invalid_body": [1, 2]}}, {"id": "odd-2", "request": {"messages": "not a list"}},
+                {"id": "odd-3", "request": {"tools": [], "messages": [], "model": "m"}}, {"id": "odd-4"},
+                {"id": "odd-5", "request": {"messages": [{"role": "user", "content": "naïve\u2028line\nnext"}] * 3}}]
+    stores = write_both_formats(tmp_path, keys, records, max_records=40)
+    priv = load_private_keys(keys["private"])
+    old, new = list(read_store(stores[1][0], priv)), list(read_store(stores[2][0], priv))
+    assert new == old and [json.dumps(r) for r in new] == [json.dumps(r) for r in old]     # the same key order too
+    assert export_frame(stores[2][0], priv).equals(export_frame(stores[1][0], priv))
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_every_single_flipped_byte_is_detected(tmp_path, keys, fmt):
+    w = SegmentWriter(tmp_path/"store", keys["public"], Pseudonymizer(keys["pseudonym"]), format=fmt)
+    fill(w, [valid_raw(i) for i in range(3)])  # small records: every byte of the file is flipped in turn
+    seg = list_segments(tmp_path/"store")[0]
+    good, priv = seg.read_bytes(), load_private_keys(keys["private"])
+    assert len(list(read_segment(seg, priv))) == 3
+    for pos in range(len(good)):
+        for bit in (0x01, 0x80):
+            bad = bytearray(good); bad[pos] ^= bit
+            seg.write_bytes(bytes(bad))
+            with pytest.raises(StoreError, match=seg.name):
+                list(read_segment(seg, priv))
+    seg.write_bytes(good)
+
+
+def test_a_segment_whose_magic_claims_the_other_format_is_refused(tmp_path, keys, writer):
+    fill(writer, [valid_raw(i) for i in range(2)])
+    seg = list_segments(tmp_path/"store")[0]
+    seg.write_bytes(b"SLMSEG1\n" + seg.read_bytes()[8:])
+    with pytest.raises(StoreError, match=f"{seg.name}: magic says format 1, the header format 2"):
+        list(read_segment(seg, load_private_keys(keys["private"])))
+
+
+def test_a_failed_write_leaves_the_segment_open_and_the_next_record_starts_a_new_one(tmp_path, keys, writer):
+    "A disk error mid-write must not leave the writer's item table or deflate stream ahead of the file."
+    writer.append(valid_raw(0))
+    real = writer._f.write
+    writer._f.write = lambda data: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    with pytest.raises(OSError, match="No space"):
+        writer.append(valid_raw(1))
+    assert writer._f is None and real.__self__.closed
+    writer.append(valid_raw(2))
+    writer.close()
+    report = []
+    back = list(read_store(tmp_path/"store", load_private_keys(keys["private"]), report))
+    assert [r["id"] for r in back] == ["ok-0", "ok-2"]
+    assert sorted((r.sealed, r.n_records, r.status) for r in report) == [(False, 1, "ok"), (True, 1, "ok")]
 
 
 # ---- proxy and wrapper ---------------------------------------------------------------------------
