@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from slm_research.capture import (Pseudonymizer, SegmentWriter, export_frame, generate_keys, import_file, list_segments,
-                                  load_private_keys)
+from slm_research.capture.importers import import_file
+from slm_research.capture.keys import Pseudonymizer, generate_keys, load_private_keys
+from slm_research.capture.store import SegmentWriter, export_frame, list_segments
 from slm_research.corpus import generate_corpus
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,8 +17,10 @@ import numpy as np
 import polars as pl
 
 from .calls import tool_name, tool_names
-from .capture import (Pseudonymizer, RouteResult, SegmentWriter, create_app, default_store,
-                                  one_line_errors, store_option)
+from .capture.keys import Pseudonymizer
+from .capture.proxy import RouteResult, create_app
+from .capture.step import default_store, one_line_errors, store_option
+from .capture.store import SegmentWriter
 from .core import paths
 from .finetune import generate, load_adapter, load_base
 from .iterate import RequestAssigner, load_history, known_calls
