@@ -4,7 +4,7 @@ and what a crash loses.
     .venv/bin/python bench/bench_proxy.py [--requests 300] [--throughput-requests 2000] [--concurrency 20]
                                           [--stream-share 0.3] [--upstream-delay-ms 0] [--kill-after 300]
 
-Baseline: the same OpenAI-compatible upstream (slm_research.capture.demo_upstream_app), called directly with the
+Baseline: the same OpenAI-compatible upstream (slm_research.capture.fake_llm.demo_upstream_app), called directly with the
 same client and the same requests (taken from the embedded corpus, so prompts, tool definitions and sizes are
 realistic). The upstream and each proxy run in their own process (uvicorn); the client (httpx, asyncio) in this one.
 The proxy paths (`PATHS`): group commit on the event loop (`LoopWriter`, the default), a writer thread
@@ -38,7 +38,7 @@ from pathlib import Path
 
 def _run_upstream(port, delay_s):
     import uvicorn
-    from slm_research.capture import demo_upstream_app
+    from slm_research.capture.fake_llm import demo_upstream_app
     uvicorn.run(demo_upstream_app(delay_s=delay_s), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -46,7 +46,9 @@ def _run_proxy(port, upstream, store, public_key, pseudonym_key, commit, switch_
     import sys
     import uvicorn
     if switch_interval: sys.setswitchinterval(switch_interval)  # how soon the writer thread gets the GIL back
-    from slm_research.capture import Pseudonymizer, SegmentWriter, create_app
+    from slm_research.capture.keys import Pseudonymizer
+    from slm_research.capture.proxy import create_app
+    from slm_research.capture.store import SegmentWriter
     writer = SegmentWriter(store, public_key, Pseudonymizer(pseudonym_key)) if store else None  # None: forwards, logs nothing
     uvicorn.run(create_app(upstream, writer, agent="bench", commit=commit), host="127.0.0.1", port=port,
                 log_level="warning", access_log=False)
@@ -168,7 +170,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import random
-    from slm_research.capture import generate_keys, load_private_keys, read_store
+    from slm_research.capture.keys import generate_keys, load_private_keys
+    from slm_research.capture.store import read_store
     from slm_research.corpus import generate_records
 
     rng = random.Random(args.seed)

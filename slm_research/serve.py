@@ -18,8 +18,10 @@ import numpy as np
 import polars as pl
 
 from .calls import tool_name, tool_names
-from .capture import (Pseudonymizer, RouteResult, SegmentWriter, create_app, default_store,
-                                  one_line_errors, store_option)
+from .capture.keys import Pseudonymizer
+from .capture.proxy import RouteResult, create_app
+from .capture.step import default_store, one_line_errors, store_option
+from .capture.store import SegmentWriter
 from .core import paths
 from .heads import HeadPlan
 from .iterate import RequestAssigner, load_history, known_calls

@@ -11,9 +11,14 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slm_research.capture import (FORMATS, ImportStats, Pseudonymizer, RAW_SCHEMA, RouteResult, SegmentWriter, StoreError,
-                                  capture_cmd, capture_openai, create_app, demo_upstream_app, export_frame, generate_keys,
-                                  list_segments, load_private_keys, parse_lines, read_segment, read_store, serve)
+from slm_research.capture import capture_cmd
+from slm_research.capture.client import capture_openai
+from slm_research.capture.fake_llm import demo_upstream_app, serve
+from slm_research.capture.importers import FORMATS, ImportStats, parse_lines
+from slm_research.capture.keys import Pseudonymizer, generate_keys, load_private_keys
+from slm_research.capture.proxy import RouteResult, create_app
+from slm_research.capture.records import RAW_SCHEMA
+from slm_research.capture.store import SegmentWriter, StoreError, export_frame, list_segments, read_segment, read_store
 from slm_research.core import Quarantine
 from slm_research.corpus import generate_records
 
@@ -72,20 +77,6 @@ def test_wrong_key_fails_naming_the_segment(tmp_path, keys, writer):
         list(read_segment(seg, forged))
 
 
-def test_every_single_flipped_byte_is_detected(tmp_path, keys, writer):
-    fill(writer, [valid_raw(i) for i in range(3)])  # small records: every byte of the file is flipped in turn
-    seg = list_segments(tmp_path/"store")[0]
-    good, priv = seg.read_bytes(), load_private_keys(keys["private"])
-    assert len(list(read_segment(seg, priv))) == 3
-    for pos in range(len(good)):
-        for bit in (0x01, 0x80):
-            bad = bytearray(good); bad[pos] ^= bit
-            seg.write_bytes(bytes(bad))
-            with pytest.raises(StoreError, match=seg.name):
-                list(read_segment(seg, priv))
-    seg.write_bytes(good)
-
-
 def test_swapped_truncated_or_extended_segments_are_detected(tmp_path, keys, writer):
     writer.max_records = 3
     fill(writer, [r for r, _ in corpus(6)])
@@ -142,6 +133,119 @@ def test_export_frame_has_the_raw_schema(tmp_path, keys, writer):
     frame = export_frame(tmp_path/"store", load_private_keys(keys["private"]))
     assert frame.schema == pl.Schema(RAW_SCHEMA) and frame.height == 50
     assert frame["timestamp"].null_count() == 0 and frame["messages"].str.starts_with("[").all()
+
+
+# ---- segment formats: repeated history stored once, format 1 still read --------------------------
+
+FIXTURE_V1 = Path(__file__).parent/"fixtures"/"store_v1"
+V1_KEY = "b002d146c58fccc31eb718294c66e7810e6bbc5f2d00b8dc5f5bff5763288b70"   # a throwaway key made for the fixture
+
+
+def test_a_store_written_before_format_2_still_reads_and_exports(tmp_path):
+    "The fixture was written by the segment writer before format 2 existed (see its README); copied, never changed."
+    import shutil
+    import warnings
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from slm_research.capture.keys import key_id
+    from slm_research.capture.records import to_frame
+    from slm_research.capture.store import ExportStats
+    store = shutil.copytree(FIXTURE_V1, tmp_path/"store")
+    key = X25519PrivateKey.from_private_bytes(bytes.fromhex(V1_KEY))
+    priv = {key_id(key.public_key()): key}
+    expected = json.loads((store/"records.json").read_text())
+    assert all(p.read_bytes().startswith(b"SLMSEG1\n") for p in list_segments(store))
+    report = []
+    assert list(read_store(store, priv, report)) == expected
+    assert [(r.n_records, r.sealed, r.status) for r in report] == [(3, True, "ok"), (2, True, "ok"), (1, False, "ok")]
+    stats = ExportStats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # no gap to warn about
+        frame = export_frame(store, priv, stats=stats)
+    assert frame.equals(to_frame(expected)) and stats.n_read == 6
+    # a store that goes on in format 2 after an upgrade: one export reads both formats, the manifest covers both
+    w = SegmentWriter(store, key.public_key(), Pseudonymizer(b"f" * 32))
+    fill(w, [{**valid_raw(1), "id": "after-upgrade"}])
+    assert list_segments(store)[-1].read_bytes().startswith(b"SLMSEG2\n")
+    both = export_frame(store, priv, strict=True)
+    assert both["id"].to_list() == [r["id"] for r in expected] + ["after-upgrade"]
+
+
+def write_both_formats(tmp_path, keys, records, max_records=10_000):
+    "The same records written in format 1 and format 2: {format: (store, bytes of its segments)}."
+    out = {}
+    for fmt in (1, 2):
+        store = tmp_path/f"format{fmt}"
+        fill(SegmentWriter(store, keys["public"], Pseudonymizer(keys["pseudonym"]), max_records, format=fmt), records)
+        out[fmt] = store, sum(p.stat().st_size for p in list_segments(store))
+    return out
+
+
+def test_format_2_stores_repeated_history_once_and_exports_the_same_frame(tmp_path, keys, shared_external):
+    "Real multi-turn logs: every step repeats the conversation and the tool schemas. Several segments, as in a long capture."
+    with (shared_external/"bfcl_multiturn_calls.jsonl").open("rb") as f:
+        records = list(parse_lines(f, "openai", "bfcl"))
+    stores = write_both_formats(tmp_path, keys, records, max_records=400)
+    priv = load_private_keys(keys["private"])
+    (old, old_bytes), (new, new_bytes) = stores[1], stores[2]
+    assert len(list_segments(new)) == 3
+    assert export_frame(new, priv, strict=True).equals(export_frame(old, priv, strict=True))
+    assert list(read_store(new, priv)) == list(read_store(old, priv))
+    assert new_bytes * 4 <= old_bytes, (old_bytes, new_bytes)
+    seg = list_segments(new)[0].read_bytes()
+    assert not any(t["function"]["description"][:30].encode() in seg for t in records[0]["request"]["tools"])   # encrypted all the same
+
+
+def test_format_2_reads_back_every_record_of_the_corpus_exactly(tmp_path, keys):
+    "Key order, nulls, non-ASCII text, records without messages or tools, records that are not calls at all."
+    records = [r for r, _ in corpus(150)]
+    records += [{"id": "odd-1", "request": {"invalid_body": [1, 2]}}, {"id": "odd-2", "request": {"messages": "not a list"}},
+                {"id": "odd-3", "request": {"tools": [], "messages": [], "model": "m"}}, {"id": "odd-4"},
+                {"id": "odd-5", "request": {"messages": [{"role": "user", "content": "naïve\u2028line\nnext"}] * 3}}]
+    stores = write_both_formats(tmp_path, keys, records, max_records=40)
+    priv = load_private_keys(keys["private"])
+    old, new = list(read_store(stores[1][0], priv)), list(read_store(stores[2][0], priv))
+    assert new == old and [json.dumps(r) for r in new] == [json.dumps(r) for r in old]     # the same key order too
+    assert export_frame(stores[2][0], priv).equals(export_frame(stores[1][0], priv))
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_every_single_flipped_byte_is_detected(tmp_path, keys, fmt):
+    w = SegmentWriter(tmp_path/"store", keys["public"], Pseudonymizer(keys["pseudonym"]), format=fmt)
+    fill(w, [valid_raw(i) for i in range(3)])  # small records: every byte of the file is flipped in turn
+    seg = list_segments(tmp_path/"store")[0]
+    good, priv = seg.read_bytes(), load_private_keys(keys["private"])
+    assert len(list(read_segment(seg, priv))) == 3
+    for pos in range(len(good)):
+        for bit in (0x01, 0x80):
+            bad = bytearray(good); bad[pos] ^= bit
+            seg.write_bytes(bytes(bad))
+            with pytest.raises(StoreError, match=seg.name):
+                list(read_segment(seg, priv))
+    seg.write_bytes(good)
+
+
+def test_a_segment_whose_magic_claims_the_other_format_is_refused(tmp_path, keys, writer):
+    fill(writer, [valid_raw(i) for i in range(2)])
+    seg = list_segments(tmp_path/"store")[0]
+    seg.write_bytes(b"SLMSEG1\n" + seg.read_bytes()[8:])
+    with pytest.raises(StoreError, match=f"{seg.name}: magic says format 1, the header format 2"):
+        list(read_segment(seg, load_private_keys(keys["private"])))
+
+
+def test_a_failed_write_leaves_the_segment_open_and_the_next_record_starts_a_new_one(tmp_path, keys, writer):
+    "A disk error mid-write must not leave the writer's item table or deflate stream ahead of the file."
+    writer.append(valid_raw(0))
+    real = writer._f.write
+    writer._f.write = lambda data: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    with pytest.raises(OSError, match="No space"):
+        writer.append(valid_raw(1))
+    assert writer._f is None and real.__self__.closed
+    writer.append(valid_raw(2))
+    writer.close()
+    report = []
+    back = list(read_store(tmp_path/"store", load_private_keys(keys["private"]), report))
+    assert [r["id"] for r in back] == ["ok-0", "ok-2"]
+    assert sorted((r.sealed, r.n_records, r.status) for r in report) == [(False, 1, "ok"), (True, 1, "ok")]
 
 
 # ---- proxy and wrapper ---------------------------------------------------------------------------
@@ -320,7 +424,7 @@ def test_cli_keygen_import_export(tmp_path, monkeypatch, workspace):
     assert pl.read_parquet(tmp_path/"x.parquet").height == 30
 
 
-# ---- issue 11, item 4: no raw user id is ever stored ------------------------------------------------
+# ---- no raw user id is ever stored ------------------------------------------------
 
 def test_user_ids_are_pseudonymised_in_every_place_they_appear(tmp_path, keys, writer):
     email = "jane.doe@example.com"
@@ -341,7 +445,7 @@ def test_user_ids_are_pseudonymised_in_every_place_they_appear(tmp_path, keys, w
     assert recs[3]["user"] == pseudonym
 
 
-# ---- conversation keys (issue 10) ------------------------------------------------------------------
+# ---- conversation keys --------------------------------------------------------------------------
 
 def conversation_lines(n_conv=40, n_turns=3):
     "OpenAI chat lines with no session id: each conversation's later turns repeat its opening."
@@ -376,12 +480,12 @@ def test_conversation_keys_keep_each_conversation_in_one_split(tmp_path, keys, w
     assert by_conv["split"].max() == 1 and split["split"].n_unique() > 1             # no conversation divided, splits used
 
 
-# ---- issue 11, item 5: export reports every gap -----------------------------------------------------
+# ---- export reports every gap --------------------------------------------------------------------
 
 def test_export_reports_truncated_missing_and_empty_segments(tmp_path, keys, monkeypatch):
     import random
     import warnings
-    from slm_research.capture import ExportStats, StoreWarning
+    from slm_research.capture.store import ExportStats, StoreWarning
     store = tmp_path/"store"
     w = SegmentWriter(store, keys["public"], Pseudonymizer(keys["pseudonym"]), max_records=30)
     for i in range(119): w.append(valid_raw(i))
@@ -405,7 +509,6 @@ def test_export_reports_truncated_missing_and_empty_segments(tmp_path, keys, mon
     assert {r.status for name, r in rep.items() if "empty" in name or "short" in name} == {"skipped"}
     assert frame.height == 60 + part.n_records
     assert len([x for x in caught if issubclass(x.category, StoreWarning)]) == 4
-    from slm_research.capture import StoreError
     with pytest.raises(StoreError, match="--strict"):
         export_frame(store, priv, strict=True)
     monkeypatch.setenv("SLM_ANALYST_PRIVATE_KEYS", str(keys["private"]))
@@ -416,7 +519,7 @@ def test_export_reports_truncated_missing_and_empty_segments(tmp_path, keys, mon
     w._f = None
 
 
-# ---- issue 11, item 7: non-object JSON and abandoned calls -----------------------------------------
+# ---- non-object JSON and abandoned calls --------------------------------------------------------
 
 def slow_stream_app():
     "An upstream that streams one chunk, then waits: the client gives up in between."
@@ -461,7 +564,7 @@ def test_proxy_rejects_non_object_json_with_400_and_marks_abandoned_calls(tmp_pa
     assert frame["abandoned"].to_list() == [False] * 4 + [True, True]
 
 
-# ---- issue 11, item 8: private Parquet, no duplicates on re-import, one-line key errors ---------------
+# ---- private Parquet, no duplicates on re-import, one-line key errors ------------------------------
 
 def test_export_parquet_is_private_reimport_adds_no_duplicates_key_errors_are_one_line(tmp_path, monkeypatch, workspace):
     monkeypatch.setenv("SLM_KEYS_DIR", str(tmp_path/"k"))
@@ -487,7 +590,7 @@ def test_export_parquet_is_private_reimport_adds_no_duplicates_key_errors_are_on
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1 and "no capture public key" in res.output
 
 
-# ---- the real file, end to end through the command line (issue 10) ----------------------------------
+# ---- the real file, end to end through the command line ------------------------------------------
 
 def test_cli_imports_and_exports_the_real_bfcl_logs(tmp_path, shared_external, monkeypatch, workspace):
     import subprocess
@@ -512,7 +615,9 @@ def test_cli_imports_and_exports_the_real_bfcl_logs(tmp_path, shared_external, m
 
 PROXY_MAIN = """
 import sys, uvicorn
-from slm_research.capture import Pseudonymizer, SegmentWriter, create_app
+from slm_research.capture.keys import Pseudonymizer
+from slm_research.capture.proxy import create_app
+from slm_research.capture.store import SegmentWriter
 upstream, port, store, public, pseudonym = sys.argv[1:6]
 writer = SegmentWriter(store, public, Pseudonymizer(pseudonym))
 uvicorn.run(create_app(upstream, writer), host="127.0.0.1", port=int(port), log_level="warning", access_log=False)
@@ -613,7 +718,7 @@ def test_kill_9_during_load_loses_only_calls_in_flight(tmp_path, keys):
 
 def test_upstream_passes_on_what_has_arrived_in_one_piece_and_holds_nothing_back():
     "Three chunks that arrived together leave as one piece (one write onward); the first piece does not wait for the rest."
-    from slm_research.capture import Upstream
+    from slm_research.capture.proxy import Upstream
     chunk = lambda p: b"%x\r\n%s\r\n" % (len(p), p)
 
     async def main():
@@ -638,7 +743,8 @@ def test_upstream_passes_on_what_has_arrived_in_one_piece_and_holds_nothing_back
 
 
 def test_a_stream_is_parsed_in_one_pass_and_survives_a_bad_chunk():
-    from slm_research.capture import _parse_sse, assemble_stream
+    from slm_research.capture.proxy import _parse_sse
+    from slm_research.capture.records import assemble_stream
     chunks = [{"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
                "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]} for w in ("Hel", "lo, ", "world")]
     raw = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
@@ -651,7 +757,7 @@ def test_a_stream_is_parsed_in_one_pass_and_survives_a_bad_chunk():
 
 def test_loop_writer_commits_a_turn_at_once_and_isolates_a_failure(tmp_path, keys):
     import asyncio
-    from slm_research.capture import LoopWriter
+    from slm_research.capture.writers import LoopWriter
     lw = LoopWriter(SegmentWriter(tmp_path/"store", keys["public"], Pseudonymizer(keys["pseudonym"])))
 
     async def turn():
@@ -672,7 +778,7 @@ def test_loop_writer_commits_a_turn_at_once_and_isolates_a_failure(tmp_path, key
 def test_background_writer_is_bounded_and_writes_before_it_answers(tmp_path, keys):
     import queue
     import threading
-    from slm_research.capture import BackgroundWriter
+    from slm_research.capture.writers import BackgroundWriter
     seg = SegmentWriter(tmp_path/"store", keys["public"], Pseudonymizer(keys["pseudonym"]))
     gate, real = threading.Event(), seg.append_many
     seg.append_many = lambda records: (gate.wait(10), real(records))   # a disk that stalls
@@ -689,3 +795,32 @@ def test_background_writer_is_bounded_and_writes_before_it_answers(tmp_path, key
     assert ids == ["ok-0", "ok-1", "ok-2"]                              # done means readable, before close
     bw.close()
     assert [p.suffix for p in list_segments(tmp_path/"store")] == [".seg"]
+
+
+# ---- the capture package's shape ---------------------------------------------------------------------
+
+CAPTURE = Path(__file__).resolve().parent.parent/"slm_research"/"capture"
+ABOVE_CAPTURE = {"clean", "cluster", "selection", "finetune", "iterate", "serve", "pipeline", "scale", "cli", "runner", "docs", "agents"}
+
+
+def test_capture_modules_are_small_import_one_way_and_reach_nothing_above_s1():
+    "Each part imports only parts below it (no cycle, never the package root) and no step after S1; none over 900 lines."
+    import ast
+    parts = {p.stem: p for p in CAPTURE.glob("*.py") if p.stem != "__init__"}
+    assert {"keys", "store", "writers", "importers", "client", "proxy", "fake_llm"} <= set(parts)
+    graph, above = {}, {}
+    for name, path in parts.items():
+        text = path.read_text()
+        assert len(text.splitlines()) <= 900, f"capture/{name}.py has {len(text.splitlines())} lines"
+        mods = [n.module or "" for n in ast.walk(ast.parse(text)) if isinstance(n, ast.ImportFrom) and n.level]
+        graph[name] = {m for m in mods if m in parts}
+        above[name] = {m.lstrip(".").split(".")[0] for m in mods if m.split(".")[0] in ABOVE_CAPTURE}
+        assert "" not in mods, f"capture/{name}.py imports the package root (a cycle through __init__)"
+    assert not any(above.values()), above
+    assert "store" in graph["writers"] and "records" in graph["store"]      # the reader sees real edges
+    done, stack = set(), []
+    def visit(n):
+        assert n not in stack, f"import cycle: {' -> '.join(stack + [n])}"
+        if n in done: return
+        stack.append(n); [visit(m) for m in sorted(graph[n])]; stack.pop(); done.add(n)
+    for n in sorted(graph): visit(n)
