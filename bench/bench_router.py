@@ -93,10 +93,11 @@ def main(n: int, seed: int, reps: int = 3):
 
         # a real generation: the stand-in base model (untrained weights, so it answers garbage and falls back;
         # the time is what one generation of up to 32 tokens costs on this CPU)
-        from slm_research.finetune import base_config, build_stand_in_model, generate, train_tokenizer
+        from slm_research.slm import generate_batch
+        from slm_research.training import base_config, build_stand_in_model, train_tokenizer
         tok = train_tokenizer(fit["messages"].head(200).to_list(), vocab_size=2048)
         model = build_stand_in_model(tok, base_config("tiny")).eval()
-        slm = Router(assigner.assign_request, [Route(tasks.index(gated_task), lambda r: generate(model, tok, r["messages"], r.get("tools"), 32), "slm/tiny")])
+        slm = Router(assigner.assign_request, [Route(tasks.index(gated_task), lambda r: generate_batch(model, tok, [r], 32)[0], "slm/tiny")])
         with serve(create_app(upstream.url, None, slm)) as proxy:
             client = OpenAI(base_url=proxy.url + "/v1", api_key="sk-bench", max_retries=0)
             client.chat.completions.create(**gated[0])

@@ -1,7 +1,7 @@
 """S5 throughput on the real base (SmolLM2-135M-Instruct): LoRA training plus evaluation, fast path against baseline.
 
 Baseline (today's S5 path): `finetune.train` with fp32 weights and random batches, then the fp32 adapter generating one
-held-out call at a time (`finetune.generate`). Fast path: the same `finetune.train` with the SFTConfig precision of
+held-out call at a time (`slm.generate_batch` with one request a batch). Fast path: the same `finetune.train` with the SFTConfig precision of
 `slm.train_precision()` (bf16 autocast on an AVX512-BF16/AMX CPU), the frozen base in bf16 (`--fast-base-dtype`; the
 LoRA weights stay fp32) and length-grouped batches (`--no-group-by-length` to drop), then the adapter merged into the
 bf16 base and `slm.generate_batch` (batched greedy, left padding). Same data, same steps, same held-out calls, same
@@ -21,9 +21,10 @@ import polars as pl
 import torch
 
 from slm_research.workspace import split_by_session
-from slm_research.finetune import (FinetuneConfig, base_config, build_stand_in_base, call_example, default_threads,
-                                   finetune, generate, score_answer, sft_dataset, split_rows,
-                                   synthetic_calls, train)
+from slm_research.scoring import score_answer
+from slm_research.training import (TrainConfig as FinetuneConfig, base_config, build_stand_in_base, call_example,
+                                   default_threads, run_training as train, sft_dataset, split_rows, synthetic_calls,
+                                   train_adapter as finetune)
 from slm_research.slm import embedded_slm_path, generate_batch, train_precision
 
 
@@ -40,7 +41,7 @@ def sft_precision(**precision):
 def evaluate_path(model, tok, examples, max_new_tokens, batched: bool, batch_size: int):
     t0, c0 = time.perf_counter(), time.process_time()
     if batched: preds = generate_batch(model, tok, examples, max_new_tokens, batch_size=batch_size)
-    else: preds = [generate(model, tok, ex["messages"], ex["tools"], max_new_tokens) for ex in examples]
+    else: preds = [generate_batch(model, tok, [ex], max_new_tokens, batch_size=1)[0] for ex in examples]
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     exact = sum(score_answer(p, ex["target"])["exact_match"] for p, ex in zip(preds, examples)) / len(examples)
     return preds, {"seconds": seconds, "cpu_seconds": cpu, "calls_per_s": len(examples) / seconds, "exact_match": exact}

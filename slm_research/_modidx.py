@@ -1100,6 +1100,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'slm_research.slm.load_base': ('slm.html#load_base', 'slm_research/slm.py'),
                                   'slm_research.slm.models_cache': ('slm.html#models_cache', 'slm_research/slm.py'),
                                   'slm_research.slm.prompt_ids': ('slm.html#prompt_ids', 'slm_research/slm.py'),
+                                  'slm_research.slm.quiet_transformers': ('slm.html#quiet_transformers', 'slm_research/slm.py'),
                                   'slm_research.slm.render_head': ('slm.html#render_head', 'slm_research/slm.py'),
                                   'slm_research.slm.render_prompt': ('slm.html#render_prompt', 'slm_research/slm.py'),
                                   'slm_research.slm.resolve_base': ('slm.html#resolve_base', 'slm_research/slm.py'),

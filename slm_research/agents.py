@@ -193,28 +193,27 @@ def one_at_a_time(calltypes: pl.DataFrame, rubric: Rubric, factor: float = 2.0) 
 
 # %% ../nbs/20_agents.ipynb #8f10483f
 def pipeline_shares(calls: pl.DataFrame, clusters: pl.DataFrame, gate: dict) -> pl.DataFrame:
-    """Per agent: its calls, how many fall in clusters whose adapter passed the gate, the share, and the share's upper end
-    (clusters whose interval reaches the threshold: `could_pass`)."""
+    """Per agent: its calls, the expected number an SLM answers (calls in passing clusters x coverage), the share and
+    its interval (`share_low`: passing clusters at their coverage's lower bound; `share_high`: every cluster that could
+    still pass at its upper bound)."""
     check_schema(calls, {"id": pl.String, "agent": pl.String}, "agents: calls")
     check_schema(clusters, {"id": pl.String, "cluster": None}, "agents: clusters")
     if "clusters" not in gate: raise ValueError("gate.json has no 'clusters' list")
-    passed = [int(c["cluster"]) for c in gate["clusters"] if c.get("passed")]
-    could = [int(c["cluster"]) for c in gate["clusters"] if c.get("passed") or c.get("could_pass")]
-    joined = calls.select("id", "agent").join(
-        clusters.select("id", pl.col("cluster").cast(pl.Int64)), on="id", how="left"
-    )
+    rows = gate["clusters"]
+    cov = lambda r, i=None: (r.get("coverage", 1.0) if i is None else (r.get("coverage_interval") or [1.0, 1.0])[i])
+    mid = {int(r["cluster"]): cov(r) for r in rows if r.get("passed")}
+    low = {int(r["cluster"]): cov(r, 0) for r in rows if r.get("passed")}
+    high = {int(r["cluster"]): cov(r, 1) for r in rows if r.get("passed") or r.get("could_pass")}
+    joined = calls.select("id", "agent").join(clusters.select("id", pl.col("cluster").cast(pl.Int64)), on="id",
+                                              how="left")
+    weight = lambda m: pl.col("cluster").replace_strict(m, default=0.0, return_dtype=pl.Float64).fill_null(0.0)
     return (
         joined.group_by("agent")
-        .agg(
-            n_calls=pl.len(),
-            n_unclustered=pl.col("cluster").is_null().sum(),
-            n_replaceable=pl.col("cluster").is_in(passed).fill_null(False).sum(),
-            n_could=pl.col("cluster").is_in(could).fill_null(False).sum(),
-        )
-        .with_columns(
-            share=pl.col("n_replaceable") / pl.col("n_calls"), share_high=pl.col("n_could") / pl.col("n_calls")
-        )
-        .drop("n_could")
+        .agg(n_calls=pl.len(), n_unclustered=pl.col("cluster").is_null().sum(),
+             n_replaceable=weight(mid).sum(), n_low=weight(low).sum(), n_high=weight(high).sum())
+        .with_columns(share=pl.col("n_replaceable") / pl.col("n_calls"), share_low=pl.col("n_low") / pl.col("n_calls"),
+                      share_high=pl.col("n_high") / pl.col("n_calls"))
+        .drop("n_low", "n_high")
         .sort("agent")
     )
 

@@ -42,6 +42,8 @@ class FinetuneConfig(TrainConfig):
     eval_batch_size: int = 16
     max_new_tokens: int = 96       # a cluster's answers get the longest training answer plus a margin, at most this
     tool_threshold: float = 0.5    # answer with a tool call when its probability reaches this
+    strip_heads: bool = field(default=True, metadata={"help": "Specialists learn the heads their cluster repeats "
+                                                              "(system prompt, tools) instead of reading them."})
     max_clusters: int = field(default=0, metadata={"help": "Train at most this many clusters (0: all selected)."})
     always_train: bool = field(default=False, metadata={"help": "Train an adapter even where the base passes zero-shot."})
     gate: GateConfig = field(default_factory=GateConfig)
@@ -108,7 +110,7 @@ def train_specialist(rows: pl.DataFrame, config: FinetuneConfig, out_dir: Path, 
     `calibration`, and score `test`: the adapter's agreement on every test call and the evidence counts. Saves all of it
     in the adapter's `meta.json`."""
     train = rows.filter(pl.col("split") == "train")
-    plan, profile = plan_heads(train), cluster_profile(rows)
+    plan, profile = plan_heads(train) if config.strip_heads else HeadPlan(), cluster_profile(rows)
     if tokenizer is None:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(slm.resolve_base(config.base))
@@ -159,7 +161,7 @@ def finetune_cluster(frame: pl.DataFrame, cluster: int, label: str, config: Fine
                           config.max_train_share, config.gate.calibration_share, config.seed)
     model, tok = base_model or slm.load_base(config.base)
     train = rows.filter(pl.col("split") == "train")
-    plan, profile = plan_heads(train), cluster_profile(rows)
+    plan, profile = plan_heads(train) if config.strip_heads else HeadPlan(), cluster_profile(rows)
     budget = answer_budget(rows, tok, config.max_new_tokens, plan.strip)
     calib, test = _scored_split(rows, config)
     zero = score_calls(model, tok, test, profile, plan, zero_shot=True, stop_below=config.gate.threshold,

@@ -26,8 +26,8 @@ from .calls import (CHAT_TEMPLATE, MARKUP_TOKENS, fit_prompt, normalise_message,
 # %% auto #0
 __all__ = ['EMBEDDED', 'MODEL_NAME', 'PACKAGE', 'PACKAGE_VERSION', 'TURN_START', 'TOOL_CALL', 'embedded_gguf',
            'embedded_available', 'sha256_file', 'convert_gguf', 'models_cache', 'embedded_slm_path', 'resolve_base',
-           'load_base', 'render_head', 'render_prompt', 'fit_tail', 'cut_prompt', 'prompt_ids', 'decode_answer',
-           'HeadCache', 'Answer', 'answer_batch', 'generate_batch', 'tool_call_probability', 'bf16_ok',
+           'quiet_transformers', 'load_base', 'render_head', 'render_prompt', 'fit_tail', 'cut_prompt', 'prompt_ids',
+           'decode_answer', 'HeadCache', 'Answer', 'answer_batch', 'generate_batch', 'tool_call_probability', 'bf16_ok',
            'train_precision', 'unwrap_autocast']
 
 # %% ../nbs/09_slm.ipynb #9ec2642c
@@ -145,9 +145,16 @@ def resolve_base(spec: str) -> str:
                           f"download it with network (HF_HUB_OFFLINE=0) or pass a local folder") from None
     return spec
 
+def quiet_transformers() -> None:
+    """No progress bars or warnings from transformers itself: our own bars go through `core.progress`, and what it warns
+    about here is handled (a prompt longer than the model's context is cut before the model reads it)."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar(); hf_logging.set_verbosity_error()
+
 def load_base(spec: str = "", dtype=torch.bfloat16):
     "`(model, tokenizer)` of a base (see `resolve_base`): eval mode, weights in `dtype`, left padding, a pad token."
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    quiet_transformers()
     path = resolve_base(spec)
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
@@ -159,9 +166,12 @@ def load_base(spec: str = "", dtype=torch.bfloat16):
 TURN_START = "<|im_start|>"
 
 def render_head(tokenizer, messages: list, tools=None) -> str:
-    "The chat-formatted text of a request's constant head (its system messages and tools); empty when it has none."
-    head, tools, _ = split_prefix([normalise_message(m) for m in messages], tools)
-    return tokenizer.apply_chat_template(head, tools=tools or None, tokenize=False) if head or tools else ""
+    """The chat-formatted text of a request's constant head (its system messages and tools): the prompt less its
+    stripped version; empty when it has none, or when the template does not render the head as a separate prefix."""
+    head, tools, rest = split_prefix([normalise_message(m) for m in messages], tools)
+    if not (head or tools) or not rest: return ""
+    full, stripped = render_prompt(tokenizer, messages, tools), render_prompt(tokenizer, messages, tools, strip=True)
+    return full[: len(full) - len(stripped)] if full.endswith(stripped) else ""
 
 def render_prompt(tokenizer, messages: list, tools=None, strip: bool = False) -> str:
     "The chat-formatted request ending with the assistant's turn; `strip` leaves out its constant head."

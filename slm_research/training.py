@@ -390,7 +390,7 @@ def _trainer_callback(losses: list, desc: str):
         def on_step_end(self, args, state, control, **kw): self.bar.update(state.global_step - self.bar.n)
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
-                losses.append(float(logs["loss"])); self.bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
+                losses.append(float(logs["loss"])); self.bar.set_postfix(loss=f"{float(logs['loss']):.3f}", refresh=False)
         def on_train_end(self, args, state, control, **kw): self.bar.close()
     return Progress()
 
@@ -404,6 +404,7 @@ def run_training(
     continues from it. `model`/`tokenizer` may be passed in (the stand-in base's first training)."""
     from trl import SFTConfig, SFTTrainer
     import warnings
+    slm.quiet_transformers()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     torch.set_num_threads(config.num_threads or default_threads())
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)

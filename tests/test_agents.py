@@ -124,7 +124,7 @@ def test_explanation_is_generated_from_the_data():
 
 def test_load_pipeline_outputs_from_processed_folder(workspace):
     from slm_research.agents import load_pipeline_outputs
-    from slm_research.finetune import synthetic_calls
+    from slm_research.training import synthetic_calls
     from slm_research.workspace import Workspace
     ws = Workspace(workspace.processed)
     assert load_pipeline_outputs(workspace.processed) is None          # nothing written yet: the notebook says so
@@ -133,4 +133,4 @@ def test_load_pipeline_outputs_from_processed_folder(workspace):
     ws.write_gate({"threshold": 0.5, "clusters": [{"cluster": 3, "passed": True}]})
     calls, clusters, gate = load_pipeline_outputs(workspace.processed)
     assert calls.columns == ["id", "agent"]
-    assert pipeline_shares(calls, clusters, gate).rows() == [("cradle", 2, 0, 1, 0.5, 0.5)]
+    assert pipeline_shares(calls, clusters, gate).rows() == [("cradle", 2, 0, 1.0, 0.5, 0.5, 0.5)]

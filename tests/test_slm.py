@@ -7,10 +7,11 @@ import polars as pl
 import pytest
 import torch
 
-from slm_research.finetune import (FinetuneConfig, _SEARCH_TOOL, _WEATHER_TOOL, call_example, generate, sft_dataset,
-                                   synthetic_calls, train)
-from slm_research.slm import (EMBEDDED, embedded_gguf, embedded_slm_path, generate_batch, load_base, resolve_base,
-                              tool_call_probability, train_precision, unwrap_autocast)
+from slm_research.slm import (EMBEDDED, HeadCache, answer_batch, embedded_gguf, embedded_slm_path, generate_batch,
+                              load_base, prompt_ids, render_head, resolve_base, tool_call_probability, train_precision,
+                              unwrap_autocast)
+from slm_research.training import (TrainConfig, _SEARCH_TOOL, _WEATHER_TOOL, call_example, run_training, sft_dataset,
+                                   synthetic_calls)
 
 pytestmark = pytest.mark.slow
 
@@ -76,17 +77,45 @@ def test_generation_answers_the_capital_of_france(bf16):
     assert "Paris" in answer["content"] and "tool_calls" not in answer
 
 
-def test_batched_equals_one_at_a_time_in_fp32(slm_path, requests):
+def _reference(model, tok, request, max_new_tokens):
+    "transformers' own greedy `generate` on one unpadded prompt: what our decoding loop must reproduce."
+    from slm_research.slm import decode_answer
+    ids = torch.tensor([prompt_ids(model, tok, request, max_new_tokens)])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return decode_answer(tok, out[0, ids.shape[1]:])
+
+
+def test_batched_equals_one_at_a_time_and_transformers_generate_in_fp32(slm_path, requests):
     model, tok = load_base(str(slm_path), dtype=torch.float32)
-    one = [generate(model, tok, r["messages"], r["tools"], max_new_tokens=24) for r in requests]
+    one = [generate_batch(model, tok, [r], max_new_tokens=24, batch_size=1)[0] for r in requests]
     assert generate_batch(model, tok, requests, max_new_tokens=24, batch_size=8) == one
     assert len({json.dumps(a) for a in one}) == len(one)  # distinct answers: the rows were not mixed up
+    replies = [r for r in requests if not r["tools"]]     # no tool offered: no tool-or-reply decision, plain greedy
+    assert [answer_batch(model, tok, [r], 24, decide_tool=False)[0].message for r in replies] == \
+           [_reference(model, tok, r, 24) for r in replies]
+
+
+def test_a_cached_head_gives_the_answers_of_the_whole_prompt(slm_path, requests):
+    "The head read once and shared (fp32): the same tokens as the whole prompt read at once, the same probabilities."
+    model, tok = load_base(str(slm_path), dtype=torch.float32)
+    with_tools = [r for r in requests if r["tools"]]
+    whole = answer_batch(model, tok, with_tools, 24, batch_size=4)
+    head = HeadCache(model, tok, render_head(tok, with_tools[0]["messages"], with_tools[0]["tools"]))
+    same_head = [r for r in with_tools if render_head(tok, r["messages"], r["tools"]) == render_head(
+        tok, with_tools[0]["messages"], with_tools[0]["tools"])]
+    cached = answer_batch(model, tok, same_head, 24, batch_size=4, head=head)
+    by_id = {json.dumps(r["messages"]): a for r, a in zip(with_tools, whole)}
+    for r, a in zip(same_head, cached):
+        b = by_id[json.dumps(r["messages"])]
+        assert a.message == b.message and math.isclose(a.p_tool, b.p_tool, rel_tol=1e-3)
+        assert a.n_prompt == b.n_prompt                     # the head's tokens plus the rest: the same prompt
 
 
 def test_bf16_unpadded_batches_equal_one_at_a_time(bf16, requests):
     "In bf16, left padding may change later tokens (rounding); without padding the answers are identical."
     model, tok = bf16
-    one = [generate(model, tok, r["messages"], r["tools"], max_new_tokens=24) for r in requests[:3]]
+    one = [generate_batch(model, tok, [r], max_new_tokens=24)[0] for r in requests[:3]]
     assert generate_batch(model, tok, requests[:3], max_new_tokens=24, batch_size=1) == one
 
 
@@ -114,9 +143,9 @@ def test_one_lora_step_on_the_real_base(slm_path, tmp_path):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(slm_path))
     ds = sft_dataset(_weather_rows(), tok, max_length=160)
-    cfg = FinetuneConfig(base=str(slm_path), method="lora", steps=1, lr=1e-3, batch_size=2, max_length=160, rank=4,
-                         alpha=8, save_steps=100, num_threads=1)
-    res = train(ds, cfg, tmp_path/"adapter")
+    cfg = TrainConfig(base=str(slm_path), method="lora", steps=1, lr=1e-3, batch_size=2, max_length=160, rank=4,
+                      alpha=8, save_steps=100, num_threads=1)
+    res = run_training(ds, cfg, tmp_path/"adapter")
     assert res.steps == 1 and all(math.isfinite(l) for l in res.losses)
     lora_b = [p for n, p in res.model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: the step moved it
