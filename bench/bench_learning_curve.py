@@ -72,6 +72,7 @@ def main():
     ap.add_argument("--workspace", action="append", required=True, help="name=folder with S1-S4 done (repeatable)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--clusters", type=int, default=2, help="The first N clusters in S5's order, per workspace")
+    ap.add_argument("--pick", action="append", default=[], help="name=c1,c2: these clusters of that workspace instead")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--n-eval", type=int, default=160)
     ap.add_argument("--slack", type=float, default=0.05)
@@ -84,8 +85,10 @@ def main():
         for spec in a.workspace:
             name, folder = spec.split("=", 1)
             ws = Workspace(Path(folder))
-            order = finetune_order(ws.cluster_frame(), [c["cluster"] for c in ws.selected_clusters()], cfg)
-            for c in order[:a.clusters]:
+            picked = {n: [int(c) for c in cs.split(",")] for n, cs in (p.split("=", 1) for p in a.pick)}
+            order = picked.get(name) or finetune_order(ws.cluster_frame(), [c["cluster"] for c in ws.selected_clusters()],
+                                                       cfg)[:a.clusters]
+            for c in order:
                 points += [{"set": name, **p} for p in curve(ws, c, a.sizes, cfg, Path(d)/name)]
     frame = pl.DataFrame(points)
     best = frame.group_by("set", "cluster").agg(best=pl.col("winnable").max())

@@ -777,6 +777,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                        'slm_research.finetune.adapter_evidence': ( 'finetune.html#adapter_evidence',
                                                                                    'slm_research/finetune.py'),
                                        'slm_research.finetune.answer_budget': ('finetune.html#answer_budget', 'slm_research/finetune.py'),
+                                       'slm_research.finetune.decision': ('finetune.html#decision', 'slm_research/finetune.py'),
                                        'slm_research.finetune.evaluate_cmd': ('finetune.html#evaluate_cmd', 'slm_research/finetune.py'),
                                        'slm_research.finetune.finetune_cluster': ( 'finetune.html#finetune_cluster',
                                                                                    'slm_research/finetune.py'),

@@ -27,9 +27,10 @@ from .training import (TrainConfig, answered, call_example, encode_example, load
 from .workspace import AdapterRecord, Workspace, evidence_split
 
 # %% auto #0
-__all__ = ['KIND_PRIOR', 'MIN_TRAIN_CALLS', 'TRAIN_OPTIONS', 'FinetuneConfig', 'winnable', 'finetune_order', 'answer_budget',
-           'head_tokens', 'train_specialist', 'adapter_evidence', 'finetune_cluster', 'register', 'finetune_to_files',
-           'synthetic_workspace', 'gate_table', 'print_gate', 'finetune_config', 'finetune_cmd', 'evaluate_cmd']
+__all__ = ['KIND_PRIOR', 'MIN_TRAIN_CALLS', 'TRAIN_OPTIONS', 'FinetuneConfig', 'decision', 'winnable', 'finetune_order',
+           'answer_budget', 'head_tokens', 'train_specialist', 'adapter_evidence', 'finetune_cluster', 'register',
+           'finetune_to_files', 'synthetic_workspace', 'gate_table', 'print_gate', 'finetune_config', 'finetune_cmd',
+           'evaluate_cmd']
 
 # %% ../nbs/14_finetune.ipynb #a60f1425
 @dataclass
@@ -53,18 +54,28 @@ class FinetuneConfig(TrainConfig):
         if isinstance(self.gate, dict): self.gate = GateConfig.from_dict(self.gate)
 
 # %% ../nbs/14_finetune.ipynb #a426b82a
-KIND_PRIOR = {"short": 1.0, "fields": 0.9, "json": 0.7, "tool_call": 0.6, "text": 0.2}
+KIND_PRIOR = {"short": 1.0, "fields": 1.0, "json": 0.8, "tool_call": 0.8, "text": 0.3}
 MIN_TRAIN_CALLS = 16   # two batches: fewer training calls than this teach an adapter the calls, not the task
 
+def decision(target: dict, profile: dict) -> str:
+    "What an answer decides, as text: its decision fields, its actions (tool calls without commentary), or its content."
+    from slm_research.scoring import _actions, _tool_calls, answer_fields
+    if profile["kind"] == "fields":
+        fields = answer_fields(target.get("content"))
+        return json.dumps([fields.get(k) for k in profile["fields"]])
+    if target.get("tool_calls"): return json.dumps(_actions(_tool_calls(target)), sort_keys=True, default=str)
+    return (target.get("content") or "").strip()
+
 def winnable(n_calls: int, share: float, targets: list[dict], config: FinetuneConfig) -> float:
-    "The expected share of all calls a cluster's specialist wins: its share, by its outputs' kind, length and evidence."
-    kind = answer_profile(targets)["kind"]
-    lengths = [len(t.get("content") or json.dumps(t.get("tool_calls"))) for t in targets]
-    length = float(np.quantile(lengths, 0.9)) if lengths else np.inf
+    "The expected share of all calls a cluster's specialist wins: its share, by how templated, short and scorable it is."
+    if not targets: return 0.0
+    profile = answer_profile(targets)
+    distinct = len({decision(t, profile) for t in targets}) / len(targets)
+    length = float(np.quantile([len(t.get("content") or json.dumps(t.get("tool_calls"))) for t in targets], 0.9))
     n_train = min(config.max_train_calls, int(config.max_train_share * n_calls))
     evidence = 1.0 if n_calls - n_train >= config.gate.min_calls / (1 - config.gate.calibration_share) else 0.3
     trainable = 1.0 if n_train >= MIN_TRAIN_CALLS else 0.1
-    return share * KIND_PRIOR[kind] / (1 + length / 400) * evidence * trainable
+    return share * KIND_PRIOR[profile["kind"]] * (1 - distinct) / (1 + length / 400) * evidence * trainable
 
 def finetune_order(frame: pl.DataFrame, clusters: list[int], config: FinetuneConfig) -> list[int]:
     "The clusters, most winnable volume first (`winnable`)."

@@ -50,21 +50,21 @@ def log_evidence(successes: float, n: float, p0: float) -> float:
     if n <= 0 or p0 <= 0: return 0.0 if n <= 0 else math.inf
     if p0 >= 1: return -math.inf
     s, f = float(successes), float(n - successes)
-    tail = 1.0 - betainc(s + 1, f + 1, p0)          # the share of Beta(s+1, f+1) above p0
+    tail = 1.0 - float(betainc(s + 1, f + 1, p0))   # the share of Beta(s+1, f+1) above p0
     if tail <= 0: return -math.inf
     log_null = s * math.log(p0) + (f * math.log1p(-p0) if f else 0.0)
-    return betaln(s + 1, f + 1) + math.log(tail) - math.log1p(-p0) - log_null
+    return float(betaln(s + 1, f + 1)) + math.log(tail) - math.log1p(-p0) - log_null
 
 def anytime_lower_bound(successes: float, n: float, alpha: float = 0.05) -> float:
     "The least agreement the evidence does not reject at level `alpha`, valid over every look (0 with no evidence)."
     if n <= 0 or successes <= 0: return 0.0
-    target, lo, hi = math.log(1 / alpha), 0.0, successes / n
+    target, lo, hi = math.log(1 / alpha), 0.0, float(successes / n)
     if log_evidence(successes, n, hi) >= target: return hi
     for _ in range(50):
         mid = (lo + hi) / 2
         if log_evidence(successes, n, mid) >= target: lo = mid
         else: hi = mid
-    return lo
+    return float(lo)
 
 def anytime_upper_bound(successes: float, n: float, alpha: float = 0.05) -> float:
     "The most agreement the evidence does not reject (the lower bound of disagreement, mirrored)."
@@ -84,7 +84,7 @@ def false_pass_rate(true_agreement: float, threshold: float = 0.95, n_histories:
     "Share of simulated histories that ever pass a `threshold` gate when the adapter's true agreement is below it."
     rng = np.random.default_rng(seed)
     passes = ((lambda s, n: bound(s, n) >= threshold) if bound else
-              (lambda s, n: log_evidence(s, n, threshold) >= math.log(1 / alpha)))
+              (lambda s, n: bool(log_evidence(s, n, threshold) >= math.log(1 / alpha))))
     passed = 0
     for _ in range(n_histories):
         s = n = 0
@@ -111,7 +111,7 @@ class GateConfig(Config):
 
     def passes(self, successes: float, n: float) -> bool:
         "Whether `successes` agreements in `n` accepted calls pass the gate."
-        return n > 0 and log_evidence(successes, n, self.threshold) >= math.log(1 / self.alpha)
+        return bool(n > 0 and log_evidence(successes, n, self.threshold) >= math.log(1 / self.alpha))
 
     @property
     def min_calls(self) -> int: return min_gate_calls(self.threshold, self.alpha)

@@ -203,16 +203,17 @@ def build_stand_in_model(tokenizer, config: BaseConfig):
 
 # %% ../nbs/14_training.ipynb #7e13c35f
 def encode_example(ex: dict, tokenizer, max_length: int, strip: bool = False, answer_tokens: int | None = None) -> dict:
-    "`input_ids` and `labels` (answer tokens only) of one example, in `max_length` tokens."
-    answer_tokens = answer_tokens or max_length // 2
+    """`input_ids` and `labels` (answer tokens only) of one example, in `max_length` tokens: the answer (at most
+    `answer_tokens`, else half the budget) and the prompt in the room left (by `answer_tokens`: the same room as at
+    inference, where the answer's budget is reserved)."""
     prompt = slm.render_prompt(tokenizer, ex["messages"], ex["tools"], strip)
     convo, tools = (split_prefix(ex["messages"], ex["tools"])[2], None) if strip else (ex["messages"], ex["tools"])
     full = tokenizer.apply_chat_template(convo + [ex["target"]], tools=tools or None, tokenize=False)
     if not full.startswith(prompt):
         raise ValueError(f"{ex['id']}: the chat template does not render the prompt as a prefix of the conversation")
-    a_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"][:answer_tokens]
+    a_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"][:answer_tokens or max_length // 2]
     p_ids = slm.cut_prompt(tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"],
-                           max_length - answer_tokens, strip)
+                           max_length - (answer_tokens or len(a_ids)), strip)
     return {"input_ids": p_ids + a_ids, "labels": [-100] * len(p_ids) + a_ids}
 
 def encode_lm(text: str, tokenizer, max_length: int) -> dict:

@@ -66,12 +66,16 @@ def test_pipeline_shares_on_hand_made_gate():
                           "agent": ["metagpt", "metagpt", "metagpt", "cradle", "cradle", "cradle", "cradle"]})
     clusters = pl.DataFrame({"id": ["1", "2", "3", "4", "5", "6"], "cluster": [0, 1, -1, 0, 2, 2],
                              "cluster_label": ["a", "b", "outlier", "a", "c", "c"]}, schema_overrides={"cluster": pl.Int64})
-    gate = {"threshold": 0.8, "clusters": [{"cluster": 0, "passed": True}, {"cluster": 1, "passed": False},
-                                            {"cluster": 2, "passed": True}], "replaceable_share": 0.5}
+    gate = {"threshold": 0.8, "clusters": [{"cluster": 0, "passed": True, "coverage": 1.0, "coverage_interval": [0.9, 1.0]},
+                                            {"cluster": 1, "passed": False},
+                                            {"cluster": 2, "passed": True, "coverage": 0.5, "coverage_interval": [0.4, 0.6]}],
+            "replaceable_share": 0.5}
     out = pipeline_shares(calls, clusters, gate)
-    assert out.rows() == [("cradle", 4, 1, 3, 0.75, 0.75), ("metagpt", 3, 0, 1, 1 / 3, 1 / 3)]
+    # cradle: call 4 in cluster 0 (all answered), calls 5-6 in cluster 2 (half answered), call 7 unclustered
+    assert out.rows() == [("cradle", 4, 1, 2.0, 0.5, (0.9 + 0.8) / 4, (1.0 + 1.2) / 4),
+                          ("metagpt", 3, 0, 1.0, 1 / 3, 0.9 / 3, 1 / 3)]
     maybe = {**gate, "clusters": [*gate["clusters"][:1], {"cluster": 1, "passed": False, "could_pass": True}, gate["clusters"][2]]}
-    assert pipeline_shares(calls, clusters, maybe)["share_high"].to_list() == [0.75, 2 / 3]   # the interval's upper end
+    assert pipeline_shares(calls, clusters, maybe)["share_high"].to_list() == pytest.approx([0.55, 2 / 3])  # the upper end
     nobody = {"clusters": [{"cluster": c, "passed": False} for c in (0, 1, 2)]}
     assert pipeline_shares(calls, clusters, nobody)["share"].to_list() == [0.0, 0.0]
     with pytest.raises(ValueError, match="no 'clusters'"):

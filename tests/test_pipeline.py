@@ -49,9 +49,10 @@ def test_step_by_step_commands_chain_on_real_logs(user_workspace):
     out = run(ws, "finetune", *TRAIN)
     gate = json.loads((processed/"gate.json").read_text())
     row = gate["clusters"][0]
-    assert row["primary_metric"] == "tool_name_match" and row["n_test"] > 0
+    assert row["primary_metric"] == "action_match" and row["n_test"] > 0
     assert row["base_interval"][0] <= row["base_score"] <= row["base_interval"][1]
-    assert "zero-shot" in out and "replaceable share" in out
+    assert row["coverage_interval"][0] <= row["coverage"] <= row["coverage_interval"][1]
+    assert "zero-shot" in out and "coverage" in out and "replaceable share" in out
     assert logs.read_text().count("\n") == 160          # the input was only read
 
 
@@ -62,9 +63,10 @@ def test_pipeline_command_runs_the_chain_from_a_fresh_workspace(user_workspace, 
     shutil.copy(ROOT/"settings.ini", ws/"settings.ini"); (ws/"nbs").mkdir()
     out = run(ws, "pipeline", "--logs", str(logs), "--format", "openai", *TRAIN)
     for step in ("S1 capture", "S2 masking", "S3 clustering", "S4 selection", "S5 fine-tuning"): assert f"{step}: done" in out
-    assert "args zero-shot" in out and "replaceable share" in out
+    assert "head tok" in out and "coverage" in out and "replaceable share" in out
     gate = json.loads((ws/"data"/"processed"/"dev"/"gate.json").read_text())
-    assert {"base_score", "adapter_score", "adapter_tool_call_match", "agreement_interval"} <= set(gate["clusters"][0])
+    assert {"base_score", "adapter_score", "adapter_tool_call_match", "coverage", "accepted_interval",
+            "head_tokens"} <= set(gate["clusters"][0])
 
 
 def readme_python_chain() -> str:

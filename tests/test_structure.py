@@ -67,7 +67,7 @@ def test_progress_bars_have_one_owner():
 
 STEPS = [("capture", "capture_to_files", "CaptureConfig"), ("clean", "clean_to_files", "CleanConfig"),
          ("cluster", "cluster_to_files", "ClusterConfig"), ("selection", "select_to_files", "SelectConfig"),
-         ("finetune", "specialise", "FinetuneConfig"), ("iterate", "iterate", "IterateConfig")]
+         ("finetune", "finetune_to_files", "FinetuneConfig"), ("iterate", "iterate", "IterateConfig")]
 
 
 @pytest.mark.parametrize("module,step,config", STEPS)
