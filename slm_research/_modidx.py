@@ -1211,6 +1211,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                         'slm_research/workspace.py'),
                                         'slm_research.workspace.Workspace.has': ( 'workspace.html#workspace.has',
                                                                                   'slm_research/workspace.py'),
+                                        'slm_research.workspace.Workspace.iterate': ( 'workspace.html#workspace.iterate',
+                                                                                      'slm_research/workspace.py'),
                                         'slm_research.workspace.Workspace.path': ( 'workspace.html#workspace.path',
                                                                                    'slm_research/workspace.py'),
                                         'slm_research.workspace.Workspace.read_calls': ( 'workspace.html#workspace.read_calls',

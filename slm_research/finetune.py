@@ -219,8 +219,8 @@ def finetune_to_files(ws: Workspace | Path, config: FinetuneConfig, clusters: li
     adapter, its acceptance threshold and evidence; writes the registry and the gate (other clusters' rows kept).
     `fresh` starts over. Returns the gate of the clusters taken."""
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
-    if fresh:
-        shutil.rmtree(ws.adapters, ignore_errors=True)
+    if fresh:                                           # S6's rounds built on the old gate go too
+        for folder in (ws.adapters, ws.iterate): shutil.rmtree(folder, ignore_errors=True)
         for name in ("registry", "gate"): ws.path(name).unlink(missing_ok=True)
     frame = ws.cluster_frame()
     share_of = {c: n / frame.height for c, n in frame.group_by("cluster").len().iter_rows()}

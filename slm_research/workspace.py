@@ -236,6 +236,8 @@ class Workspace:
     def adapters(self) -> Path: return self.root/"adapters"
     @property
     def clusterer(self) -> Path: return self.root/"clusterer"
+    @property
+    def iterate(self) -> Path: return self.root/"iterate"     # S6's state: history, rounds, its request assigner
 
     def require(self, name: str) -> Path:
         "The path of hand-off `name`, or `MissingHandoff` naming the step that writes it."
