@@ -28,9 +28,9 @@ from .workspace import AdapterRecord, Workspace, evidence_split
 
 # %% auto #0
 __all__ = ['KIND_PRIOR', 'MIN_TRAIN_CALLS', 'TRAIN_OPTIONS', 'FinetuneConfig', 'decision', 'winnable', 'finetune_order',
-           'answer_budget', 'head_tokens', 'train_specialist', 'adapter_evidence', 'finetune_cluster', 'register',
-           'finetune_to_files', 'synthetic_workspace', 'gate_table', 'print_gate', 'finetune_config', 'finetune_cmd',
-           'evaluate_cmd']
+           'answer_budget', 'head_tokens', 'train_specialist', 'adapter_evidence', 'finetune_cluster',
+           'synthetic_workspace', 'register', 'finetune_to_files', 'gate_table', 'print_gate', 'finetune_config',
+           'finetune_cmd', 'evaluate_cmd']
 
 # %% ../nbs/14_finetune.ipynb #a60f1425
 @dataclass
@@ -196,6 +196,23 @@ def finetune_cluster(frame: pl.DataFrame, cluster: int, label: str, config: Fine
     return {**row, **spec, "version": int(out_dir.name[1:]), "path": str(out_dir.relative_to(ws.root)),
             "seconds": round(time.perf_counter() - t0, 1)}
 
+# %% ../nbs/14_finetune.ipynb #1ab8c852
+def synthetic_workspace(folder: Path, n: int = 400, seed: int = 0) -> Workspace:
+    "Write `synthetic_calls` as the S2-S4 hand-off files (clusters = the true sub-tasks) into `folder`; for tests and demos."
+    ws = Workspace(folder)
+    frame = synthetic_calls(n, seed)
+    tasks = sorted(frame["task"].unique().to_list())
+    frame = frame.with_columns(
+        cluster=pl.col("task").replace_strict({t: i for i, t in enumerate(tasks)}, return_dtype=pl.Int64))
+    ws.write_calls(frame)
+    counts = dict(frame.group_by("cluster").len().iter_rows())
+    summary = {"clusters": [{"cluster": i, "label": t, "n_calls": counts[i], "share": counts[i] / n}
+                            for i, t in enumerate(tasks)], "config": {"synthetic": True}}
+    ws.write_clusters(frame.select("id", "cluster", cluster_label=pl.col("task")), summary)
+    ws.write_selection({"selections": [{"cluster": i, "label": t, "requirements": {}, "ranking": [],
+                                        "choice": slm.MODEL_NAME, "loadable": ""} for i, t in enumerate(tasks)]})
+    return ws
+
 # %% ../nbs/14_finetune.ipynb #82a7ba6c
 def register(ws: Workspace, gate: dict) -> None:
     "Record every adapter the gate judged, with its evidence: promoted, candidate or rejected."
@@ -242,23 +259,6 @@ def finetune_to_files(ws: Workspace | Path, config: FinetuneConfig, clusters: li
     earlier = [r for r in (ws.read_gate() or {}).get("clusters", []) if r["cluster"] not in taken]
     ws.write_gate(build_gate(earlier + rows, config.gate))
     return gate
-
-# %% ../nbs/14_finetune.ipynb #1ab8c852
-def synthetic_workspace(folder: Path, n: int = 400, seed: int = 0) -> Workspace:
-    "Write `synthetic_calls` as the S2-S4 hand-off files (clusters = the true sub-tasks) into `folder`; for tests and demos."
-    ws = Workspace(folder)
-    frame = synthetic_calls(n, seed)
-    tasks = sorted(frame["task"].unique().to_list())
-    frame = frame.with_columns(
-        cluster=pl.col("task").replace_strict({t: i for i, t in enumerate(tasks)}, return_dtype=pl.Int64))
-    ws.write_calls(frame)
-    counts = dict(frame.group_by("cluster").len().iter_rows())
-    summary = {"clusters": [{"cluster": i, "label": t, "n_calls": counts[i], "share": counts[i] / n}
-                            for i, t in enumerate(tasks)], "config": {"synthetic": True}}
-    ws.write_clusters(frame.select("id", "cluster", cluster_label=pl.col("task")), summary)
-    ws.write_selection({"selections": [{"cluster": i, "label": t, "requirements": {}, "ranking": [],
-                                        "choice": slm.MODEL_NAME, "loadable": ""} for i, t in enumerate(tasks)]})
-    return ws
 
 # %% ../nbs/14_finetune.ipynb #9c24102d
 def _fmt_ci(v, ci) -> str: return "" if v is None else f"{v:.2f} [{ci[0]:.2f}-{ci[1]:.2f}]"

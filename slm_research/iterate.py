@@ -90,6 +90,8 @@ def emerging_clusters(vectors: np.ndarray, min_size: int = 20, merge_similarity:
     merged = {g: groups[root(i)] for i, g in enumerate(groups)}
     return np.array([merged.get(l, -1) for l in labels])
 
+
+
 # %% ../nbs/15_iterate.ipynb #3d1d4244
 @dataclass
 class NewCluster:
@@ -188,7 +190,7 @@ def decide_version(metrics: dict, status: str, gate: GateConfig, serving: dict |
     if not ev["could_pass"]: return Decision("rejected", f"cannot pass: {told}, upper bound below {gate.threshold:g}")
     return Decision("candidate", f"gathering evidence: {told} < {gate.threshold:g}")
 
-# %% ../nbs/15_iterate.ipynb #0d1974c6
+# %% ../nbs/15_iterate.ipynb #af1a99d9
 def request_frame(request: dict, call_id: str = "live") -> pl.DataFrame:
     "One incoming request as a one-row frame in the S2 schema (no response yet), for the clusterer."
     row = {"id": call_id, "timestamp": datetime.now(timezone.utc), "agent": "", "session": "", "user": "",
@@ -197,7 +199,9 @@ def request_frame(request: dict, call_id: str = "live") -> pl.DataFrame:
            "prompt_tokens": 0, "completion_tokens": 0}
     return pl.DataFrame([row], schema=CLEAN_SCHEMA)
 
-# %% ../nbs/15_iterate.ipynb #83dec54c
+
+
+# %% ../nbs/15_iterate.ipynb #18689d5f
 class Assigner:
     "Assign calls to S3's clusters, then outliers to the new clusters S6 found."
     def __init__(
@@ -259,7 +263,9 @@ class Assigner:
         "The cluster of one incoming chat-completions request."
         return int(self.assign(request_frame(request))["cluster"][0])
 
-# %% ../nbs/15_iterate.ipynb #18689d5f
+
+
+# %% ../nbs/15_iterate.ipynb #d24dc309
 @dataclass
 class RequestAssigner:
     "Nearest-centroid placement of a request (system prompt, last user turn, tool names) in a cluster."
@@ -346,6 +352,8 @@ class RequestAssigner:
             np.asarray(meta["thresholds"]),
             meta["embedder"],
         )
+
+
 
 # %% ../nbs/15_iterate.ipynb #546924c6
 @dataclass
@@ -454,7 +462,7 @@ def held_out(frame: pl.DataFrame, fraction: float, seed: int) -> pl.Series:
     "True for calls whose conversation is held out (`workspace.session_hash`: no conversation spans both sides)."
     return (session_hash(frame, seed) < fraction).alias("test")
 
-# %% ../nbs/15_iterate.ipynb #1b39a0e7
+# %% ../nbs/15_iterate.ipynb #44a11c29
 HISTORY_SCHEMA = {"id": pl.String, "session": pl.String, "cluster": pl.Int64, "round": pl.Int64, "test": pl.Boolean}
 
 @dataclass
@@ -489,7 +497,9 @@ class IterationResult:
             else pl.DataFrame()
         )
 
-# %% ../nbs/15_iterate.ipynb #915cebf9
+
+
+# %% ../nbs/15_iterate.ipynb #24c045ff
 def import_logs(path: Path, workspace: Path, fmt: str = "raw", agent: str = "imported", pseudonym_key=None,
                 clean_config=None) -> pl.DataFrame:
     "S1 and S2 for a batch of log lines: validate (capture's importers), pseudonymise user and session ids, mask."
@@ -513,6 +523,8 @@ def load_new_logs(new_logs, workspace: Path, **import_kw) -> pl.DataFrame:
     elif Path(new_logs).suffix == ".parquet": frame = pl.read_parquet(new_logs)
     else: frame = import_logs(Path(new_logs), workspace, **import_kw)
     return check_schema(frame, CLEAN_SCHEMA, "iterate: new logs").select(list(CLEAN_SCHEMA))
+
+
 
 # %% ../nbs/15_iterate.ipynb #6235482a
 def _workspace(ws) -> Workspace: return ws if isinstance(ws, Workspace) else Workspace(ws)
@@ -560,7 +572,7 @@ def round_gate(gate: dict, shares: dict[int, float], labels: dict[int, str], reg
     lo = sum(r["share"] * r["coverage_interval"][0] for r in out["clusters"] if r["passed"])
     return {**out, "replaceable_share": share, "replaceable_share_interval": [lo, out["replaceable_share_interval"][1]]}
 
-# %% ../nbs/15_iterate.ipynb #1c67c661
+# %% ../nbs/15_iterate.ipynb #b874ed66
 def _place_outliers(calls, history, pool, assigner, cfg, state_dir):
     "Search the outlier pool for new clusters; relabel the calls and history that joined one."
     found = []
@@ -595,7 +607,9 @@ def place_new_calls(calls: pl.DataFrame, history: pl.DataFrame, assigner, cfg: I
     pool.write_parquet(pool_path)
     return calls, history, found
 
-# %% ../nbs/15_iterate.ipynb #cdb92f82
+
+
+# %% ../nbs/15_iterate.ipynb #d39af4ed
 def _retrain_reasons(c, found, drift, new_train, fell, cfg) -> list[str]:
     reasons = []
     if c in {n.cluster for n in found}: reasons.append("new cluster")
@@ -648,7 +662,9 @@ def plan_retraining(calls, everything, registry, drift, found, labels, trainer, 
     plans.sort(key=lambda p: (p[0].cluster not in new, "fell" not in p[0].why, order.index(p[0].cluster)))
     return decisions, plans
 
-# %% ../nbs/15_iterate.ipynb #4ccdbd8c
+
+
+# %% ../nbs/15_iterate.ipynb #6fb61fab
 def retrain(plans, decisions, registry: Registry, trainer, cfg: IterateConfig, gate: GateConfig, ws: Path,
             rnd: int) -> None:
     "Train, score and decide a new version for each plan (within the budget); record every version in the registry."
@@ -679,6 +695,8 @@ def retrain(plans, decisions, registry: Registry, trainer, cfg: IterateConfig, g
         registry.add(AdapterRecord(d.cluster, d.version, meta.get("method", trainer.method), metrics,
                                    meta.get("data_hash", ""), d.status, f"round {rnd}: {d.why} -> {decision.reason}",
                                    path=str(out_dir.relative_to(ws)), label=d.label, round=rnd))
+
+
 
 # %% ../nbs/15_iterate.ipynb #3d02e490
 def _source(new_logs) -> str: return "the frame" if isinstance(new_logs, pl.DataFrame) else str(new_logs)
@@ -744,7 +762,7 @@ def _record_round(wsp: Workspace, calls, history, assigner, drift, decisions, ga
     write_json_atomic(state_dir/"state.json", {"round": rnd, "ref_clusters": calls["cluster"].to_list()})
     return report_path
 
-# %% ../nbs/15_iterate.ipynb #d39af4ed
+# %% ../nbs/15_iterate.ipynb #fe883ac9
 class FinetuneTrainer(AdapterTrainer):
     "The default trainer: S5's `train_specialist` and `adapter_evidence` with one `FinetuneConfig`."
     def __init__(self, config: FinetuneConfig):
@@ -769,7 +787,9 @@ def default_trainer(ws: Path) -> FinetuneTrainer:
             )
     return FinetuneTrainer(FinetuneConfig())
 
-# %% ../nbs/15_iterate.ipynb #1b9ce589
+
+
+# %% ../nbs/15_iterate.ipynb #641105fb
 @click.command("iterate")
 @click.option(
     "--new-logs",
@@ -826,6 +846,8 @@ def iterate_cmd(new_logs, fmt, agent, workspace, threshold, max_retrain, seed, p
         )
     console.print(table)
     console.print(f"report: {res.report_path}")
+
+
 
 # %% ../nbs/15_iterate.ipynb #586ee3e5
 def log_rounds(n_calls: int, n_new: int, n_rounds: int, n_first: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -165,7 +165,9 @@ class AdapterServer:
             return {**answer.message, "confidence": answer.confidence}
         return serve
 
-# %% ../nbs/16_serve.ipynb #cdf7e010
+
+
+# %% ../nbs/16_serve.ipynb #553c0e1c
 def json_answer_share(frame: pl.DataFrame) -> float:
     "Share of the calls whose logged answer is a JSON object or list (no tool call)."
     def is_json(r):
@@ -206,7 +208,9 @@ def load_router(processed: Path | None = None, server: AdapterServer | None = No
     engine = MaskingEngine()
     return Router(assigner.assign_request, routes, mask=lambda request: mask_request(engine, request), unmask=unmask)
 
-# %% ../nbs/16_serve.ipynb #80983468
+
+
+# %% ../nbs/16_serve.ipynb #09e9dd99
 @click.command("proxy")
 @click.option(
     "--upstream", required=True, help="Base URL of the OpenAI-compatible upstream, e.g. https://api.openai.com/v1"
@@ -234,3 +238,5 @@ def proxy_cmd(upstream, host, port, store, agent, public_key, pseudonym_key, rou
         try: router = load_router(Workspace().root)
         except FileNotFoundError as e: raise click.ClickException(str(e)) from None
     uvicorn.run(create_app(upstream, writer, router, agent), host=host, port=port, log_level="info")
+
+
