@@ -27,8 +27,8 @@ from .training import (TrainConfig, answered, call_example, encode_example, load
 from .workspace import AdapterRecord, Workspace, evidence_split
 
 # %% auto #0
-__all__ = ['KIND_PRIOR', 'MIN_TRAIN_CALLS', 'TRAIN_OPTIONS', 'FinetuneConfig', 'decision', 'winnable', 'finetune_order',
-           'answer_budget', 'head_tokens', 'train_specialist', 'adapter_evidence', 'finetune_cluster',
+__all__ = ['KIND_PRIOR', 'MIN_TRAIN_CALLS', 'ZERO_SHOT_BATCH', 'TRAIN_OPTIONS', 'FinetuneConfig', 'decision', 'winnable',
+           'finetune_order', 'answer_budget', 'head_tokens', 'train_specialist', 'adapter_evidence', 'finetune_cluster',
            'synthetic_workspace', 'register', 'finetune_to_files', 'gate_table', 'print_gate', 'finetune_config',
            'finetune_cmd', 'evaluate_cmd']
 
@@ -163,6 +163,8 @@ def adapter_evidence(adapter_dir: Path, calls: pl.DataFrame, config: FinetuneCon
     take = scored.filter(pl.col("covered") & (pl.col("confidence") >= meta["acceptance"]["threshold"]))
     return {"n_scored": scored.height, "n_accepted": take.height, "agree": float(take["agreement"].sum())}
 
+ZERO_SHOT_BATCH = 4   # the base reads the long heads; in small batches it stops as soon as it shows it cannot pass
+
 def finetune_cluster(frame: pl.DataFrame, cluster: int, label: str, config: FinetuneConfig, ws: Workspace,
                      share: float, base_model=None) -> dict:
     """S5 for one cluster of `frame` (CLEAN_SCHEMA plus `cluster`): zero-shot, then an adapter where the base does not
@@ -176,7 +178,7 @@ def finetune_cluster(frame: pl.DataFrame, cluster: int, label: str, config: Fine
     budget = answer_budget(rows, tok, config.max_new_tokens, plan.strip)
     calib, test = _scored_split(rows, config)
     zero = score_calls(model, tok, test, profile, plan, zero_shot=True, stop_below=config.gate.threshold,
-                       desc=f"cluster {cluster} zero-shot", **_score_kw(config, budget))
+                       desc=f"cluster {cluster} zero-shot", **{**_score_kw(config, budget), "batch_size": ZERO_SHOT_BATCH})
     z = summarise(zero, config.seed)
     row = {"cluster": cluster, "label": label, "share": share, "kind": profile["kind"], "fields": profile["fields"],
            "primary_metric": OUTPUT_KINDS[profile["kind"]], "base": slm.resolve_base(config.base),

@@ -15,18 +15,34 @@ import polars as pl
 from .calls import loads, prefix_hash
 
 # %% auto #0
-__all__ = ['HeadPlan', 'head_chars', 'plan_heads']
+__all__ = ['HeadPlan', 'head_chars', 'user_template', 'plan_heads']
 
 # %% ../nbs/14_heads.ipynb #4129ed46
 @dataclass
 class HeadPlan:
-    "How a cluster's specialist reads its calls: the head variants it learnt, and whether it strips them."
+    """How a cluster's specialist reads its calls: the head variants it learnt and whether it strips them, and the
+    template text every last user turn of the cluster opens and closes with, which it learnt too."""
     strip: bool = False
     variants: dict = field(default_factory=dict)    # prefix hash -> {"n_calls": int, "chars": int}
+    user_prefix: str = ""
+    user_suffix: str = ""
 
     def covers(self, messages, tools="[]") -> bool:
-        "Whether the specialist answers a call with this head: one it learnt, or any head when it reads them in full."
-        return not self.strip or prefix_hash(messages, tools) in self.variants
+        """Whether the specialist answers a call: its head is one it learnt (any head when it reads them in full), and
+        its last user turn has the template it learnt."""
+        if self.strip and prefix_hash(messages, tools) not in self.variants: return False
+        if not (self.user_prefix or self.user_suffix): return True
+        text = _last_user_text(loads(messages, []))
+        return text is not None and _fits(text, self.user_prefix, self.user_suffix)
+
+    def apply(self, messages: list) -> list:
+        "The messages as the specialist reads them: the last user turn without the template text it learnt."
+        if not (self.user_prefix or self.user_suffix): return messages
+        i = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), None)
+        text = messages[i].get("content") if i is not None else None
+        if not isinstance(text, str) or not _fits(text, self.user_prefix, self.user_suffix): return messages
+        inner = text[len(self.user_prefix): len(text) - len(self.user_suffix)]
+        return [*messages[:i], {**messages[i], "content": inner}, *messages[i + 1:]]
 
     @property
     def head_chars(self) -> float:
@@ -38,6 +54,13 @@ class HeadPlan:
     @classmethod
     def from_dict(cls, d: dict | None) -> "HeadPlan": return cls(**(d or {}))
 
+def _last_user_text(messages: list) -> str | None:
+    text = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), None)
+    return text if isinstance(text, str) else None
+
+def _fits(text: str, prefix: str, suffix: str) -> bool:
+    return len(text) >= len(prefix) + len(suffix) and text.startswith(prefix) and text.endswith(suffix)
+
 # %% ../nbs/14_heads.ipynb #f039c0c8
 def head_chars(messages, tools="[]") -> int:
     "Characters of a call's head: its system prompts and its tools' JSON."
@@ -45,16 +68,33 @@ def head_chars(messages, tools="[]") -> int:
     head, tools, _ = split_prefix(loads(messages, []), loads(tools, []) or [])
     return sum(len(content_text(m.get("content"))) for m in head) + (len(json.dumps(tools)) if tools else 0)
 
+def user_template(texts: list[str], min_chars: int = 40) -> tuple[str, str]:
+    """The text every one of `texts` opens with and closes with, cut at line breaks (so no word is split); each kept
+    only when at least `min_chars` long."""
+    import os
+    if len(texts) < 2: return "", ""
+    prefix = os.path.commonprefix(texts)
+    prefix = prefix[: prefix.rfind("\n") + 1]
+    rest = [t[len(prefix):] for t in texts]
+    suffix = os.path.commonprefix([t[::-1] for t in rest])[::-1]
+    suffix = suffix[suffix.find("\n"):] if "\n" in suffix else ""
+    return (prefix if len(prefix) >= min_chars else ""), (suffix if len(suffix) >= min_chars else "")
+
 def plan_heads(frame: pl.DataFrame, min_share: float = 0.05, min_calls: int = 8, min_cover: float = 0.5) -> HeadPlan:
     """The head variants of a cluster's training calls (`messages`, `tools`): every head shared by at least `min_share`
     of them and `min_calls` calls. The specialist strips heads when the variants cover at least `min_cover` of the calls;
-    else (every call with its own tool set, say) it reads each call in full and answers any head."""
+    else (every call with its own tool set, say) it reads each call in full and answers any head. The template of the
+    last user turns (`user_template`) is learnt when every training call has one."""
     hashes = [prefix_hash(m, t) for m, t in zip(frame["messages"], frame["tools"])]
+    texts = [_last_user_text(loads(m, [])) for m in frame["messages"]]
+    prefix, suffix = user_template(texts) if texts and all(isinstance(t, str) for t in texts) else ("", "")
     counts = Counter(hashes)
     need = max(min_calls, min_share * len(hashes))
     keep = {h for h, n in counts.items() if n >= need}
-    if not hashes or sum(counts[h] for h in keep) < min_cover * len(hashes): return HeadPlan(strip=False)
+    if not hashes or sum(counts[h] for h in keep) < min_cover * len(hashes):
+        return HeadPlan(strip=False, user_prefix=prefix, user_suffix=suffix)
     chars = {}
     for h, m, t in zip(hashes, frame["messages"], frame["tools"]):
         if h in keep and h not in chars: chars[h] = head_chars(m, t)
-    return HeadPlan(strip=True, variants={h: {"n_calls": counts[h], "chars": chars[h]} for h in sorted(keep)})
+    return HeadPlan(strip=True, variants={h: {"n_calls": counts[h], "chars": chars[h]} for h in sorted(keep)},
+                    user_prefix=prefix, user_suffix=suffix)

@@ -175,11 +175,11 @@ def score_calls(model, tokenizer, frame: pl.DataFrame, profile: dict, plan: Head
     covered = [zero_shot or plan.covers(e["messages"], e["tools"]) for e in examples]
     out = [{"id": e["id"], "agreement": 0.0, "confidence": 0.0, "p_tool": None, "covered": False,
             "tool_name_match": None, "tool_call_match": None} for e, c in zip(examples, covered) if not c]
-    todo = [e for e, c in zip(examples, covered) if c]
+    todo = [e if zero_shot else {**e, "messages": plan.apply(e["messages"])} for e, c in zip(examples, covered) if c]
     cached = zero_shot and plan.strip                      # the base reads the head the specialist learnt
     if cached: todo.sort(key=lambda e: prefix_hash(e["messages"], e["tools"]))
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
-              decide_tool=any(e["tools"] for e in todo) or profile["kind"] == "tool_call", tool_threshold=tool_threshold)
+              tool_threshold=tool_threshold)
     head, head_hash, scored = None, None, []
     for i in progress(range(0, len(todo), batch_size), desc=desc, leave=False):
         chunk = todo[i:i + batch_size]

@@ -140,8 +140,8 @@ class AdapterServer:
         adapter_dir = Path(adapter_dir)
         meta = json.loads((adapter_dir/"meta.json").read_text()) if (adapter_dir/"meta.json").exists() else {}
         budget = self.max_new_tokens or meta.get("answer_tokens") or 96
-        strip = HeadPlan.from_dict(meta.get("heads")).strip
-        kw = dict(max_prompt_tokens=meta.get("max_prompt_tokens"), strip=strip,
+        plan = HeadPlan.from_dict(meta.get("heads"))
+        kw = dict(max_prompt_tokens=meta.get("max_prompt_tokens"), strip=plan.strip,
                   tool_threshold=meta.get("tool_threshold", 0.5), batch_size=1)
         name = f"{adapter_dir.parent.name}-{adapter_dir.name}"
         with self._lock:
@@ -161,7 +161,8 @@ class AdapterServer:
             limit = min(budget, request.get("max_completion_tokens") or request.get("max_tokens") or budget)
             with self._lock:
                 if name: model.set_adapter(name)
-                answer = answer_batch(model, tok, [request], limit, decide_tool=bool(request.get("tools")) or None, **kw)[0]
+                answer = answer_batch(model, tok, [{**request, "messages": plan.apply(request["messages"])}], limit,
+                                      **kw)[0]
             return {**answer.message, "confidence": answer.confidence}
         return serve
 

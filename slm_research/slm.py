@@ -251,10 +251,12 @@ class Answer:
 # %% ../nbs/09_slm.ipynb #2b4a3aab
 @torch.no_grad()
 def _decode(model, rows: list[list], max_new_tokens: int, eos_id: int, pad_id: int, mark: list | None = None,
-            head: HeadCache | None = None, tool_threshold: float = 0.5) -> list[tuple]:
-    "Greedy answers for prompt `rows` after `head`: per row (generated ids, p_tool, mean log-probability)."
+            head: HeadCache | None = None, tool_threshold: float = 0.5, decide: list[bool] | None = None) -> list[tuple]:
+    """Greedy answers for prompt `rows` after `head`: per row (generated ids, p_tool, mean log-probability). Rows with
+    `decide` (default: all, when there is a `mark`) take the tool-or-reply decision by the probability of `mark`."""
     dev, n_rows, k = model.device, len(rows), len(mark or [])
-    ext = [list(r) + (list(mark[:-1]) if k else []) for r in rows]     # the prompt, then `<tool_call>` but its last token
+    decide = [bool(k) and (decide is None or decide[i]) for i in range(n_rows)]
+    ext = [list(r) + (list(mark[:-1]) if d else []) for r, d in zip(rows, decide)]   # `<tool_call>` but its last token
     n, P = max(map(len, ext)), len(head or [])
     ids = torch.tensor([[pad_id] * (n - len(r)) + r for r in ext], device=dev)
     mask = torch.tensor([[1] * P + [0] * (n - len(r)) + [1] * len(r) for r in ext], device=dev)
@@ -263,30 +265,36 @@ def _decode(model, rows: list[list], max_new_tokens: int, eos_id: int, pad_id: i
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                 logits_to_keep=max(k, 1))
     cache, logp = out.cache, torch.log_softmax(out.logits.float(), -1)
-    first = logp[:, 0]                                                   # the answer's first token, after the prompt
+    d = torch.tensor(decide, device=dev)
+    # the answer's first token: after the prompt, which ends k-1 tokens before the end where the mark was appended
+    first = torch.where(d[:, None], logp[:, 0], logp[:, -1]).clone()
+    p_tool, tool = torch.zeros(n_rows, device=dev), torch.zeros(n_rows, dtype=torch.bool, device=dev)
     if k:
         p_tool = logp.gather(-1, torch.tensor(mark, device=dev).expand(n_rows, -1).unsqueeze(-1)).sum((1, 2)).exp()
-        tool = p_tool >= tool_threshold
-        if k > 1: mask[~tool, -(k - 1):] = 0                             # a reply does not see the mark's tokens
-        first = first.clone(); first[:, mark[0]] = -torch.inf
-    else: p_tool, tool = None, torch.zeros(n_rows, dtype=torch.bool, device=dev)
+        tool = d & (p_tool >= tool_threshold)
+        if k > 1: mask[d & ~tool, -(k - 1):] = 0                         # a reply does not see the mark's tokens
+        first[d, mark[0]] = -torch.inf
     pick = first.argmax(-1)
+    first_lp = torch.where(d[:, None], logp[:, 0], logp[:, -1])
     gen = [list(mark) if tool[i] else [int(pick[i])] for i in range(n_rows)]
-    total = [0.0 if tool[i] else float(logp[i, 0, pick[i]]) for i in range(n_rows)]
+    total = [0.0 if tool[i] else float(first_lp[i, pick[i]]) for i in range(n_rows)]
     count = [0 if tool[i] else 1 for i in range(n_rows)]
     done = [max_new_tokens <= len(g) or (not tool[i] and g[0] == eos_id) for i, g in enumerate(gen)]
+    rows_in = list(range(n_rows))                    # the rows still in the batch (finished ones leave it)
     while not all(done):
-        nxt = torch.tensor([[g[-1]] for g in gen], device=dev)
+        if len(keep := [j for j, i in enumerate(rows_in) if not done[i]]) < len(rows_in):
+            index = torch.tensor(keep, device=dev)
+            cache.batch_select_indices(index); mask = mask[index]; rows_in = [rows_in[j] for j in keep]
+        nxt = torch.tensor([[gen[i][-1]] for i in rows_in], device=dev)
         step_pos = mask.sum(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones(n_rows, 1, dtype=mask.dtype, device=dev)], -1)
+        mask = torch.cat([mask, torch.ones(len(rows_in), 1, dtype=mask.dtype, device=dev)], -1)
         out = model(input_ids=nxt, attention_mask=mask, position_ids=step_pos, cache=cache, use_cache=True)
         cache, lp = out.cache, torch.log_softmax(out.logits[:, -1].float(), -1)
         best = lp.argmax(-1)
-        for i in range(n_rows):
-            if done[i]: continue
-            t = int(best[i]); gen[i].append(t); total[i] += float(lp[i, t]); count[i] += 1
+        for j, i in enumerate(rows_in):
+            t = int(best[j]); gen[i].append(t); total[i] += float(lp[j, t]); count[i] += 1
             done[i] = t == eos_id or len(gen[i]) >= max_new_tokens
-    return [(g, None if p_tool is None else float(p_tool[i]), total[i] / max(count[i], 1)) for i, g in enumerate(gen)]
+    return [(g, float(p_tool[i]) if decide[i] else None, total[i] / max(count[i], 1)) for i, g in enumerate(gen)]
 
 # %% ../nbs/09_slm.ipynb #30c6ecfd
 def answer_batch(model, tokenizer, requests: list[dict], max_new_tokens: int = 96, batch_size: int = 8,
@@ -295,10 +303,11 @@ def answer_batch(model, tokenizer, requests: list[dict], max_new_tokens: int = 9
                  max_batch_tokens: int = 32_768) -> list[Answer]:
     """The model's `Answer` to each request (`messages`, `tools`), in the order of `requests`. With `head`, the prompt
     is the cached head and the stripped request; `decide_tool` (default: when a request offers tools) takes the
-    tool-or-reply decision by probability. A batch holds at most `max_batch_tokens` tokens of head and prompt."""
+    tool-or-reply decision by probability, per request. A batch holds at most `max_batch_tokens` tokens of head and
+    prompt."""
     strip = strip or head is not None
-    decide_tool = any(r.get("tools") for r in requests) if decide_tool is None else decide_tool
-    mark = tokenizer(TOOL_CALL, add_special_tokens=False)["input_ids"] if decide_tool else None
+    decide = [bool(r.get("tools")) if decide_tool is None else decide_tool for r in requests]
+    mark = tokenizer(TOOL_CALL, add_special_tokens=False)["input_ids"] if any(decide) else None
     prompts = [prompt_ids(model, tokenizer, r, max_new_tokens, max_prompt_tokens, strip) for r in requests]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out, s, P = [None] * len(prompts), 0, len(head or [])
@@ -306,7 +315,7 @@ def answer_batch(model, tokenizer, requests: list[dict], max_new_tokens: int = 9
         size = max(1, min(batch_size, max_batch_tokens // (P + len(prompts[order[min(s + batch_size, len(order)) - 1]]))))
         idx = order[s:s + size]; s += size
         rows = _decode(model, [prompts[i] for i in idx], max_new_tokens, tokenizer.eos_token_id,
-                       tokenizer.pad_token_id, mark, head, tool_threshold)
+                       tokenizer.pad_token_id, mark, head, tool_threshold, [decide[i] for i in idx])
         for i, (ids, p_tool, mean_lp) in zip(idx, rows):
             out[i] = Answer(decode_answer(tokenizer, ids), p_tool, mean_lp, P + len(prompts[i]))
     return out

@@ -221,14 +221,17 @@ def encode_lm(text: str, tokenizer, max_length: int) -> dict:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:]
     return {"input_ids": ids, "labels": list(ids)}
 
-def sft_dataset(frame: pl.DataFrame, tokenizer, max_length: int = 256, lm: bool = False, strip: bool = False,
-                answer_tokens: int | None = None):
-    """A `datasets.Dataset` of `input_ids`/`labels` from the answered CLEAN_SCHEMA rows: answer-only loss, or with `lm`
-    every token of the same cut is a label (the stand-in base's general training)."""
+def sft_dataset(frame: pl.DataFrame, tokenizer, max_length: int = 256, lm: bool = False,
+                plan: HeadPlan | None = None, answer_tokens: int | None = None):
+    """A `datasets.Dataset` of `input_ids`/`labels` from the answered CLEAN_SCHEMA rows, read as `plan` says (the heads
+    and the user template it learns left out): answer-only loss, or with `lm` every token of the same cut is a label (the
+    stand-in base's general training)."""
     from datasets import Dataset
-    rows = []
+    plan, rows = plan or HeadPlan(), []
     for row in answered(frame).iter_rows(named=True):
-        r = encode_example(call_example(row), tokenizer, max_length, strip, answer_tokens)
+        ex = call_example(row)
+        r = encode_example({**ex, "messages": plan.apply(ex["messages"])}, tokenizer, max_length, plan.strip,
+                           answer_tokens)
         rows.append({"input_ids": r["input_ids"], "labels": list(r["input_ids"])} if lm else r)
     return Dataset.from_list(rows)
 
@@ -516,7 +519,7 @@ def train_adapter(frame: pl.DataFrame, config: TrainConfig, out_dir: Path, plan:
     if train_rows.is_empty(): raise ValueError("train_adapter: no training calls (the `train` split has no answered call)")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(slm.resolve_base(config.base))
-    ds = sft_dataset(train_rows, tok, config.max_length, strip=plan.strip, answer_tokens=answer_tokens)
+    ds = sft_dataset(train_rows, tok, config.max_length, plan=plan, answer_tokens=answer_tokens)
     res = run_training(ds, config, out_dir, resume=resume)
     res.data_hash = data_hash(train_rows)
     meta = {

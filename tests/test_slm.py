@@ -131,7 +131,8 @@ def test_tool_call_probability(bf16):
     batched = tool_call_probability(model, tok, [CAPITAL, weather, shown])
     alone = [tool_call_probability(model, tok, [r], batch_size=1)[0] for r in (CAPITAL, weather, shown)]
     assert all(0 <= p <= 1 for p in batched)
-    for b, a in zip(batched, alone): assert math.isclose(b, a, rel_tol=0.15)  # left padding, bf16
+    # left padding in bf16 moves a rare token's log-probability by a fraction of a nat; rows mixed up would move it by many
+    for b, a in zip(batched, alone): assert abs(math.log(b) - math.log(a)) < 0.5, (batched, alone)
     assert batched[2] > 100 * batched[1]  # a tool call earlier in the conversation makes one far likelier
 
 
