@@ -822,6 +822,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'slm_research.heads.HeadPlan.to_dict': ('heads.html#headplan.to_dict', 'slm_research/heads.py'),
                                     'slm_research.heads._fits': ('heads.html#_fits', 'slm_research/heads.py'),
                                     'slm_research.heads._last_user_text': ('heads.html#_last_user_text', 'slm_research/heads.py'),
+                                    'slm_research.heads._shared_lines': ('heads.html#_shared_lines', 'slm_research/heads.py'),
                                     'slm_research.heads.head_chars': ('heads.html#head_chars', 'slm_research/heads.py'),
                                     'slm_research.heads.plan_heads': ('heads.html#plan_heads', 'slm_research/heads.py'),
                                     'slm_research.heads.user_template': ('heads.html#user_template', 'slm_research/heads.py')},

@@ -68,16 +68,24 @@ def head_chars(messages, tools="[]") -> int:
     head, tools, _ = split_prefix(loads(messages, []), loads(tools, []) or [])
     return sum(len(content_text(m.get("content"))) for m in head) + (len(json.dumps(tools)) if tools else 0)
 
-def user_template(texts: list[str], min_chars: int = 40) -> tuple[str, str]:
-    """The text every one of `texts` opens with and closes with, cut at line breaks (so no word is split); each kept
-    only when at least `min_chars` long."""
-    import os
+def _shared_lines(texts: list[list[str]], share: float) -> list[str]:
+    "The longest run of opening lines that at least `share` of `texts` (each a list of lines) begin with."
+    run = []
+    while True:
+        counts = Counter(tuple(t[:len(run) + 1]) for t in texts if len(t) > len(run))
+        if not counts: return run
+        lines, n = counts.most_common(1)[0]
+        if n < share * len(texts): return run
+        run = list(lines)
+
+def user_template(texts: list[str], min_chars: int = 40, share: float = 0.9) -> tuple[str, str]:
+    """The whole lines that at least `share` of `texts` open with, and those they close with (a few calls with a stray
+    line, a planted value say, do not hide a template); each kept only when at least `min_chars` long."""
     if len(texts) < 2: return "", ""
-    prefix = os.path.commonprefix(texts)
-    prefix = prefix[: prefix.rfind("\n") + 1]
-    rest = [t[len(prefix):] for t in texts]
-    suffix = os.path.commonprefix([t[::-1] for t in rest])[::-1]
-    suffix = suffix[suffix.find("\n"):] if "\n" in suffix else ""
+    lines = [t.splitlines(keepends=True) for t in texts]
+    prefix = "".join(_shared_lines(lines, share))
+    suffix = "".join(reversed(_shared_lines([l[::-1] for l in lines], share)))
+    if not prefix.endswith("\n"): prefix = ""                 # a whole text is not a template
     return (prefix if len(prefix) >= min_chars else ""), (suffix if len(suffix) >= min_chars else "")
 
 def plan_heads(frame: pl.DataFrame, min_share: float = 0.05, min_calls: int = 8, min_cover: float = 0.5) -> HeadPlan:

@@ -58,3 +58,16 @@ def test_a_specialist_reads_the_latest_turns_without_the_head(steps, tok):
     last_tool = next(m for m in reversed(messages) if m["role"] == "tool")["content"]
     assert last_tool[:60] in text                                   # the newest tool result decides the next step
     assert len(tok(head, add_special_tokens=False)["input_ids"]) > 3_000    # what it does not read, every call
+
+
+def test_the_user_template_of_a_templated_task_leaves_what_varies():
+    "MetaGPT's test-run judge: every request opens and closes with the same instructions; the running output varies."
+    from slm_research.corpus import generate_records
+    from slm_research.heads import user_template
+    turns = [r["request"]["messages"][-1]["content"] for r, g, _ in generate_records(600, 3)
+             if g["subtask"] == "judge_test_run"]
+    prefix, suffix = user_template(turns)
+    assert len(turns) > 20 and "senior development and qa engineer" in prefix and "PASS OR FAIL" in suffix
+    inner = [t[len(prefix): len(t) - len(suffix)] for t in turns]
+    assert all("Running Output" in t for t in inner)                      # the evidence the verdict rests on stays
+    assert sum(map(len, inner)) < 0.7 * sum(map(len, turns))
