@@ -18,7 +18,7 @@ import polars as pl
 
 from . import slm
 from .calls import loads, prefix_hash
-from .core import CLEAN_SCHEMA, check_schema, progress
+from .core import progress
 from .gate import GateConfig, build_gate, choose_threshold, verify
 from .heads import HeadPlan, plan_heads
 from .scoring import OUTPUT_KINDS, answer_profile, cluster_profile, score_calls, summarise

@@ -9,7 +9,6 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import polars as pl
 
 from .calls import loads, prefix_hash

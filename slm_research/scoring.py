@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -15,7 +14,7 @@ import polars as pl
 import torch
 
 from . import slm
-from .calls import parse_assistant, prefix_hash, tool_arguments, tool_name
+from .calls import prefix_hash, tool_arguments, tool_name
 from .core import progress
 from .gate import score_interval, wilson_interval
 from .heads import HeadPlan
