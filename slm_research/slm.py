@@ -27,8 +27,8 @@ from .calls import (CHAT_TEMPLATE, MARKUP_TOKENS, fit_prompt, normalise_message,
 __all__ = ['EMBEDDED', 'MODEL_NAME', 'PACKAGE', 'PACKAGE_VERSION', 'TURN_START', 'TOOL_CALL', 'embedded_gguf',
            'embedded_available', 'sha256_file', 'convert_gguf', 'models_cache', 'embedded_slm_path', 'resolve_base',
            'quiet_transformers', 'load_base', 'render_head', 'render_prompt', 'fit_tail', 'cut_prompt', 'prompt_ids',
-           'decode_answer', 'HeadCache', 'Answer', 'answer_batch', 'generate_batch', 'tool_call_probability', 'bf16_ok',
-           'train_precision', 'unwrap_autocast']
+           'decode_answer', 'decoding_cache', 'HeadCache', 'Answer', 'answer_batch', 'generate_batch',
+           'tool_call_probability', 'bf16_ok', 'train_precision', 'unwrap_autocast']
 
 # %% ../nbs/09_slm.ipynb #9ec2642c
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -212,6 +212,38 @@ def decode_answer(tokenizer, ids) -> dict:
     return parse_assistant(text)
 
 # %% ../nbs/09_slm.ipynb #f0822d90
+def _growing_layer():
+    "A cache layer that writes new keys and values into spare room (doubling it when full), not a fresh copy each step."
+    from transformers.cache_utils import DynamicLayer
+    class GrowingLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states); self._k, self._n = None, 0
+            n = key_states.shape[-2]
+            if self._k is None or self._n + n > self._k.shape[-2]:
+                k = key_states.new_empty((*key_states.shape[:-2], max(2 * (self._n + n), 64), key_states.shape[-1]))
+                v = torch.empty_like(k)
+                if self._n: k[..., :self._n, :], v[..., :self._n, :] = self._k[..., :self._n, :], self._v[..., :self._n, :]
+                self._k, self._v = k, v
+            self._k[..., self._n:self._n + n, :], self._v[..., self._n:self._n + n, :] = key_states, value_states
+            self._n += n
+            self.keys, self.values = self._k[..., :self._n, :], self._v[..., :self._n, :]
+            return self.keys, self.values
+        def batch_select_indices(self, indices):
+            if self.is_initialized and self._k is not None: self._k, self._v = self._k[indices], self._v[indices]
+            super().batch_select_indices(indices)
+    return GrowingLayer
+
+def decoding_cache(layers: list[tuple] = (), batch: int = 1):
+    """A key/value cache for greedy decoding that grows in place: DynamicCache re-copies every key and value at each
+    step, which for a 4,000-token head costs more than the step itself. `layers`: (keys, values) per layer to start
+    from (a head), repeated for `batch` rows."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _growing_layer()
+    for i, (k, v) in enumerate(layers): cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), i)
+    return cache
+
 class HeadCache:
     "The keys and values of a constant head's tokens, computed once and shared by every call that carries the head."
     def __init__(self, model, tokenizer, text: str):
@@ -225,11 +257,8 @@ class HeadCache:
     def __len__(self) -> int: return len(self.ids)
 
     def cache(self, batch: int):
-        "A fresh cache holding the head for `batch` rows (decoding appends to it; the head's tensors stay untouched)."
-        from transformers import DynamicCache
-        if not self.layers: return None
-        return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
-                                            for k, v in self.layers])
+        "A fresh cache holding the head for `batch` rows (decoding writes after it; the head's tensors stay untouched)."
+        return decoding_cache(self.layers, batch) if self.layers else None
 
 # %% ../nbs/09_slm.ipynb #7c6645f0
 TOOL_CALL = "<tool_call>"
@@ -261,7 +290,7 @@ def _decode(model, rows: list[list], max_new_tokens: int, eos_id: int, pad_id: i
     ids = torch.tensor([[pad_id] * (n - len(r)) + r for r in ext], device=dev)
     mask = torch.tensor([[1] * P + [0] * (n - len(r)) + [1] * len(r) for r in ext], device=dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
-    cache = head.cache(n_rows) if head and len(head) else None
+    cache = head.cache(n_rows) if head and len(head) else decoding_cache()
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                 logits_to_keep=max(k, 1))
     cache, logp = out.cache, torch.log_softmax(out.logits.float(), -1)
