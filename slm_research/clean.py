@@ -44,10 +44,10 @@ __all__ = ['ADDRESS_PATTERNS', 'DATE_PATTERNS', 'SECRET_PATTERNS', 'KEY_VALUE_SE
            'NameLikeness', 'name_likeness', 'pattern_recognizers', 'cue_recognizers', 'context_recognizers',
            'Placeholders', 'PlaceholderOperator', 'key_label', 'address_first', 'address_blocks', 'CleanConfig',
            'MaskingEngine', 'propagate', 'number_label', 'Pseudonyms', 'json_depth', 'loads_checked', 'message_slots',
-           'tool_names', 'mask_messages', 'scan_developer', 'mask_record', 'score_spans', 'presidio_pattern_only',
-           'presidio_pattern_only_results', 'clean', 'mask_to_files', 'clean_engine', 'clean_to_files',
-           'quarantine_path', 'check_output', 'parse_line', 'read_lines', 'clean_jsonl', 'jsonl_frame', 'clean_cmd',
-           'ModelNerRecognizer', 'ner_recognizer']
+           'tool_names', 'mask_messages', 'scan_developer', 'mask_record', 'mask_request', 'unmask', 'score_spans',
+           'presidio_pattern_only', 'presidio_pattern_only_results', 'clean', 'mask_to_files', 'clean_engine',
+           'clean_to_files', 'quarantine_path', 'check_output', 'parse_line', 'read_lines', 'clean_jsonl',
+           'jsonl_frame', 'clean_cmd', 'ModelNerRecognizer', 'ner_recognizer']
 
 # %% ../nbs/11_clean.ipynb #6be780bb
 def luhn_ok(digits: str) -> bool:
@@ -1018,7 +1018,7 @@ TAGS = {
 
 class Placeholders:
     "Consistent placeholders within one conversation: the same value of the same type is always the same tag."
-    def __init__(self): self.seen, self.counts, self.values = {}, {}, {}
+    def __init__(self): self.seen, self.counts, self.values, self.raw = {}, {}, {}, {}
     def __call__(self, label: str, value: str) -> str:
         self.values.setdefault(value, label)
         norm = re.sub(r"[_.]+", " ", value) if label == "PERSON" else value   # Jane_Doe is Jane Doe
@@ -1027,7 +1027,12 @@ class Placeholders:
         if tag is None:
             n = self.counts[label] = self.counts.get(label, 0) + 1
             tag = self.seen[key] = f"<{TAGS.get(label, label)}_{n}>"
+            self.raw[tag] = value
         return tag
+
+    def mapping(self) -> dict[str, str]:
+        "Each placeholder and the raw value it first stood for (what `unmask` puts back)."
+        return dict(self.raw)
 
 _NUMERIC = {"PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "ID_NUMBER", "ZIP_CODE"}
 
@@ -1737,6 +1742,56 @@ def mask_record(engine: "MaskingEngine", record: dict, placeholders: Placeholder
         else: _collect(v, (k,), k, slots)
     return record, _mask_slots(engine, record, slots, placeholders)
 
+# %% ../nbs/11_clean.ipynb #23830910
+def mask_request(engine: "MaskingEngine", request: dict) -> tuple[dict, dict[str, str]]:
+    """A copy of a chat-completions `request` with its `messages` masked as S2 masks a logged call's messages, and
+    the mapping placeholder -> raw value of this request only (for `unmask`). `tools` and the other fields are kept."""
+    if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+        raise ValueError("request: no `messages` list to mask")
+    placeholders = Placeholders()
+    known = tool_names(request.get("tools") if isinstance(request.get("tools"), list) else None)
+    messages, _ = mask_messages(engine, request["messages"], placeholders, known_tools=known)
+    return {**request, "messages": messages}, placeholders.mapping()
+
+_PLACEHOLDER = re.compile(r"<[A-Z][A-Z_]*_\d+>")
+
+def _restore(text: str, mapping: dict) -> str:
+    return _PLACEHOLDER.sub(lambda m: mapping.get(m.group(), m.group()), text)
+
+def _restore_json_text(text: str, mapping: dict) -> str:
+    "Raw values back into JSON `text`: each string literal holding a placeholder is decoded, restored and re-encoded."
+    if _json_container(text) is None: return _restore(text, mapping)   # not JSON: plain text
+    def literal(m):
+        t = m.group()
+        if t[0] != '"' or "<" not in t: return t
+        return json.dumps(_restore(json.loads(t), mapping), ensure_ascii=False)
+    return _JSON_TOKEN.sub(literal, text)
+
+def _restore_obj(obj, mapping: dict):
+    if isinstance(obj, str): return _restore(obj, mapping)
+    if isinstance(obj, list): return [_restore_obj(v, mapping) for v in obj]
+    if isinstance(obj, dict): return {_restore_obj(k, mapping): _restore_obj(v, mapping) for k, v in obj.items()}
+    return obj
+
+def unmask(message: dict, mapping: dict[str, str]) -> dict:
+    """A copy of an assistant `message` with the raw values of `mapping` (from `mask_request`) in place of the
+    placeholders: in its content (text or parts) and in its tool-call arguments (a JSON string or a dict)."""
+    import copy
+    if not isinstance(message, dict): raise ValueError("message is not an object")
+    out = copy.deepcopy(message)
+    if not mapping: return out
+    content = out.get("content")
+    if isinstance(content, str): out["content"] = _restore(content, mapping)
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str): part["text"] = _restore(part["text"], mapping)
+    calls = [tc.get("function") for tc in out.get("tool_calls") or [] if isinstance(tc, dict)]
+    for fn in [*calls, out.get("function_call")]:
+        if not isinstance(fn, dict) or "arguments" not in fn: continue
+        args = fn["arguments"]
+        fn["arguments"] = _restore_json_text(args, mapping) if isinstance(args, str) else _restore_obj(args, mapping)
+    return out
+
 # %% ../nbs/11_clean.ipynb #3f1cdb4e
 def score_spans(gold: list[list[dict]], pred: list[list[dict]], gold_map: dict | None = None) -> "pl.DataFrame":
     """Precision, recall and F2 per label. A gold span is found when a predicted span of the same label overlaps it
@@ -1922,6 +1977,7 @@ def clean_to_files(ws: Workspace | None = None, config: CleanConfig | None = Non
                              "import logs (`slm-research capture import`) or give --in")
     if config.engine == "local": return mask_to_files(frame, config, ws.root, engine, progress)
     return clean_engine(config.engine)(frame, config, ws.root)
+
 
 
 # %% ../nbs/11_clean.ipynb #5813c19f

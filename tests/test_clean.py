@@ -466,3 +466,69 @@ def test_property_no_canary_survives_json_valid_counts_kept(tmp_path_factory, ba
 
 
 _PROP_ENGINE = MaskingEngine(CleanConfig(pseudonym_key=KEY))
+
+
+# --- the router's request masking ------------------------------------------------------------------------------
+
+ROUTER_REQUEST = {
+    "model": "gpt-4o", "temperature": 0.2, "user": "end-user-7",
+    "tools": [{"type": "function", "function": {"name": "lookup_account", "description": "Ask ops@corp.example when unsure",
+                                                "parameters": {"type": "object", "properties": {"account_number": {"type": "integer"}}}}}],
+    "messages": [
+        {"role": "system", "content": "You help customers of Brightwater Analytics."},
+        {"role": "user", "name": "Jane_Doe", "content": "I am Jane Doe, jane.doe@example.com, call +1 415-555-0132."},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "t1", "type": "function", "function": {
+            "name": "lookup_account", "arguments": json.dumps({"account_number": 7300000012345, "email": "jane.doe@example.com"})}}]},
+        {"role": "tool", "tool_call_id": "t1", "name": "lookup_account", "content": json.dumps({"ssn": "123-45-6789", "owner": "Jane Doe"})},
+        {"role": "user", "content": [{"type": "text", "text": "And my card 4111 1111 1111 1111?"}]}]}
+ROUTER_PII = ["Jane_Doe", "Jane Doe", "jane.doe@example.com", "415-555-0132", "7300000012345", "123-45-6789", "4111 1111 1111 1111"]
+
+
+def test_mask_request_masks_messages_as_the_clean_step_does(engine):
+    "The router's masking is S2's: the same messages give the same masked messages as a logged call through `clean`."
+    from slm_research.clean import mask_request
+    masked, mapping = mask_request(engine, ROUTER_REQUEST)
+    dump = json.dumps(masked["messages"], ensure_ascii=False)
+    assert [v for v in ROUTER_PII if v in dump] == []
+    assert masked["tools"] == ROUTER_REQUEST["tools"] and masked["user"] == "end-user-7" and masked["temperature"] == 0.2
+    assert masked["messages"][3]["name"] == "lookup_account"                 # a tool's name on a tool message is kept
+    assert json.loads(ROUTER_REQUEST["messages"][2]["tool_calls"][0]["function"]["arguments"])["account_number"] == 7300000012345
+    call = _call(1, "s1", "x")
+    call["request"] = {k: v for k, v in ROUTER_REQUEST.items() if k in ("model", "messages", "tools")}
+    logged = clean(_frame([call]), engine=engine, progress=False)
+    assert json.loads(logged["messages"][0]) == masked["messages"]
+    assert set(mapping.values()) >= {"jane.doe@example.com", "7300000012345", "123-45-6789", "4111 1111 1111 1111"}
+    assert all(re.fullmatch(r"<[A-Z_]+_\d+>", k) for k in mapping) and all(k in dump for k in mapping)
+    again, mapping2 = mask_request(engine, {"messages": [{"role": "user", "content": "mail bob@example.org"}]})
+    assert again["messages"][0]["content"] == "mail <EMAIL_1>" and mapping2 == {"<EMAIL_1>": "bob@example.org"}   # per request
+    with pytest.raises(ValueError, match="messages"):
+        mask_request(engine, {"prompt": "hi"})
+
+
+def test_unmask_restores_content_and_tool_call_arguments(engine):
+    "An SLM answer in placeholders gets the raw values back: text, JSON-string arguments (still JSON) and dict arguments."
+    from slm_research.clean import mask_request, unmask
+    masked, mapping = mask_request(engine, ROUTER_REQUEST)
+    email = next(k for k, v in mapping.items() if v == "jane.doe@example.com")
+    person = next(k for k, v in mapping.items() if v in ("Jane Doe", "Jane_Doe"))
+    answer = {"role": "assistant", "content": f"Thanks {person}, I wrote to {email}.", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "send", "arguments": json.dumps({"to": email, "cc": [f"{person} <{email}>"], "n": 2}, indent=2)}},
+        {"id": "b", "type": "function", "function": {"name": "send", "arguments": {"to": email, "who": person}}},
+        {"id": "c", "type": "function", "function": {"name": "send", "arguments": f"to={email}"}}]}
+    back = unmask(answer, mapping)
+    raw_person = mapping[person]
+    assert back["content"] == f"Thanks {raw_person}, I wrote to jane.doe@example.com."
+    args = back["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(args) == {"to": "jane.doe@example.com", "cc": [f"{raw_person} <jane.doe@example.com>"], "n": 2}
+    assert args.count("\n") == answer["tool_calls"][0]["function"]["arguments"].count("\n")   # formatting kept
+    assert back["tool_calls"][1]["function"]["arguments"] == {"to": "jane.doe@example.com", "who": raw_person}
+    assert back["tool_calls"][2]["function"]["arguments"] == "to=jane.doe@example.com"       # not JSON: plain text
+    assert answer["content"].startswith("Thanks <")                                           # the input is not changed
+    # the masked assistant message of the request itself comes back as it was (string values)
+    original = json.loads(ROUTER_REQUEST["messages"][2]["tool_calls"][0]["function"]["arguments"])
+    restored = json.loads(unmask(masked["messages"][2], mapping)["tool_calls"][0]["function"]["arguments"])
+    assert restored == {"account_number": str(original["account_number"]), "email": original["email"]}
+    quoted = unmask({"role": "assistant", "content": None, "tool_calls": [{"id": "q", "type": "function", "function": {
+        "name": "f", "arguments": json.dumps({"note": f"say {person}"})}}]}, {person: 'O"Brien \\ Ann'})
+    assert json.loads(quoted["tool_calls"][0]["function"]["arguments"]) == {"note": 'say O"Brien \\ Ann'}   # escaped in JSON
+    assert unmask({"role": "assistant", "content": "<PHONE_99> stays"}, mapping)["content"] == "<PHONE_99> stays"
