@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from slm_research.clean import (CleanConfig, MaskingEngine, Placeholders, clean, clean_cmd, clean_jsonl, clean_to_files,
+from slm_research.clean import (CleanConfig, MaskingEngine, Placeholders, clean, clean_cmd, clean_jsonl, clean_to_files, mask_records,
                                 mask_messages, presidio_pattern_only_results, score_spans)
 from slm_research.core import CLEAN_SCHEMA, Quarantine
 from slm_research.workspace import Workspace
@@ -376,8 +376,8 @@ def test_a_crash_leaves_the_previous_output_intact(tmp_path, monkeypatch):
         calls.append(1)
         if len(calls) == 3: raise KeyboardInterrupt("crash")
         return real(*a, **k)
-    real = clean_mod.mask_record
-    monkeypatch.setattr(clean_mod, "mask_record", boom)
+    real = clean_mod.replace_slots                   # masks each record's slots: crash at the third record
+    monkeypatch.setattr(clean_mod, "replace_slots", boom)
     with pytest.raises(KeyboardInterrupt): clean_jsonl(src, out, progress=False)
     assert out.read_text() == "previous output\n" and not list(tmp_path.glob(".*.tmp"))
 
@@ -532,3 +532,71 @@ def test_unmask_restores_content_and_tool_call_arguments(engine):
         "name": "f", "arguments": json.dumps({"note": f"say {person}"})}}]}, {person: 'O"Brien \\ Ann'})
     assert json.loads(quoted["tool_calls"][0]["function"]["arguments"]) == {"note": 'say O"Brien \\ Ann'}   # escaped in JSON
     assert unmask({"role": "assistant", "content": "<PHONE_99> stays"}, mapping)["content"] == "<PHONE_99> stays"
+
+
+# --- each message on its own, each distinct text once, placeholders by conversation -------------------------------
+
+def test_a_cue_in_one_message_decides_nothing_in_another(engine):
+    "`ssn` right before nine digits makes them an SSN within a message; across a message boundary it does not."
+    one, _ = mask_messages(engine, [{"role": "user", "content": "my ssn 123456789"}], Placeholders())
+    assert one[0]["content"] == "my ssn <SSN_1>"
+    two, _ = mask_messages(engine, [{"role": "user", "content": "my ssn"},
+                                    {"role": "user", "content": "123456789 is the ticket"}], Placeholders())
+    assert two[1]["content"] == "<ID_1> is the ticket"
+
+
+def _conversation_calls():
+    "Two sessions; in s1 the user name is announced by a JSON key in the last call only, and mentioned in the first."
+    first = _call(1, "s1", "account qx_77_blorp is locked, mail ann@example.org")
+    first["timestamp"] = "2025-03-01T10:00:00Z"
+    second = _call(2, "s1", "still locked")
+    second["timestamp"] = "2025-03-01T10:05:00Z"
+    second["request"]["messages"].append({"role": "assistant", "content": None, "tool_calls": [{"id": "t", "type": "function",
+        "function": {"name": "unlock", "arguments": json.dumps({"username": "qx_77_blorp", "email": "bob@example.org"})}}]})
+    other = _call(3, "s2", "account qx_77_blorp, mail bob@example.org")
+    return [first, second, other]
+
+
+def test_placeholders_belong_to_the_conversation_not_to_the_order_of_calls(engine):
+    """A value found in any call of a session is masked in all of them with one placeholder, whatever the order of the
+    rows; another session neither learns it nor shares its numbering."""
+    frame = _frame(_conversation_calls())
+    out = clean(frame, engine=engine, progress=False)
+    msgs = {r["id"]: json.loads(r["messages"]) for r in out.iter_rows(named=True)}
+    assert msgs["call-1"][0]["content"] == "account <USER_1> is locked, mail <EMAIL_1>"
+    assert json.loads(msgs["call-2"][1]["tool_calls"][0]["function"]["arguments"]) == {"username": "<USER_1>", "email": "<EMAIL_2>"}
+    assert msgs["call-3"][0]["content"] == "account qx_77_blorp, mail <EMAIL_1>"       # s2 knows nothing of s1
+    for seed in range(3):
+        shuffled = clean(frame.sample(fraction=1.0, shuffle=True, seed=seed), engine=engine, progress=False)
+        assert shuffled.sort("id").equals(out.sort("id"))
+    records = _conversation_calls()                                                  # the JSONL path agrees
+    masked = mask_records(engine, records[::-1])[::-1]
+    assert masked[0][0]["request"]["messages"][0]["content"] == "account <USER_1> is locked, mail <EMAIL_1>"
+    assert masked[2][0]["request"]["messages"][0]["content"] == "account qx_77_blorp, mail <EMAIL_1>"
+
+
+def test_each_distinct_text_is_analysed_once_and_the_cache_holds_no_text():
+    "A message repeated in every call of a growing conversation is analysed once; the cache keeps keyed hashes and offsets."
+    from slm_research.clean import ModelNerRecognizer
+    seen = []
+    def predict(text):
+        seen.append(text)
+        return [(text.index("Zorblax"), text.index("Zorblax") + 7, "PER", 0.9)] if "Zorblax" in text else []
+    engine = MaskingEngine(extra_recognizers=[ModelNerRecognizer(predict)])
+    history, calls = [], []
+    for i in range(6):
+        history = history + [{"role": "user", "content": f"step {i}: ask Zorblax about order {i}"},
+                             {"role": "assistant", "content": f"done {i}"}]
+        r = _call(i, "s1", "x")
+        r["request"]["messages"] = history
+        calls.append(r)
+    out = clean(_frame(calls), engine=engine, progress=False)
+    assert sorted(seen) == sorted({m["content"] for m in history} | {"ok"})      # 13 distinct texts (responses "ok"), once each
+    assert json.loads(out["messages"][5])[0]["content"] == "step 0: ask <PERSON_1> about order 0"
+    cached = repr(engine._cache)
+    assert engine._cache and not any(w in cached for w in ("Zorblax", "step", "order", "done"))
+    assert all(sum(isinstance(x, bytes) and len(x) == 16 for x in k) == 1 for k in engine._cache)   # one keyed hash each
+    again = MaskingEngine(CleanConfig(cache_entries=0), extra_recognizers=[ModelNerRecognizer(predict)])
+    seen.clear()
+    clean(_frame(calls), engine=again, progress=False)                            # no cache: every copy analysed
+    assert len(seen) > 13 and not again._cache
