@@ -194,7 +194,8 @@ class NameRecognizer(EntityRecognizer):
         for run in _RUN.finditer(text):
             toks = [(m.start() + run.start(), m.end() + run.start(), m.group()) for m in _TOKEN.finditer(run.group())]
             kinds = [self._kind(t) for _, _, t in toks]
-            cue = _NAME_CUE.search(text, max(0, run.start() - 24), run.start()) is not None
+            cue = _NAME_CUE.search(text, max(0, run.start() - 24), run.start()) is not None \
+                and not _code_word(text, run)   # name: Optional[str] = None
             taken = [False] * len(toks)
             places = []
             x = 0   # places first: the longest token n-gram (up to 4) in the place list
@@ -270,6 +271,12 @@ class NameRecognizer(EntityRecognizer):
 _PLACE_CUE = re.compile(r"(?i)\b(?:in|from|near|at|of|visit(?:ed|ing)?|moved to|travel(?:l?ing)? to|flew to)[ ]+$")
 _LOWER_NAME = re.compile(r"(?<![\p{L}\p{N}_@/.-])(\p{Ll}{3,})[ ]+(?:(\p{Ll})\.?[ ]+)?(\p{Ll}{3,})(?![\p{L}\p{N}_@/-])")
 _CAPS = re.compile(r"(?<![\p{L}\p{N}_@/.-])\p{Lu}{2,}(?:[ -]\p{Lu}{2,}){0,2}(?![\p{L}\p{N}_@/-])")
+
+_CODE_LITERALS = frozenset({"None", "True", "False", "Null", "NaN", "Optional", "Any", "Union"})
+
+def _code_word(text: str, run) -> bool:
+    "A run that is code, not a name: a literal or type of a programming language, or followed by `[` or `(`."
+    return run.group() in _CODE_LITERALS or text[run.end():run.end() + 1] in ("[", "(")
 
 def _sentence_start(text: str, i: int) -> bool:
     j = i - 1
@@ -368,8 +375,11 @@ _SECRET_KEYS = r"password|passwd|pwd|passphrase|pass|secret|client[_-]?secret|ap
 KEY_VALUE_SECRET = rf"(?i)(?:[\"']?\b(?:{_SECRET_KEYS})\b[\"']?[ ]*(?:[:=]|[ ]is[ ])[ ]*[\"']?|--(?:{_SECRET_KEYS})[ =])(?!<)((?:\\.|[^\s\"',;}}{{\\])+)"
 BEARER = r"(?i)\b(?:Bearer|Token|Basic)[ ]+([A-Za-z0-9._~+/=-]{16,})"
 
+_EXTENSION = re.compile(r"(?i)[ ]?(?:x|ext\.?)[ ]?\d{1,5}$")
+
 def _phone_ok(s: str) -> bool:
-    d = _digits(s)
+    "A phone number by its shape: 7 to 15 digits (an extension aside), not a date, a timestamp or an SSN."
+    d = _digits(_EXTENSION.sub("", s))
     if not 7 <= len(d) <= 15: return False
     if re.fullmatch(r"\d{3}-\d{2}-\d{4}|\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}", s): return False
     if re.match(r"(?:19|20)\d{2}-\d{2}-\d{2}\b", s): return False          # a timestamp (2000-04-16 11:34:35)
@@ -466,7 +476,7 @@ def pattern_recognizers(dates: str = "all") -> list[EntityRecognizer]:
         ),
         R(
             "PHONE_NUMBER",
-            r"(?<![\w+/.-])(?:(?:\+|00)\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,8}){1,4}(?:[ ]?(?:x|ext\.?)[ ]?\d{1,5})?(?![\w/-])",
+            r"(?<![\w+/.-])(?:(?:\+|00)\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?(?:\d{2,4}(?:[ .-]\d{2,8}){1,4}|\d{5}(?:[ .-]\d{2,8}){2,4})(?:[ ]?(?:x|ext\.?)[ ]?\d{1,5})?(?![\w/]|-\d)",
             0.7,
             _phone_ok,
             gate=_has_digit_run,
@@ -480,6 +490,23 @@ def pattern_recognizers(dates: str = "all") -> list[EntityRecognizer]:
             context=["phone", "tel", "mobile", "cell", "call", "fax", "whatsapp", "sms"],
             name="PHONE_NUMBER:context",
         ),
+        R(
+            "PHONE_NUMBER",
+            r"(?<![\w+/.-])(?:\+|00)?\d{7,15}(?=[ ]?[-(][ ]?(?i:office|fax|mobile|home|work|cell|phone|tel)\b)",
+            0.7,
+            gate=_has_digit_run,
+            name="PHONE_NUMBER:labelled",
+        ),  # 3660170548-Fax: the label after the number
+        R(
+            "US_DRIVER_LICENSE",
+            r"(?:(?i:\b(?:driver'?s?|driving)[ ]licen[cs]e(?:[ ](?:number|no\.?|id))?|\blicen[cs]e[ ](?:number|no\.?))|\bDL)"
+            r"[ ]*(?:is|:|#|=)?[ ]*([A-Za-z]{0,2}\d[\dA-Za-z-]{4,19})(?![\w-])",
+            0.96,
+            lambda v: sum(c.isdigit() for c in v) >= 5,
+            group=1,
+            gate=_has_digit_run,
+            name="US_DRIVER_LICENSE:cue",
+        ),  # outranks a card or phone shape: the cue says what the number is
         *[
             R("DATE_TIME", p, 0.6, gate=_has_digit_run, context=birth, name=f"DATE_TIME:{i}")
             for i, p in enumerate(DATE_PATTERNS)
@@ -553,6 +580,16 @@ def cue_recognizers() -> list[EntityRecognizer]:
           group=1, name="ORGANIZATION:at_x_in"),
         R("ORGANIZATION", rf"(?i:\baddress of)[ ]+({_ORG_RUN})(?=[ ]+is\b|[ ]*:)", 0.7, _org_name_ok, group=1,
           gate=lambda t: "ddress of" in t, name="ORGANIZATION:address_of"),
+        R("ORGANIZATION", rf"({_ORG_RUN})(?=[ ]+(?:is|was)[ ]+(?:the[ ]+brainchild[ ]+of|founded[ ]+(?:by|in)|"
+          r"headquartered[ ]+in|incorporated[ ]+in)\b)", 0.8, _org_name_ok, group=1, name="ORGANIZATION:founded"),
+        R("ORGANIZATION", rf"(?i:\b(?:later[ ]+became|renamed(?:[ ]+(?:to|as))?|rebranded[ ]+as|acquired[ ]+by|merged[ ]+with|"
+          rf"spun[ ]+off[ ]+from|recorded[ ]+for|signed[ ]+(?:to|with)))[ ]+({_ORG_RUN})", 0.8, _org_name_ok, group=1,
+          name="ORGANIZATION:company_verbs"),   # what companies do: renamed, acquired, a record label's artists
+        R("ORGANIZATION", r"(?<![\p{L}&-])(?!(?:is|was|are|from|at|of|the|a|an|and|or|to|in|on|for|with|by|my|our|your|his|"
+          r"her|their|its)\b)\p{Ll}[\p{Ll}&-]*(?:[ ](?!(?:is|was|are|from|at|of|the|a|an|and|or|to|in|on|for|with|by)\b)"
+          r"\p{Ll}[\p{Ll}&-]*){0,2}[ ](?:inc|llc|ltd|gmbh|corp|plc)\b\.?", 0.8,
+          gate=lambda t: any(f in t for f in (" inc", " llc", " ltd", " gmbh", " corp", " plc")),
+          name="ORGANIZATION:lower_legal_form"),   # stillwater supercomputing inc.
         R("STREET_ADDRESS", r"(?i:\b(?:the[ ]+)?corner[ ]+of)[ ]+[^\s,;?!]+(?:[ ][^\s,;?!]+){0,6}?[ ]+(?i:and)[ ]+"
           r"[^\s,;?!]*[^\s,;?!.](?:[ ][^\s,;?!]*[^\s,;?!.]){0,2}", 0.85, _corner_ok, gate=lambda t: "orner of" in t,
           name="STREET_ADDRESS:corner"),   # the second street ends before a full stop
@@ -1014,6 +1051,7 @@ TAGS = {
     "ORGANIZATION": "ORG",
     "ID_NUMBER": "ID",
     "ZIP_CODE": "ZIP",
+    "US_DRIVER_LICENSE": "LICENSE",
 }
 
 class Placeholders:
@@ -1022,6 +1060,7 @@ class Placeholders:
         self.seen, self.counts, self.values, self.raw = {}, {}, {}, {}
         self.numbered, self.masked = set(), {}   # texts already numbered, and masked, in this conversation (keyed hashes)
         self._tags = {}                          # (label, value) -> tag: the lookup for values met before
+        self.named = {}                          # value -> its first label other than the catch-all ID_NUMBER
 
     def __call__(self, label: str, value: str) -> str:
         tag = self._tags.get((label, value))
@@ -1029,6 +1068,9 @@ class Placeholders:
         if value not in self.values:
             self.values[value] = label
             self.masked.clear()                  # a new value may now be found in texts masked before
+        if label != "ID_NUMBER" and value not in self.named:
+            self.named[value] = label
+            self.masked.clear()
         norm = re.sub(r"[_.]+", " ", value) if label == "PERSON" else value   # Jane_Doe is Jane Doe
         key = (label, _digits(value) if label in _NUMERIC else " ".join(norm.casefold().split()))
         tag = self.seen.get(key)
@@ -1043,7 +1085,7 @@ class Placeholders:
         "Each placeholder and the raw value it first stood for (what `unmask` puts back)."
         return dict(self.raw)
 
-_NUMERIC = {"PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "ID_NUMBER", "ZIP_CODE"}
+_NUMERIC = {"PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "ID_NUMBER", "ZIP_CODE", "US_DRIVER_LICENSE"}
 
 # %% ../nbs/11_clean.ipynb #f880dce2
 _KEY_LABELS = [
@@ -1061,6 +1103,7 @@ _KEY_LABELS = [
         (r"^(?:dob|date_?of_?birth|birth_?date|birthday)$", "DATE_TIME"),
         (r"^(?:ssn|social_?security(?:_?number)?)$", "US_SSN"),
         (r"^(?:phone|phone_?number|mobile|telephone|tel|cell|fax)$", "PHONE_NUMBER"),
+        (r"^(?:drivers?_?licen[cs]e(?:_?(?:number|no|id))?|licen[cs]e_?(?:number|no))$", "US_DRIVER_LICENSE"),
         (r"^(?:email|e_?mail_?address|email_?address)$", "EMAIL_ADDRESS"),
         (r"^(?:card_?number|credit_?card(?:_?number)?|cc_?number|pan)$", "CREDIT_CARD"),
         (r"^(?:iban|iban_?code)$", "IBAN_CODE"),
@@ -1175,7 +1218,10 @@ def _company_line(text: str, lines: list, i: int, results: list) -> tuple[int, i
     return (s, e) if _covered(text, ps, pe, results, {"PERSON", "TITLE"}, 0.6) and text[ps:pe] != text[s:e] else None
 
 # %% ../nbs/11_clean.ipynb #238be5b6
-_AFFILIATION = re.compile(rf"[ ]+(?:of|from)[ ]+({_ORG_RUN})")
+_AFFILIATION = re.compile(rf"[ ]+(?:(?:is|was)[ ]+)?(?:of|from)[ ]+({_ORG_RUN})")
+_OWNER = re.compile(rf"({_ORG_RUN})['’]s[ ]+$")                                  # Panjiva's Riku Andou
+_LIST = re.compile(rf"{_ORG_RUN}(?:,[ ]{_ORG_RUN})*,?[ ]and[ ]{_ORG_RUN}")         # A, B and C
+_MEMBER = re.compile(_ORG_RUN)
 _COMMA = re.compile(r"[ ]*,[ ]*")
 
 def _implied(label: str, start: int, end: int, rule: str) -> RecognizerResult:
@@ -1183,12 +1229,43 @@ def _implied(label: str, start: int, end: int, rule: str) -> RecognizerResult:
     meta = {RecognizerResult.RECOGNIZER_NAME_KEY: f"address_blocks:{rule}"}
     return RecognizerResult(label, start, end, 0.85, recognition_metadata=meta)
 
+def _owned(text: str, person) -> list:
+    """A person's organisation by the possessive: `Panjiva's Riku Andou`, also when the name run took the owner in
+    (`Pave's Irena Bílá`): the owner an organisation, the rest the person, who must start with a known first name;
+    never an owner with a first name (`Alice Goldberg's Tales`), a place or everyday words."""
+    name, first = text[person.start:person.end], faker_names()[0]
+    for q in [person.start] + [person.start + m.end() for m in re.finditer(r"['’]s[ ]+(?=\p{Lu})", name)]:
+        m = _OWNER.search(text, max(0, q - 60), q)
+        if m and m.group(1).split()[0] not in first and text[q:person.end].split()[0] in first \
+                and _org_name_ok(m.group(1)):
+            return [_implied("ORGANIZATION", *m.span(1), "owner")] + \
+                   ([_implied("PERSON", q, person.end, "owner")] if q > person.start else [])
+    return []
+
+def _coordinated(text: str, results: list) -> list:
+    """Organisations by coordination: in a list `A, B and C` that names an organisation, the other members are
+    organisations too, unless they are places, everyday words or a person with a known first name."""
+    first, out = faker_names()[0], []
+    orgs = [(r.start, r.end) for r in results if r.entity_type == "ORGANIZATION"]
+    if not orgs: return out
+    for m in _LIST.finditer(text):
+        members = [x.span() for x in _MEMBER.finditer(text, m.start(), m.end())]
+        named = [any(a < e and s < b for a, b in orgs) for s, e in members]
+        if not any(named): continue
+        for (s, e), known in zip(members, named):
+            name = re.sub(r"['’]s$", "", text[s:e])
+            person = name.split()[0] in first and any(r.entity_type == "PERSON" and r.start < e and s < r.end for r in results)
+            owner = re.search(r"['’]s[ ]", name) is not None                        # Bridgewater's Parker Suknović
+            if not (known or person or owner) and _org_name_ok(name):
+                out.append(_implied("ORGANIZATION", s, s + len(name), "list"))
+    return out
+
 def address_blocks(text: str, results: list, labels: set | None = None) -> list:
     """Resolved `results` plus what the lines of address and contact blocks imply: the city after a street (LOCATION),
     the code after the country (STREET_ADDRESS), the company line (ORGANIZATION); and a person's organisation (`of X`).
     `labels`: the labels wanted (None: all)."""
     import bisect
-    if not any(r.entity_type in ("STREET_ADDRESS", "PERSON") for r in results): return results
+    if not any(r.entity_type in ("STREET_ADDRESS", "PERSON", "ORGANIZATION") for r in results): return results
     lines, extra = _lines(text), []
     starts = [s for s, _ in lines]
     line_of = lambda pos: bisect.bisect_right(starts, pos) - 1
@@ -1209,10 +1286,13 @@ def address_blocks(text: str, results: list, labels: set | None = None) -> list:
         if street_first and (co := _company_line(text, lines, i, results)):
             extra.append(_implied("ORGANIZATION", *co, "company_line"))
     for p in results:
-        if p.entity_type == "PERSON" and (m := _AFFILIATION.match(text, p.end)):
+        if p.entity_type != "PERSON": continue
+        if m := _AFFILIATION.match(text, p.end):                                   # Anna Wirth of Avalara
             name = re.sub(r"['’]s$", "", m.group(1))                                # of Reed Elsevier's
             if _org_name_ok(name):
                 extra.append(_implied("ORGANIZATION", m.start(1), m.start(1) + len(name), "affiliation"))
+        extra += _owned(text, p)
+    extra += _coordinated(text, results + extra)
     extra = [x for x in extra if labels is None or x.entity_type in labels]
     return _resolve(results + extra) if extra else results
 
@@ -1364,8 +1444,12 @@ def _frozen(results) -> tuple: return tuple((r.entity_type, r.start, r.end, r.sc
 def _thawed(found) -> list: return [RecognizerResult(*f) for f in found]
 
 def propagate(text: str, results: list, placeholders: Placeholders, min_len: int = 4) -> list:
-    "Add every other occurrence in `text` of a value masked in this conversation (a name seen once is hidden everywhere)."
-    known = placeholders.values
+    """Add every other occurrence in `text` of a value masked in this conversation (a name seen once is hidden
+    everywhere); a bare long number (`ID_NUMBER`) that the conversation knows under another label takes that label."""
+    known, named = placeholders.values, placeholders.named
+    for r in results:
+        if r.entity_type == "ID_NUMBER" and (label := named.get(text[r.start:r.end])) is not None:
+            r.entity_type = label                                          # 3544543600 is a phone here
     own = {v: r.entity_type for r in results if (v := text[r.start:r.end]) not in known}
     extra = []
     for value, label in itertools.chain(own.items(), known.items()):
@@ -1535,7 +1619,7 @@ def _key_result(engine, unit: str, label: str | None, res: list) -> list:
         and (engine.entities is None or label in engine.entities)
     ):
         s = len(unit) - len(unit.lstrip()); e = len(unit.rstrip())
-        res = _resolve(res + [RecognizerResult(label, s, e, 0.55)])
+        res = _resolve(res + [RecognizerResult(label, s, e, 0.56)])   # over a bare shape (long digits: ID, 0.55)
     return res
 
 @functools.lru_cache(maxsize=4096)
