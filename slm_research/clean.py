@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib
+import itertools
 import ipaddress
 import json
 import logging
@@ -21,9 +23,6 @@ from pathlib import Path
 import regex as re
 from presidio_analyzer import AnalyzerEngine, EntityRecognizer, RecognizerRegistry, RecognizerResult
 from presidio_analyzer.nlp_engine import NlpArtifacts, NlpEngineProvider
-from presidio_anonymizer import AnonymizerEngine
-from presidio_anonymizer.entities import OperatorConfig
-from presidio_anonymizer.operators import Operator, OperatorType
 
 logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
 logging.getLogger("tldextract").setLevel(logging.CRITICAL)
@@ -42,12 +41,13 @@ __all__ = ['ADDRESS_PATTERNS', 'DATE_PATTERNS', 'SECRET_PATTERNS', 'KEY_VALUE_SE
            'NRP_WORDS', 'TAGS', 'ENGINES', 'ENGINE_MODULES', 'NER_LABELS', 'luhn_ok', 'iban_ok', 'ssn_ok', 'ip_ok',
            'RegexRecognizer', 'faker_names', 'common_words', 'place_names', 'country_names', 'NameRecognizer',
            'NameLikeness', 'name_likeness', 'pattern_recognizers', 'cue_recognizers', 'context_recognizers',
-           'Placeholders', 'PlaceholderOperator', 'key_label', 'address_first', 'address_blocks', 'CleanConfig',
-           'MaskingEngine', 'propagate', 'number_label', 'Pseudonyms', 'json_depth', 'loads_checked', 'message_slots',
-           'tool_names', 'mask_messages', 'scan_developer', 'mask_record', 'mask_request', 'unmask', 'score_spans',
-           'presidio_pattern_only', 'presidio_pattern_only_results', 'clean', 'mask_to_files', 'clean_engine',
-           'clean_to_files', 'quarantine_path', 'check_output', 'parse_line', 'read_lines', 'clean_jsonl',
-           'jsonl_frame', 'clean_cmd', 'ModelNerRecognizer', 'ner_recognizer']
+           'Placeholders', 'key_label', 'address_first', 'address_blocks', 'CleanConfig', 'MaskingEngine', 'propagate',
+           'number_label', 'text_plan', 'Pseudonyms', 'json_depth', 'loads_checked', 'message_slots', 'tool_names',
+           'number_slots', 'replace_slots', 'mask_messages', 'scan_developer', 'record_slots', 'mask_record',
+           'conversation_order', 'mask_records', 'mask_request', 'unmask', 'score_spans', 'presidio_pattern_only',
+           'presidio_pattern_only_results', 'clean', 'mask_to_files', 'clean_engine', 'clean_to_files',
+           'quarantine_path', 'check_output', 'parse_line', 'read_lines', 'clean_jsonl', 'jsonl_frame', 'clean_cmd',
+           'ModelNerRecognizer', 'ner_recognizer']
 
 # %% ../nbs/11_clean.ipynb #6be780bb
 def luhn_ok(digits: str) -> bool:
@@ -194,7 +194,8 @@ class NameRecognizer(EntityRecognizer):
         for run in _RUN.finditer(text):
             toks = [(m.start() + run.start(), m.end() + run.start(), m.group()) for m in _TOKEN.finditer(run.group())]
             kinds = [self._kind(t) for _, _, t in toks]
-            cue = _NAME_CUE.search(text, max(0, run.start() - 24), run.start()) is not None
+            cue = _NAME_CUE.search(text, max(0, run.start() - 24), run.start()) is not None \
+                and not _code_word(text, run)   # name: Optional[str] = None
             taken = [False] * len(toks)
             places = []
             x = 0   # places first: the longest token n-gram (up to 4) in the place list
@@ -270,6 +271,12 @@ class NameRecognizer(EntityRecognizer):
 _PLACE_CUE = re.compile(r"(?i)\b(?:in|from|near|at|of|visit(?:ed|ing)?|moved to|travel(?:l?ing)? to|flew to)[ ]+$")
 _LOWER_NAME = re.compile(r"(?<![\p{L}\p{N}_@/.-])(\p{Ll}{3,})[ ]+(?:(\p{Ll})\.?[ ]+)?(\p{Ll}{3,})(?![\p{L}\p{N}_@/-])")
 _CAPS = re.compile(r"(?<![\p{L}\p{N}_@/.-])\p{Lu}{2,}(?:[ -]\p{Lu}{2,}){0,2}(?![\p{L}\p{N}_@/-])")
+
+_CODE_LITERALS = frozenset({"None", "True", "False", "Null", "NaN", "Optional", "Any", "Union"})
+
+def _code_word(text: str, run) -> bool:
+    "A run that is code, not a name: a literal or type of a programming language, or followed by `[` or `(`."
+    return run.group() in _CODE_LITERALS or text[run.end():run.end() + 1] in ("[", "(")
 
 def _sentence_start(text: str, i: int) -> bool:
     j = i - 1
@@ -368,8 +375,11 @@ _SECRET_KEYS = r"password|passwd|pwd|passphrase|pass|secret|client[_-]?secret|ap
 KEY_VALUE_SECRET = rf"(?i)(?:[\"']?\b(?:{_SECRET_KEYS})\b[\"']?[ ]*(?:[:=]|[ ]is[ ])[ ]*[\"']?|--(?:{_SECRET_KEYS})[ =])(?!<)((?:\\.|[^\s\"',;}}{{\\])+)"
 BEARER = r"(?i)\b(?:Bearer|Token|Basic)[ ]+([A-Za-z0-9._~+/=-]{16,})"
 
+_EXTENSION = re.compile(r"(?i)[ ]?(?:x|ext\.?)[ ]?\d{1,5}$")
+
 def _phone_ok(s: str) -> bool:
-    d = _digits(s)
+    "A phone number by its shape: 7 to 15 digits (an extension aside), not a date, a timestamp or an SSN."
+    d = _digits(_EXTENSION.sub("", s))
     if not 7 <= len(d) <= 15: return False
     if re.fullmatch(r"\d{3}-\d{2}-\d{4}|\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}", s): return False
     if re.match(r"(?:19|20)\d{2}-\d{2}-\d{2}\b", s): return False          # a timestamp (2000-04-16 11:34:35)
@@ -466,7 +476,7 @@ def pattern_recognizers(dates: str = "all") -> list[EntityRecognizer]:
         ),
         R(
             "PHONE_NUMBER",
-            r"(?<![\w+/.-])(?:(?:\+|00)\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,8}){1,4}(?:[ ]?(?:x|ext\.?)[ ]?\d{1,5})?(?![\w/-])",
+            r"(?<![\w+/.-])(?:(?:\+|00)\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?(?:\d{2,4}(?:[ .-]\d{2,8}){1,4}|\d{5}(?:[ .-]\d{2,8}){2,4})(?:[ ]?(?:x|ext\.?)[ ]?\d{1,5})?(?![\w/]|-\d)",
             0.7,
             _phone_ok,
             gate=_has_digit_run,
@@ -480,6 +490,23 @@ def pattern_recognizers(dates: str = "all") -> list[EntityRecognizer]:
             context=["phone", "tel", "mobile", "cell", "call", "fax", "whatsapp", "sms"],
             name="PHONE_NUMBER:context",
         ),
+        R(
+            "PHONE_NUMBER",
+            r"(?<![\w+/.-])(?:\+|00)?\d{7,15}(?=[ ]?[-(][ ]?(?i:office|fax|mobile|home|work|cell|phone|tel)\b)",
+            0.7,
+            gate=_has_digit_run,
+            name="PHONE_NUMBER:labelled",
+        ),  # 3660170548-Fax: the label after the number
+        R(
+            "US_DRIVER_LICENSE",
+            r"(?:(?i:\b(?:driver'?s?|driving)[ ]licen[cs]e(?:[ ](?:number|no\.?|id))?|\blicen[cs]e[ ](?:number|no\.?))|\bDL)"
+            r"[ ]*(?:is|:|#|=)?[ ]*([A-Za-z]{0,2}\d[\dA-Za-z-]{4,19})(?![\w-])",
+            0.96,
+            lambda v: sum(c.isdigit() for c in v) >= 5,
+            group=1,
+            gate=_has_digit_run,
+            name="US_DRIVER_LICENSE:cue",
+        ),  # outranks a card or phone shape: the cue says what the number is
         *[
             R("DATE_TIME", p, 0.6, gate=_has_digit_run, context=birth, name=f"DATE_TIME:{i}")
             for i, p in enumerate(DATE_PATTERNS)
@@ -553,6 +580,16 @@ def cue_recognizers() -> list[EntityRecognizer]:
           group=1, name="ORGANIZATION:at_x_in"),
         R("ORGANIZATION", rf"(?i:\baddress of)[ ]+({_ORG_RUN})(?=[ ]+is\b|[ ]*:)", 0.7, _org_name_ok, group=1,
           gate=lambda t: "ddress of" in t, name="ORGANIZATION:address_of"),
+        R("ORGANIZATION", rf"({_ORG_RUN})(?=[ ]+(?:is|was)[ ]+(?:the[ ]+brainchild[ ]+of|founded[ ]+(?:by|in)|"
+          r"headquartered[ ]+in|incorporated[ ]+in)\b)", 0.8, _org_name_ok, group=1, name="ORGANIZATION:founded"),
+        R("ORGANIZATION", rf"(?i:\b(?:later[ ]+became|renamed(?:[ ]+(?:to|as))?|rebranded[ ]+as|acquired[ ]+by|merged[ ]+with|"
+          rf"spun[ ]+off[ ]+from|recorded[ ]+for|signed[ ]+(?:to|with)))[ ]+({_ORG_RUN})", 0.8, _org_name_ok, group=1,
+          name="ORGANIZATION:company_verbs"),   # what companies do: renamed, acquired, a record label's artists
+        R("ORGANIZATION", r"(?<![\p{L}&-])(?!(?:is|was|are|from|at|of|the|a|an|and|or|to|in|on|for|with|by|my|our|your|his|"
+          r"her|their|its)\b)\p{Ll}[\p{Ll}&-]*(?:[ ](?!(?:is|was|are|from|at|of|the|a|an|and|or|to|in|on|for|with|by)\b)"
+          r"\p{Ll}[\p{Ll}&-]*){0,2}[ ](?:inc|llc|ltd|gmbh|corp|plc)\b\.?", 0.8,
+          gate=lambda t: any(f in t for f in (" inc", " llc", " ltd", " gmbh", " corp", " plc")),
+          name="ORGANIZATION:lower_legal_form"),   # stillwater supercomputing inc.
         R("STREET_ADDRESS", r"(?i:\b(?:the[ ]+)?corner[ ]+of)[ ]+[^\s,;?!]+(?:[ ][^\s,;?!]+){0,6}?[ ]+(?i:and)[ ]+"
           r"[^\s,;?!]*[^\s,;?!.](?:[ ][^\s,;?!]*[^\s,;?!.]){0,2}", 0.85, _corner_ok, gate=lambda t: "orner of" in t,
           name="STREET_ADDRESS:corner"),   # the second street ends before a full stop
@@ -1014,13 +1051,26 @@ TAGS = {
     "ORGANIZATION": "ORG",
     "ID_NUMBER": "ID",
     "ZIP_CODE": "ZIP",
+    "US_DRIVER_LICENSE": "LICENSE",
 }
 
 class Placeholders:
     "Consistent placeholders within one conversation: the same value of the same type is always the same tag."
-    def __init__(self): self.seen, self.counts, self.values, self.raw = {}, {}, {}, {}
+    def __init__(self):
+        self.seen, self.counts, self.values, self.raw = {}, {}, {}, {}
+        self.numbered, self.masked = set(), {}   # texts already numbered, and masked, in this conversation (keyed hashes)
+        self._tags = {}                          # (label, value) -> tag: the lookup for values met before
+        self.named = {}                          # value -> its first label other than the catch-all ID_NUMBER
+
     def __call__(self, label: str, value: str) -> str:
-        self.values.setdefault(value, label)
+        tag = self._tags.get((label, value))
+        if tag is not None: return tag
+        if value not in self.values:
+            self.values[value] = label
+            self.masked.clear()                  # a new value may now be found in texts masked before
+        if label != "ID_NUMBER" and value not in self.named:
+            self.named[value] = label
+            self.masked.clear()
         norm = re.sub(r"[_.]+", " ", value) if label == "PERSON" else value   # Jane_Doe is Jane Doe
         key = (label, _digits(value) if label in _NUMERIC else " ".join(norm.casefold().split()))
         tag = self.seen.get(key)
@@ -1028,27 +1078,16 @@ class Placeholders:
             n = self.counts[label] = self.counts.get(label, 0) + 1
             tag = self.seen[key] = f"<{TAGS.get(label, label)}_{n}>"
             self.raw[tag] = value
+        self._tags[(label, value)] = tag
         return tag
 
     def mapping(self) -> dict[str, str]:
         "Each placeholder and the raw value it first stood for (what `unmask` puts back)."
         return dict(self.raw)
 
-_NUMERIC = {"PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "ID_NUMBER", "ZIP_CODE"}
-
-class PlaceholderOperator(Operator):
-    "Presidio anonymizer operator: replace an entity with its conversation-consistent placeholder."
-    def operate(self, text: str, params: dict | None = None) -> str:
-        return params["placeholders"](params["entity_type"], text)
-
-    def validate(self, params: dict | None = None) -> None:
-        if not callable((params or {}).get("placeholders")):
-            raise ValueError("placeholder operator needs `placeholders`")
-    def operator_name(self) -> str: return "placeholder"
-    def operator_type(self) -> OperatorType: return OperatorType.Anonymize
+_NUMERIC = {"PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "ID_NUMBER", "ZIP_CODE", "US_DRIVER_LICENSE"}
 
 # %% ../nbs/11_clean.ipynb #f880dce2
-_SEP = "\n\x00\n"   # joins a record's texts for one analyzer pass; no pattern crosses a NUL
 _KEY_LABELS = [
     (re.compile(p), label)
     for p, label in [
@@ -1064,6 +1103,7 @@ _KEY_LABELS = [
         (r"^(?:dob|date_?of_?birth|birth_?date|birthday)$", "DATE_TIME"),
         (r"^(?:ssn|social_?security(?:_?number)?)$", "US_SSN"),
         (r"^(?:phone|phone_?number|mobile|telephone|tel|cell|fax)$", "PHONE_NUMBER"),
+        (r"^(?:drivers?_?licen[cs]e(?:_?(?:number|no|id))?|licen[cs]e_?(?:number|no))$", "US_DRIVER_LICENSE"),
         (r"^(?:email|e_?mail_?address|email_?address)$", "EMAIL_ADDRESS"),
         (r"^(?:card_?number|credit_?card(?:_?number)?|cc_?number|pan)$", "CREDIT_CARD"),
         (r"^(?:iban|iban_?code)$", "IBAN_CODE"),
@@ -1178,7 +1218,10 @@ def _company_line(text: str, lines: list, i: int, results: list) -> tuple[int, i
     return (s, e) if _covered(text, ps, pe, results, {"PERSON", "TITLE"}, 0.6) and text[ps:pe] != text[s:e] else None
 
 # %% ../nbs/11_clean.ipynb #238be5b6
-_AFFILIATION = re.compile(rf"[ ]+(?:of|from)[ ]+({_ORG_RUN})")
+_AFFILIATION = re.compile(rf"[ ]+(?:(?:is|was)[ ]+)?(?:of|from)[ ]+({_ORG_RUN})")
+_OWNER = re.compile(rf"({_ORG_RUN})['’]s[ ]+$")                                  # Panjiva's Riku Andou
+_LIST = re.compile(rf"{_ORG_RUN}(?:,[ ]{_ORG_RUN})*,?[ ]and[ ]{_ORG_RUN}")         # A, B and C
+_MEMBER = re.compile(_ORG_RUN)
 _COMMA = re.compile(r"[ ]*,[ ]*")
 
 def _implied(label: str, start: int, end: int, rule: str) -> RecognizerResult:
@@ -1186,12 +1229,43 @@ def _implied(label: str, start: int, end: int, rule: str) -> RecognizerResult:
     meta = {RecognizerResult.RECOGNIZER_NAME_KEY: f"address_blocks:{rule}"}
     return RecognizerResult(label, start, end, 0.85, recognition_metadata=meta)
 
+def _owned(text: str, person) -> list:
+    """A person's organisation by the possessive: `Panjiva's Riku Andou`, also when the name run took the owner in
+    (`Pave's Irena Bílá`): the owner an organisation, the rest the person, who must start with a known first name;
+    never an owner with a first name (`Alice Goldberg's Tales`), a place or everyday words."""
+    name, first = text[person.start:person.end], faker_names()[0]
+    for q in [person.start] + [person.start + m.end() for m in re.finditer(r"['’]s[ ]+(?=\p{Lu})", name)]:
+        m = _OWNER.search(text, max(0, q - 60), q)
+        if m and m.group(1).split()[0] not in first and text[q:person.end].split()[0] in first \
+                and _org_name_ok(m.group(1)):
+            return [_implied("ORGANIZATION", *m.span(1), "owner")] + \
+                   ([_implied("PERSON", q, person.end, "owner")] if q > person.start else [])
+    return []
+
+def _coordinated(text: str, results: list) -> list:
+    """Organisations by coordination: in a list `A, B and C` that names an organisation, the other members are
+    organisations too, unless they are places, everyday words or a person with a known first name."""
+    first, out = faker_names()[0], []
+    orgs = [(r.start, r.end) for r in results if r.entity_type == "ORGANIZATION"]
+    if not orgs: return out
+    for m in _LIST.finditer(text):
+        members = [x.span() for x in _MEMBER.finditer(text, m.start(), m.end())]
+        named = [any(a < e and s < b for a, b in orgs) for s, e in members]
+        if not any(named): continue
+        for (s, e), known in zip(members, named):
+            name = re.sub(r"['’]s$", "", text[s:e])
+            person = name.split()[0] in first and any(r.entity_type == "PERSON" and r.start < e and s < r.end for r in results)
+            owner = re.search(r"['’]s[ ]", name) is not None                        # Bridgewater's Parker Suknović
+            if not (known or person or owner) and _org_name_ok(name):
+                out.append(_implied("ORGANIZATION", s, s + len(name), "list"))
+    return out
+
 def address_blocks(text: str, results: list, labels: set | None = None) -> list:
     """Resolved `results` plus what the lines of address and contact blocks imply: the city after a street (LOCATION),
     the code after the country (STREET_ADDRESS), the company line (ORGANIZATION); and a person's organisation (`of X`).
     `labels`: the labels wanted (None: all)."""
     import bisect
-    if not any(r.entity_type in ("STREET_ADDRESS", "PERSON") for r in results): return results
+    if not any(r.entity_type in ("STREET_ADDRESS", "PERSON", "ORGANIZATION") for r in results): return results
     lines, extra = _lines(text), []
     starts = [s for s, _ in lines]
     line_of = lambda pos: bisect.bisect_right(starts, pos) - 1
@@ -1212,10 +1286,13 @@ def address_blocks(text: str, results: list, labels: set | None = None) -> list:
         if street_first and (co := _company_line(text, lines, i, results)):
             extra.append(_implied("ORGANIZATION", *co, "company_line"))
     for p in results:
-        if p.entity_type == "PERSON" and (m := _AFFILIATION.match(text, p.end)):
+        if p.entity_type != "PERSON": continue
+        if m := _AFFILIATION.match(text, p.end):                                   # Anna Wirth of Avalara
             name = re.sub(r"['’]s$", "", m.group(1))                                # of Reed Elsevier's
             if _org_name_ok(name):
                 extra.append(_implied("ORGANIZATION", m.start(1), m.start(1) + len(name), "affiliation"))
+        extra += _owned(text, p)
+    extra += _coordinated(text, results + extra)
     extra = [x for x in extra if labels is None or x.entity_type in labels]
     return _resolve(results + extra) if extra else results
 
@@ -1241,13 +1318,14 @@ class CleanConfig(Config):
     seed: int = 0                   # seeds the name-likeness model
     engine: str = field(default="local", metadata={"help": "local, or ray: mask on a Ray cluster ($RAY_ADDRESS, else a "
                                                            "local one), one masking engine per worker."})
+    cache_entries: int = 200_000    # texts whose analysis is kept for the run (keyed hashes, offsets, labels); 0: none
 
     def __post_init__(self):
         if self.dates not in ("all", "birth"): raise ValueError(f"dates {self.dates!r} is not all or birth")
 
 # %% ../nbs/11_clean.ipynb #a6d6b270
 class MaskingEngine:
-    "Presidio analyzer (no_op NLP engine, our recognizers) + anonymizer with conversation-consistent placeholders."
+    "Presidio's analyzer (no_op NLP engine, our recognizers), a run-long cache of its analyses, and placeholders."
     def __init__(self, config: CleanConfig | None = None, extra_recognizers: list | None = None):
         self.config = config = config or CleanConfig()
         recognizers = pattern_recognizers(config.dates)
@@ -1274,21 +1352,49 @@ class MaskingEngine:
         self._artifacts = NlpArtifacts(
             entities=[], tokens=[], tokens_indices=[], lemmas=[], nlp_engine=nlp, language="en"
         )
-        self.anonymizer = AnonymizerEngine()
-        self.anonymizer.add_anonymizer(PlaceholderOperator)
+        # the analyzer's own `analyze` adds per-call work this engine does not need (the NLP pass is a no-op and the
+        # context pass is off): `_analyze` runs the registry's recognizers and Presidio's own filters directly
+        self._recognizers = registry.get_recognizers(language="en", all_fields=True)
+        for r in self._recognizers:
+            if not r.is_loaded: r.load(); r.is_loaded = True
+        self._supported = self.analyzer.get_supported_entities(language="en")
         self._allow = set(config.allow)
+        self._hash_key = os.urandom(32)   # per engine: the cache's keys link nothing outside this process
+        self._cache: dict = {}
 
     @functools.cached_property
     def pseudonyms(self) -> "Pseudonyms":
         "S1's pseudonyms for user and session ids (see `Pseudonyms`), keyed by `config.pseudonym_key`."
         return Pseudonyms(self.config.pseudonym_key)
 
+    def text_key(self, text: str) -> bytes:
+        "A keyed hash of `text` (BLAKE2b, this engine's random key): what the analysis cache is keyed by."
+        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), key=self._hash_key, digest_size=16).digest()
+
+    def cached(self, key, compute):
+        """`compute()`, kept under `key` for the rest of the run (up to `config.cache_entries`; the oldest tenth goes
+        when it is full). What is kept is offsets and labels under keyed hashes, never text."""
+        hit = self._cache.get(key)
+        if hit is None:
+            hit, size = compute(), self.config.cache_entries
+            if size > 0:
+                if len(self._cache) >= size:
+                    for k in list(itertools.islice(self._cache, max(1, size // 10))): del self._cache[k]
+                self._cache[key] = hit
+        return hit
+
     def analyze(self, text: str) -> list[RecognizerResult]:
-        "Entities in `text`, non-overlapping and sorted, from one pass of every recognizer."
+        "Entities in `text`, non-overlapping and sorted, from one pass of every recognizer; each text analysed once a run."
         if not text: return []
-        res = self.analyzer.analyze(
-            text, language="en", nlp_artifacts=self._artifacts, score_threshold=self.config.score_threshold
-        )
+        found = self.cached(("a", self.text_key(text)), lambda: _frozen(self._analyze(text)))
+        return _thawed(found)
+
+    def _analyze(self, text: str) -> list[RecognizerResult]:
+        "What `self.analyzer.analyze` gives (every recognizer, scores at least the threshold, no duplicates), then the address grammar."
+        res, threshold = [], self.config.score_threshold
+        for recognizer in self._recognizers:
+            res += recognizer.analyze(text=text, entities=self._supported, nlp_artifacts=self._artifacts) or ()
+        res = EntityRecognizer.remove_duplicates([r for r in res if r.score >= threshold])
         if self.entities is not None: res = [r for r in res if r.entity_type in self.entities]
         if self._allow: res = [r for r in res if text[r.start:r.end] not in self._allow]
         if not self.config.context: return _resolve(res)
@@ -1296,29 +1402,34 @@ class MaskingEngine:
         return [r for r in res if text[r.start:r.end] not in self._allow] if self._allow else res
 
     def analyze_many(self, texts: list[str]) -> list[list[RecognizerResult]]:
-        "`analyze` of several texts in one analyzer pass (joined by a separator no pattern crosses)."
-        if len(texts) == 1: return [self.analyze(texts[0])]
-        joined = _SEP.join(texts)
-        bounds, pos = [], 0
-        for t in texts: bounds.append((pos, pos + len(t))); pos += len(t) + len(_SEP)
-        out = [[] for _ in texts]
-        import bisect
-        starts = [b[0] for b in bounds]
-        for r in self.analyze(joined):
-            i = bisect.bisect_right(starts, r.start) - 1
-            s, e = bounds[i]
-            if r.start >= e: continue                     # inside a separator
-            r.start, r.end = r.start - s, min(r.end, e) - s
-            out[i].append(r)
-        return out
+        "`analyze` of each of `texts` on its own: no cue word of one text decides a match in another."
+        return [self.analyze(t) for t in texts]
+
+    @staticmethod
+    def spans(text: str, results: list) -> list[tuple[int, int, str]]:
+        """The spans `replace` writes, `(start, end, label)`: `results` in reading order, neighbours of one label with
+        only spaces between them merged (one `<DATE_1>` for `Monday 12:00`), as Presidio's anonymizer merges them."""
+        spans = []
+        for r in sorted(results, key=lambda r: r.start):
+            if spans and spans[-1][2] == r.entity_type and r.start > spans[-1][1] \
+                    and text[spans[-1][1]:r.start].strip(" ") == "":
+                spans[-1] = (spans[-1][0], r.end, r.entity_type)
+            else: spans.append((r.start, r.end, r.entity_type))
+        return spans
+
+    def number(self, text: str, results: list, placeholders: Placeholders) -> None:
+        "Number the values of `results` in `text` in reading order, then the merged spans `replace` will write."
+        for r in sorted(results, key=lambda r: r.start): placeholders(r.entity_type, text[r.start:r.end])
+        for s, e, label in self.spans(text, results): placeholders(label, text[s:e])
 
     def replace(self, text: str, results: list, placeholders: Placeholders) -> str:
-        "Replace `results` in `text` with placeholders (Presidio's anonymizer with our operator)."
+        "`text` with the (non-overlapping) `results` replaced by their placeholders (numbered first, in reading order)."
         if not results: return text
-        for r in sorted(results, key=lambda r: r.start):
-            placeholders(r.entity_type, text[r.start : r.end])  # number in reading order
-        ops = {"DEFAULT": OperatorConfig("placeholder", {"placeholders": placeholders})}
-        return self.anonymizer.anonymize(text=text, analyzer_results=results, operators=ops).text
+        self.number(text, results, placeholders)
+        out, pos = [], 0
+        for s, e, label in self.spans(text, results):
+            out += [text[pos:s], placeholders(label, text[s:e])]; pos = e
+        return "".join(out) + text[pos:]
 
     def mask(self, text: str, placeholders: Placeholders | None = None) -> tuple[str, list[dict]]:
         "Masked text and its entities (offsets into `text`)."
@@ -1329,13 +1440,20 @@ class MaskingEngine:
 # %% ../nbs/11_clean.ipynb #24789d8a
 def _entity(r, **extra) -> dict: return {"start": r.start, "end": r.end, "label": r.entity_type, **extra}
 
+def _frozen(results) -> tuple: return tuple((r.entity_type, r.start, r.end, r.score) for r in results)
+def _thawed(found) -> list: return [RecognizerResult(*f) for f in found]
+
 def propagate(text: str, results: list, placeholders: Placeholders, min_len: int = 4) -> list:
-    "Add every other occurrence in `text` of a value already masked in this conversation (a name seen once is hidden everywhere)."
-    known = {text[r.start:r.end]: r.entity_type for r in results}
-    known.update(placeholders.values)
+    """Add every other occurrence in `text` of a value masked in this conversation (a name seen once is hidden
+    everywhere); a bare long number (`ID_NUMBER`) that the conversation knows under another label takes that label."""
+    known, named = placeholders.values, placeholders.named
+    for r in results:
+        if r.entity_type == "ID_NUMBER" and (label := named.get(text[r.start:r.end])) is not None:
+            r.entity_type = label                                          # 3544543600 is a phone here
+    own = {v: r.entity_type for r in results if (v := text[r.start:r.end]) not in known}
     extra = []
-    for value, label in known.items():
-        if len(value) < min_len: continue
+    for value, label in itertools.chain(own.items(), known.items()):
+        if len(value) < min_len or value not in text: continue
         i = text.find(value)
         while i >= 0:
             extra.append(RecognizerResult(label, i, i + len(value), 0.4))
@@ -1491,9 +1609,8 @@ def number_label(token: str, key: str | None = None, min_digits: int = 7) -> str
     return "CREDIT_CARD" if 13 <= len(token) <= 19 and luhn_ok(token) else "ID_NUMBER"
 
 # %% ../nbs/11_clean.ipynb #4e5af41f
-def _key_result(engine, unit: str, key: str | None, res: list) -> list:
-    "Add the whole value as one entity when its key announces it (`password`, `name`, `dob`...)."
-    label = key_label(key or "")
+def _key_result(engine, unit: str, label: str | None, res: list) -> list:
+    "Add the whole value as one entity when its key announces it (`label`: what `key_label` says of the key)."
     if (
         label
         and unit.strip()
@@ -1502,59 +1619,65 @@ def _key_result(engine, unit: str, key: str | None, res: list) -> list:
         and (engine.entities is None or label in engine.entities)
     ):
         s = len(unit) - len(unit.lstrip()); e = len(unit.rstrip())
-        res = _resolve(res + [RecognizerResult(label, s, e, 0.55)])
+        res = _resolve(res + [RecognizerResult(label, s, e, 0.56)])   # over a bare shape (long digits: ID, 0.55)
     return res
 
-class _Masker:
-    """Masks one conversation's texts with shared placeholders; plain text or JSON (kept valid, formatting kept).
-    In JSON, string values are masked and integers that are identifiers become placeholder strings."""
-    def __init__(self, engine: "MaskingEngine", placeholders: Placeholders):
-        self.engine, self.ph = engine, placeholders
+@functools.lru_cache(maxsize=4096)
+def _key_label(key) -> str | None: return key_label(key) if isinstance(key, str) else None
 
-    def texts(self, texts: list[str], keys: list | None = None) -> list[tuple[str, list[dict]]]:
-        "Mask several texts of one record with one analyzer pass; `keys`: the JSON key each text sits under, if any."
-        keys = keys or [None] * len(texts)
-        units, owners, plans = [], [], []   # units: whole plain texts, or the string values of JSON texts
-        min_digits = getattr(self.engine.config, "min_id_digits", 7)
-        for ti, (text, key) in enumerate(zip(texts, keys)):
-            if _json_container(text) is None:
-                plans.append(("text", key)); units.append(text); owners.append((ti, None)); continue
-            lits = []
-            for s, e, kind, k in _json_values(text):
-                if kind == "str":
-                    lits.append((s, e, json.loads(text[s:e]), k, None))
-                    units.append(lits[-1][2])
-                    owners.append((ti, len(lits) - 1))
-                elif (label := number_label(text[s:e], k, min_digits)) is not None:
-                    lits.append((s, e, text[s:e], k, label))
-            plans.append(("json", lits))
-        found = self.engine.analyze_many(units) if units else []
-        per_text = [[] for _ in texts]
-        for (ti, li), res, unit in zip(owners, found, units):
-            key = plans[ti][1] if li is None else plans[ti][1][li][3]
-            res = propagate(unit, _key_result(self.engine, unit, key, res), self.ph)
-            for r in res: self.ph(r.entity_type, unit[r.start:r.end])
-            per_text[ti].append((li, unit, res))
-        out = []
-        for ti, text in enumerate(texts):
-            kind, lits = plans[ti]
-            if kind == "text":
-                _, unit, res = per_text[ti][0]
-                out.append((self.engine.replace(unit, res, self.ph), [_entity(r) for r in res])); continue
-            masked = {li: (unit, res) for li, unit, res in per_text[ti]}
-            pieces, ents, pos = [], [], 0
-            for li, (s, e, value, _, num_label) in enumerate(lits):
-                if num_label is not None:
-                    ents.append({"start": s, "end": e, "label": num_label})
-                    pieces += [text[pos:s], json.dumps(self.ph(num_label, value))]; pos = e; continue
-                unit, res = masked[li]
-                if not res: continue
-                offs = _raw_offsets(text[s:e])
-                ents += [{"start": s + offs[r.start], "end": s + offs[r.end], "label": r.entity_type} for r in res]
-                pieces += [text[pos:s], json.dumps(self.engine.replace(value, res, self.ph), ensure_ascii=False)]
-                pos = e
-            out.append(("".join(pieces) + text[pos:], ents))
-        return out
+def text_plan(engine: "MaskingEngine", text: str, label: str | None = None, h: bytes | None = None) -> tuple:
+    """What S2 finds in one text slot, kept in the engine's cache under the text's keyed hash: `("text", found)` for
+    plain text (`label`: what its JSON key announces), or `("json", literals)` for JSON, whose string values are
+    analysed one by one and whose integers may be identifiers: `(start, end, number_label, found)` each.
+    `found` holds `(label, start, end, score)` tuples: offsets and labels, no text. A third element says whether
+    anything was found at all."""
+    def plan():
+        if _json_container(text) is None:
+            found = _frozen(_key_result(engine, text, label, engine.analyze(text)))
+            return ("text", found, bool(found))
+        min_digits, lits = getattr(engine.config, "min_id_digits", 7), []
+        for s, e, kind, k in _json_values(text):
+            if kind == "str":
+                unit = json.loads(text[s:e])
+                lits.append((s, e, None, _frozen(_key_result(engine, unit, _key_label(k), engine.analyze(unit)))))
+            elif (num := number_label(text[s:e], k, min_digits)) is not None:
+                lits.append((s, e, num, ()))
+        return ("json", tuple(lits), any(num or found for _, _, num, found in lits))
+    return engine.cached(("p", h or engine.text_key(text), label), plan)
+
+def _number_text(engine, text: str, plan: tuple, placeholders: Placeholders) -> None:
+    "Give the values of one planned text their placeholders, in reading order (first pass)."
+    kind, body, busy = plan
+    if not busy: return
+    if kind == "text": return engine.number(text, _thawed(body), placeholders)
+    for s, e, num, found in body:
+        if num is not None: placeholders(num, text[s:e])
+        elif found: engine.number(json.loads(text[s:e]), _thawed(found), placeholders)
+
+def _untouched(text: str, kind: str, placeholders: Placeholders, min_len: int = 4) -> bool:
+    "No value of the conversation can be in `text` (in JSON without escapes, a decoded value is a piece of the text)."
+    return (kind == "text" or "\\" not in text) and not any(len(v) >= min_len and v in text for v in placeholders.values)
+
+def _mask_text(engine, text: str, plan: tuple, placeholders: Placeholders) -> tuple[str, list[dict]]:
+    """One planned text masked (second pass): the conversation's known values added, placeholders in; JSON stays
+    valid JSON with its formatting, and entity offsets point into the raw text, escapes included."""
+    kind, body, busy = plan
+    if not busy and _untouched(text, kind, placeholders): return text, []
+    if kind == "text":
+        res = propagate(text, _thawed(body), placeholders)
+        return engine.replace(text, res, placeholders), [_entity(r) for r in res]
+    pieces, ents, pos = [], [], 0
+    for s, e, num, found in body:
+        if num is not None:
+            ents.append({"start": s, "end": e, "label": num})
+            pieces += [text[pos:s], json.dumps(placeholders(num, text[s:e]))]; pos = e; continue
+        value = json.loads(text[s:e])
+        res = propagate(value, _thawed(found), placeholders)
+        if not res: continue
+        offs = _raw_offsets(text[s:e])
+        ents += [{"start": s + offs[r.start], "end": s + offs[r.end], "label": r.entity_type} for r in res]
+        pieces += [text[pos:s], json.dumps(engine.replace(value, res, placeholders), ensure_ascii=False)]; pos = e
+    return "".join(pieces) + text[pos:], ents
 
 # %% ../nbs/11_clean.ipynb #7bd910f4
 _PSEUDONYM_RX = re.compile(r"[a-z]-[0-9a-f]{20}")
@@ -1585,11 +1708,23 @@ def json_depth(obj) -> int:
             stack += [(v, d + 1) for v in (o.values() if isinstance(o, dict) else o)]
     return depth
 
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+def _text_depth(text: str, max_depth: int) -> int:
+    "The nesting depth of valid JSON `text`, exact when it is over `max_depth` (brackets outside strings; no walk)."
+    if text.count("[") + text.count("{") <= max_depth: return 0
+    depth = top = 0
+    for c in _JSON_STRING.sub("", text):
+        if c in "[{": depth += 1; top = max(top, depth)
+        elif c in "]}": depth -= 1
+    return top
+
 def loads_checked(text: str, max_depth: int = 64, what: str = "JSON"):
     "`json.loads` that answers too deep a nesting with a `ValueError` naming `what`, never a `RecursionError`."
     try: obj = json.loads(text)
     except RecursionError: raise ValueError(f"{what}: nesting too deep to parse") from None
-    if json_depth(obj) > max_depth: raise ValueError(f"{what}: nesting depth {json_depth(obj)} > max_depth={max_depth}")
+    if _text_depth(text, max_depth) > max_depth:
+        raise ValueError(f"{what}: nesting depth {json_depth(obj)} > max_depth={max_depth}")
     return obj
 
 # %% ../nbs/11_clean.ipynb #7d96f64c
@@ -1651,51 +1786,68 @@ def _set(obj, where: tuple, value):
     for k in where[:-1]: obj = obj[k]
     obj[where[-1]] = value
 
-
-def _mask_slots(
-    engine: "MaskingEngine", root, slots: list, placeholders: Placeholders, prefix: tuple = ()
-) -> list[dict]:
-    "Mask `slots` of `root` in place (texts in one analyzer pass); entities with their dotted `field`."
-    field_ = lambda where: ".".join(map(str, (*prefix, *where)))
-    texts = [(w, v, k) for w, kind, v, k in slots if kind == "text"]
-    masked = _Masker(engine, placeholders).texts([v for _, v, _ in texts], [k for _, _, k in texts]) if texts else []
-    entities = []
-    for (where, _, _), (new, ents) in zip(texts, masked):
-        _set(root, where, new); entities += [{"field": field_(where), **e} for e in ents]
-    min_digits = getattr(engine.config, "min_id_digits", 7)
+def number_slots(engine: "MaskingEngine", slots: list, placeholders: Placeholders) -> list:
+    """First pass over one call's `slots` (see `message_slots`): every value found gets its placeholder, in reading
+    order. A text this conversation has numbered before costs a lookup. Returns each text slot's cache key (for
+    `replace_slots`)."""
+    min_digits, keys = getattr(engine.config, "min_id_digits", 7), []
     for where, kind, value, key in slots:
+        if kind == "text":
+            label = _key_label(key)
+            done = (engine.text_key(value), label)
+            keys.append(done)
+            if done in placeholders.numbered: continue
+            _number_text(engine, value, text_plan(engine, value, label, done[0]), placeholders)
+            placeholders.numbered.add(done)
+        elif kind == "name": placeholders("PERSON", value)
+        elif kind == "num" and (label := number_label(str(value), key, min_digits)) is not None:
+            placeholders(label, str(value))
+    return keys
+
+def replace_slots(engine: "MaskingEngine", root, slots: list, placeholders: Placeholders, prefix: tuple = (),
+                  keys: list | None = None) -> list[dict]:
+    """Second pass: mask `slots` of `root` in place with the conversation's placeholders; the entities with their
+    dotted `field`. A text this conversation has masked before (with the same known values) costs a lookup."""
+    field_ = lambda where: ".".join(map(str, (*prefix, *where)))
+    min_digits, entities, keys = getattr(engine.config, "min_id_digits", 7), [], iter(keys or ())
+    for where, kind, value, key in slots:
+        if kind == "text":
+            label = _key_label(key)
+            done = next(keys, None) or (engine.text_key(value), label)
+            hit = placeholders.masked.get(done)
+            if hit is None:
+                hit = _mask_text(engine, value, text_plan(engine, value, label, done[0]), placeholders)
+                placeholders.masked[done] = hit
+            _set(root, where, hit[0]); entities += [{"field": field_(where), **e} for e in hit[1]]
+            continue
         label = "PERSON" if kind == "name" else number_label(str(value), key, min_digits) if kind == "num" else None
         if label is None: continue
         _set(root, where, placeholders(label, str(value)))
         entities.append({"field": field_(where), "start": 0, "end": len(str(value)), "label": label})
     return entities
 
+def _mask_slots(engine: "MaskingEngine", root, slots: list, placeholders: Placeholders, prefix: tuple = ()) -> list[dict]:
+    "Both passes over one call: `slots` of `root` masked in place; the entities with their dotted `field`."
+    keys = number_slots(engine, slots, placeholders)
+    return replace_slots(engine, root, slots, placeholders, prefix, keys)
 
 def mask_messages(engine: "MaskingEngine", messages: list[dict], placeholders: Placeholders, prefix: str = "messages",
                   known_tools: set | None = None) -> tuple[list[dict], list[dict]]:
     "Masked copies of chat `messages` (every field S2 does not know is masked) and entities with their `field`."
-    import copy
-    messages = copy.deepcopy(messages)
+    messages = json.loads(json.dumps(messages))            # a copy (messages are JSON)
     names = set(known_tools or ()) | tool_names((), messages)
     slots = [s for i, m in enumerate(messages) for s in message_slots(m, names, (i,))]
     return messages, _mask_slots(engine, messages, slots, placeholders, tuple(prefix.split(".")) if prefix else ())
 
 def scan_developer(engine: "MaskingEngine", obj, field_: str) -> list[dict]:
     "Entities found in text the agent's developers wrote (tool definitions, response formats): reported, not masked."
-    cache = engine.__dict__.setdefault("_developer_scans", {})   # the same definitions come with every call: scan once
-    key = (field_, json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str))
-    if key in cache: return [dict(f) for f in cache[key]]
-    if len(cache) > 10_000: cache.clear()
-    slots = []
-    _collect(obj, (), None, slots)
-    texts = [(w, v) for w, kind, v, _ in slots if kind == "text"]
-    found = engine.analyze_many([v for _, v in texts]) if texts else []
-    cache[key] = [
-        {"field": ".".join(map(str, (field_, *w))), "label": r.entity_type}
-        for (w, _), res in zip(texts, found)
-        for r in res
-    ]
-    return [dict(f) for f in cache[key]]
+    def scan():   # the same definitions come with every call: scanned once a run
+        slots = []
+        _collect(obj, (), None, slots)
+        return tuple((".".join(map(str, (field_, *w))), r.entity_type)
+                     for w, kind, v, _ in slots if kind == "text" for r in engine.analyze(v))
+    key = engine.text_key(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str))
+    return [{"field": f, "label": label} for f, label in engine.cached(("d", field_, key), scan)]
 
 # %% ../nbs/11_clean.ipynb #9fe2e978
 _RECORD_KEEP = {"id", "timestamp", "agent", "model", "latency_ms", "served_by", "cluster", "fallback_reason", "entities"}
@@ -1706,12 +1858,11 @@ _REQUEST_KEEP = {"model", "temperature", "top_p", "n", "stream", "stop", "max_to
 _DEVELOPER = {"tools", "functions", "response_format"}      # written by the agent's developers: kept, scanned, reported
 _RESPONSE_KEEP = {"id", "object", "created", "model", "system_fingerprint", "service_tier", "usage"}
 
-def mask_record(engine: "MaskingEngine", record: dict, placeholders: Placeholders, findings: list | None = None) -> tuple[dict, list[dict]]:
-    """Masked copy of a call record and its entities (fields as in the gold file). User and session ids get S1's
-    pseudonyms; messages, metadata and every field S2 does not know are masked; tool definitions are scanned into `findings`."""
-    import copy
+def record_slots(engine: "MaskingEngine", record: dict, findings: list | None = None) -> tuple[dict, list]:
+    """A copy of a call record with user and session ids pseudonymised (S1's pseudonyms) and logprobs dropped, and the
+    slots to mask in it: messages, metadata and every field S2 does not know. Tool definitions go to `findings`."""
     if not isinstance(record, dict): raise ValueError("record is not a JSON object")
-    record, slots, ps = copy.deepcopy(record), [], engine.pseudonyms
+    record, slots, ps = json.loads(json.dumps(record)), [], engine.pseudonyms
     findings = findings if findings is not None else []
     names = tool_names((record.get("request") or {}).get("tools") if isinstance(record.get("request"), dict) else None)
     names |= tool_names(record.get("tools") if isinstance(record.get("tools"), list) else None)
@@ -1740,7 +1891,50 @@ def mask_record(engine: "MaskingEngine", record: dict, placeholders: Placeholder
                         elif ck in ("message", "delta") and isinstance(cv, dict): slots += message_slots(cv, names, (k, rk, ci, ck))
                         else: _collect(cv, (k, rk, ci, ck), ck, slots)
         else: _collect(v, (k,), k, slots)
+    return record, slots
+
+def mask_record(engine: "MaskingEngine", record: dict, placeholders: Placeholders, findings: list | None = None) -> tuple[dict, list[dict]]:
+    """Masked copy of one call record and its entities (fields as in the gold file), with `placeholders` carried over
+    from the calls masked before it (`mask_records` masks whole conversations, whatever their order)."""
+    record, slots = record_slots(engine, record, findings)
     return record, _mask_slots(engine, record, slots, placeholders)
+
+def conversation_order(conversation: str | None, timestamp, call_id, row: int) -> tuple:
+    """The order in which a conversation's calls number their values: by time, then call id (then row, for records
+    with neither), so that the placeholders do not depend on the order in which the calls come."""
+    return (conversation or "", timestamp is not None, timestamp if timestamp is not None else 0, str(call_id or ""), row)
+
+def mask_records(engine: "MaskingEngine", records: list, keys: list | None = None, progress: bool = False) -> list:
+    """Masked copies of call `records` with their entities and tool-definition findings, `(record, entities, findings)`
+    each, or the exception that record raised. The records of one conversation (`keys`; default: `session_id`, else
+    `conversation_id`, else the record alone) share placeholders: every value is found and numbered first (calls in
+    `conversation_order`), then replaced, so a value is the same placeholder, and is masked, in all of them."""
+    keys = keys or [r.get("session_id") or r.get("conversation_id") or f"\x00{i}" if isinstance(r, dict) else f"\x00{i}"
+                    for i, r in enumerate(records)]
+    field_of = lambda i, k: records[i].get(k) if isinstance(records[i], dict) else None
+    stamp = lambda i: None if field_of(i, "timestamp") is None else str(field_of(i, "timestamp"))
+    order = sorted(range(len(records)), key=lambda i: conversation_order(str(keys[i]), stamp(i), field_of(i, "id"), i))
+    out, planned = [None] * len(records), {}
+    for i in order:
+        try: findings = []; out[i] = (*record_slots(engine, records[i], findings), findings)
+        except (ValueError, TypeError, AttributeError, UnicodeError, RecursionError) as e: out[i] = e
+    bar = progress_bar(total=len(records), desc="masking", disable=not progress)
+    for key, rows in itertools.groupby(order, key=lambda i: str(keys[i])):
+        rows = list(rows)
+        bar.update(len(rows))
+        rows = [i for i in rows if not isinstance(out[i], Exception)]
+        ph = Placeholders()
+        slot_keys = {}
+        for i in rows:
+            try: slot_keys[i] = number_slots(engine, out[i][1], ph)
+            except (ValueError, TypeError, AttributeError, UnicodeError, RecursionError) as e: out[i] = e
+        for i in rows:
+            if isinstance(out[i], Exception): continue
+            record, slots, findings = out[i]
+            try: out[i] = (record, replace_slots(engine, record, slots, ph, (), slot_keys[i]), findings)
+            except (ValueError, TypeError, AttributeError, UnicodeError, RecursionError) as e: out[i] = e
+    bar.close()
+    return out
 
 # %% ../nbs/11_clean.ipynb #23830910
 def mask_request(engine: "MaskingEngine", request: dict) -> tuple[dict, dict[str, str]]:
@@ -1835,7 +2029,7 @@ def presidio_pattern_only_results(text: str) -> list[dict]:
     "Entities the baseline finds in `text`."
     return [_entity(r) for r in presidio_pattern_only().analyze(text, language="en")]
 
-# %% ../nbs/11_clean.ipynb #7f646fe5
+# %% ../nbs/11_clean.ipynb #8f0b98cb
 def _check_text(obj, where: str = "") -> None:
     "Raise ValueError on text that cannot be written as UTF-8 (lone surrogates)."
     stack = [obj]
@@ -1845,11 +2039,56 @@ def _check_text(obj, where: str = "") -> None:
         elif isinstance(o, dict): stack += [*o.keys(), *o.values()]
         elif isinstance(o, list): stack += o
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+def _loads_text(text: str, max_depth: int, what: str):
+    "`loads_checked`, then `_check_text` when an escape could have made a lone surrogate (only `\\udXXX` can)."
+    obj = loads_checked(text, max_depth, what)
+    if _SURROGATE_ESCAPE.search(text): _check_text(obj)
+    return obj
+
 def _reason(e: Exception) -> str:
     return (
         f"bad JSON: {e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else f"{type(e).__name__}: {e}"
     )
 
+def _tools_info(engine: "MaskingEngine", tools: str | None, config: CleanConfig) -> tuple[frozenset, tuple]:
+    "The tool names a call's `tools` column declares and what `scan_developer` finds in it; once a run per distinct text."
+    if not tools: return frozenset(), ()
+    def read():
+        defs = _loads_text(tools, config.max_depth, "tools")
+        return frozenset(tool_names(defs if isinstance(defs, list) else None)), tuple(scan_developer(engine, defs, "tools"))
+    return engine.cached(("t", engine.text_key(tools)), read)
+
+def _read_call(engine, config: CleanConfig, messages, response, tools) -> tuple:
+    "One row of the capture export parsed and checked: `(messages, response, tool names, findings)`; ValueError if bad."
+    size = len(messages or "") + len(response or "") + len(tools or "")
+    if size > config.max_chars: raise ValueError(f"oversize: {size} characters > max_chars={config.max_chars}")
+    msgs = _loads_text(messages, config.max_depth, "messages")
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+        raise ValueError("messages is not a list of objects")
+    resp = _loads_text(response, config.max_depth, "response") if response is not None else None
+    if resp is not None and not isinstance(resp, dict): raise ValueError("response is not an object")
+    known, found = _tools_info(engine, tools, config)
+    return msgs, resp, known, found
+
+def _call_slots(msgs: list, resp, known: frozenset, skip: int = 0) -> list[tuple]:
+    """A parsed call's `(root, slots, field prefix)`: its messages from the `skip`-th on, then its response (tool names
+    as `mask_messages` sees them)."""
+    parts = []
+    for root, prefix, start in ((msgs, "messages", skip), ([resp] if resp is not None else None, "response", 0)):
+        if root is None: continue
+        names = set(known) | tool_names((), root)
+        parts.append((root, [s for i in range(start, len(root)) for s in message_slots(root[i], names, (i,))], (prefix,)))
+    return parts
+
+def _shared_prefix(msgs: list, known: frozenset, before: tuple | None) -> int:
+    """How many first messages of a call are those of the conversation's call `before` (`(messages, known)`): a log
+    repeats the conversation so far in every call, and each repeated message is masked once."""
+    if before is None or before[1] != known: return 0
+    k, prev = 0, before[0]
+    while k < len(msgs) and k < len(prev) and msgs[k] == prev[k]: k += 1
+    return k
 
 def clean(
     frame: "pl.DataFrame",
@@ -1861,7 +2100,9 @@ def clean(
 ) -> "pl.DataFrame":
     """S2: mask the calls of `frame` (the capture export: `CLEAN_SCHEMA`'s columns with raw text) into `CLEAN_SCHEMA`.
     `user` and `session` get S1's pseudonyms; every message field but roles, ids and tool names is masked; tool definitions
-    are kept and scanned (findings, never values, in `report`). Malformed calls go to `quarantine` (raise without one).
+    are kept and scanned (findings, never values, in `report`). The calls of a session share placeholders: each of its
+    values is found and numbered first (calls in `conversation_order`), then replaced, so the output does not depend on
+    the order of the rows. Malformed calls go to `quarantine`, in row order (raise without one).
     """
     import polars as pl
     from slm_research.core import CLEAN_SCHEMA, check_schema
@@ -1872,38 +2113,47 @@ def clean(
         {"id": pl.String, "session": pl.String, "user": pl.String, "messages": pl.String, "response": pl.String},
         "clean (input)",
     )
-    tools_col = frame["tools"] if "tools" in frame.columns else pl.Series([None] * frame.height, dtype=pl.String)
-    conversations: dict[str, Placeholders] = {}
-    keep, masked_msgs, masked_resp, findings = [], [], [], []
-    rows = zip(frame["id"], frame["session"], frame["messages"], frame["response"], tools_col)
-    for i, (cid, session, messages, response, tools) in enumerate(
-        progress_bar(rows, total=frame.height, desc="S2 masking", disable=not progress)
-    ):
-        try:
-            size = len(messages or "") + len(response or "") + len(tools or "")
-            if size > config.max_chars: raise ValueError(f"oversize: {size} characters > max_chars={config.max_chars}")
-            msgs = loads_checked(messages, config.max_depth, "messages")
-            if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
-                raise ValueError("messages is not a list of objects")
-            resp = loads_checked(response, config.max_depth, "response") if response is not None else None
-            if resp is not None and not isinstance(resp, dict): raise ValueError("response is not an object")
-            defs = loads_checked(tools, config.max_depth, "tools") if tools else []
-            _check_text(msgs); _check_text(resp); _check_text(defs)
-            ph = conversations.setdefault(session or cid, Placeholders())
-            known = tool_names(defs if isinstance(defs, list) else None)
-            new_msgs, _ = mask_messages(engine, msgs, ph, known_tools=known)
-            new_resp = mask_messages(engine, [resp], ph, "response", known)[0][0] if resp is not None else None
-            found = [{"id": cid, **f} for f in scan_developer(engine, defs, "tools")]
-        except (ValueError, TypeError, UnicodeError, RecursionError) as e:
-            if quarantine is None: raise ValueError(f"record {cid}: {_reason(e)}") from e
-            quarantine.add(cid or f"row {i}", _reason(e)); continue
-        keep.append(i); findings += found; masked_msgs.append(json.dumps(new_msgs, ensure_ascii=False))
-        masked_resp.append(json.dumps(new_resp, ensure_ascii=False) if new_resp is not None else None)
+    n = frame.height
+    tools_col = frame["tools"] if "tools" in frame.columns else pl.Series([None] * n, dtype=pl.String)
+    times = frame["timestamp"].dt.epoch("us").to_list() if "timestamp" in frame.columns else [None] * n
+    ids, sessions = frame["id"].to_list(), frame["session"].to_list()
+    rows = zip(ids, frame["messages"].to_list(), frame["response"].to_list(), tools_col.to_list())
+    conversation = lambda i: sessions[i] or ids[i] or ""
+    order = sorted(range(n), key=lambda i: conversation_order(conversation(i), times[i], ids[i], i))
+    masked_msgs, masked_resp, found, bad = [None] * n, [None] * n, [()] * n, {}
+    def fail(i, e):
+        if quarantine is None: raise ValueError(f"record {ids[i]}: {_reason(e)}") from e
+        bad[i] = e
+    bar = progress_bar(total=n, desc="S2 masking", disable=not progress)
+    rows = list(rows)
+    for _, group in itertools.groupby(order, key=conversation):
+        calls, ph, group, before = {}, Placeholders(), list(group), None
+        for i in group:    # first pass: every value of the conversation gets its placeholder
+            try:
+                msgs, resp, known, found[i] = _read_call(engine, config, *rows[i][1:])
+                k = _shared_prefix(msgs, known, before)   # messages of the call before: numbered already
+                parts = [(*part, number_slots(engine, part[1], ph)) for part in _call_slots(msgs, resp, known, k)]
+                calls[i], before = (msgs, resp, known, k, before and before[2], parts), (msgs, known, i)
+            except (ValueError, TypeError, UnicodeError, RecursionError) as e: fail(i, e); calls.pop(i, None)
+        texts = {}         # second pass: each message masked and written once, the repeated ones taken from before
+        for i, (msgs, resp, known, k, base, parts) in calls.items():
+            try:
+                if k and base not in texts: k, parts = 0, [(*p, None) for p in _call_slots(msgs, resp, known)]
+                for root, slots, prefix, keys in parts: replace_slots(engine, root, slots, ph, prefix, keys)
+                texts[i] = (texts[base][:k] if k else []) + [json.dumps(m, ensure_ascii=False) for m in msgs[k:]]
+                masked_msgs[i] = "[" + ", ".join(texts[i]) + "]"
+                masked_resp[i] = json.dumps(resp, ensure_ascii=False) if resp is not None else None
+            except (ValueError, TypeError, UnicodeError, RecursionError) as e: fail(i, e)
+        bar.update(len(group))
+    bar.close()
+    for i in sorted(bad): quarantine.add(ids[i] or f"row {i}", _reason(bad[i]))
+    keep = [i for i in range(n) if i not in bad]
+    findings = [{"id": ids[i], **f} for i in keep for f in found[i]]
     ps = engine.pseudonyms
     kept = frame[keep]
     out = kept.with_columns(
-        pl.Series("messages", masked_msgs, pl.String),
-        pl.Series("response", masked_resp, pl.String),
+        pl.Series("messages", [masked_msgs[i] for i in keep], pl.String),
+        pl.Series("response", [masked_resp[i] for i in keep], pl.String),
         pl.Series("user", [ps(u, "user") for u in kept["user"]], pl.String),
         pl.Series("session", [ps(s, "session") for s in kept["session"]], pl.String),
     )
@@ -2026,39 +2276,36 @@ def read_lines(path, config: CleanConfig | None = None):
 def clean_jsonl(in_path, out_path, config: CleanConfig | None = None, progress: bool = True,
                 engine: "MaskingEngine | None" = None) -> dict:
     """Mask a JSONL file: `{"text": ...}` lines, chat records (`messages`) or raw calls (`request`). Each output line keeps
-    the input's fields masked (user and session ids pseudonymised) and adds `entities`. Bad lines go to
-    `OUT.quarantine.jsonl` with `file:line` and the reason; both files are written to temporary files and renamed at the
-    end. Refuses an `out_path` that would overwrite `in_path`. Returns the counts and the tool-definition findings."""
+    the input's fields masked (user and session ids pseudonymised) and adds `entities`; the lines of one conversation
+    share placeholders (`mask_records`). Bad lines go to `OUT.quarantine.jsonl` with `file:line` and the reason; both
+    files are written to temporary files and renamed at the end. Refuses an `out_path` that would overwrite `in_path`.
+    Returns the counts and the tool-definition findings."""
     from slm_research.core import Quarantine, check_counts
     config = config or CleanConfig()
     in_path, out_path = Path(in_path), check_output(in_path, out_path)
     engine = engine or MaskingEngine(config)
     q = Quarantine(quarantine_path(out_path))
-    conversations, findings, n_in, n_out = {}, [], 0, 0
+    wheres, records, reasons = [], [], {}   # every non-blank line; why a line goes to quarantine, by line
+    for where, rec, reason in read_lines(in_path, config):
+        if reason is None and not (isinstance(rec.get("text"), str) or isinstance(rec.get("messages"), list)
+                                   or isinstance(rec.get("request"), dict)):
+            reason = _reason(ValueError('no "text", "messages" or "request" to mask'))
+        if reason: reasons[len(wheres)] = reason
+        wheres.append(where); records.append(None if reason else rec)
+    good = [i for i in range(len(records)) if i not in reasons]
+    keys = [str(records[i].get("session_id") or records[i].get("conversation_id") or wheres[i]) for i in good]
+    masked = mask_records(engine, [records[i] for i in good], keys, progress=progress)
+    findings, n_out = [], 0
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as dst:
-            for where, rec, reason in progress_bar(read_lines(in_path, config), desc="masking", disable=not progress):
-                n_in += 1
-                if reason: q.add(where, reason); continue
-                try:
-                    if not (
-                        isinstance(rec.get("text"), str)
-                        or isinstance(rec.get("messages"), list)
-                        or isinstance(rec.get("request"), dict)
-                    ):
-                        raise ValueError('no "text", "messages" or "request" to mask')
-                    ph = conversations.setdefault(
-                        str(rec.get("session_id") or rec.get("conversation_id") or where), Placeholders()
-                    )
-                    found = []
-                    masked, ents = mask_record(engine, rec, ph, found)
-                    line = json.dumps({**masked, "entities": ents}, ensure_ascii=False)
-                except (ValueError, TypeError, AttributeError, UnicodeError, RecursionError) as e:
-                    q.add(where, _reason(e)); continue
-                dst.write(line + "\n"); n_out += 1
-                findings += [{"where": where, **f} for f in found]
-        counts = check_counts(n_in, n_out, len(q), "clean")
+            for i, result in zip(good, masked):
+                if isinstance(result, Exception): reasons[i] = _reason(result); continue
+                rec, ents, found = result
+                dst.write(json.dumps({**rec, "entities": ents}, ensure_ascii=False) + "\n"); n_out += 1
+                findings += [{"where": wheres[i], **f} for f in found]
+        for i in sorted(reasons): q.add(wheres[i], reasons[i])
+        counts = check_counts(len(wheres), n_out, len(q), "clean")
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)

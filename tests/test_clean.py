@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from slm_research.clean import (CleanConfig, MaskingEngine, Placeholders, clean, clean_cmd, clean_jsonl, clean_to_files,
+from slm_research.clean import (CleanConfig, MaskingEngine, Placeholders, clean, clean_cmd, clean_jsonl, clean_to_files, mask_records,
                                 mask_messages, presidio_pattern_only_results, score_spans)
 from slm_research.core import CLEAN_SCHEMA, Quarantine
 from slm_research.workspace import Workspace
@@ -181,11 +181,18 @@ def test_external_gold_beats_presidio_pattern_only(engine, shared_external):
         assert o[label]["recall"] >= b[label]["recall"] - 0.05, label
 
 
-def test_synth_v2_meets_issue_11_recall_goal(engine, shared_external):
-    "Issue 11's goal on synth v2: overall recall >= 0.80, PERSON >= 0.85 (0.746 / 0.883 before the address grammar)."
-    o = _ours(engine, _synth_v2(shared_external))
+def test_synth_v2_recall_goals(engine, shared_external):
+    """Recall on synth v2: overall >= 0.80, PERSON >= 0.85, PHONE_NUMBER >= 0.95, ORGANIZATION >= 0.80 (measured 0.896,
+    0.883, 1.000, 0.900; 0.883 / 0.946 / 0.788 before phones by shape and the organisation cues), with no span at all
+    on the 113 rows that hold no PII."""
+    rows = _synth_v2(shared_external)
+    o = _ours(engine, rows)
     assert o["PERSON"]["recall"] >= 0.85, o["PERSON"]
-    assert _overall(o) >= 0.80, {k: round(v["recall"] or 0, 3) for k, v in o.items()}   # measured 0.883
+    assert o["PHONE_NUMBER"]["recall"] >= 0.95 and o["ORGANIZATION"]["recall"] >= 0.80, (o["PHONE_NUMBER"], o["ORGANIZATION"])
+    assert o["ORGANIZATION"]["precision"] >= 0.95 and o["US_DRIVER_LICENSE"]["recall"] >= 0.8
+    assert _overall(o) >= 0.80, {k: round(v["recall"] or 0, 3) for k, v in o.items()}
+    empty = [x["text"] for x in rows if not x["spans"]]
+    assert len(empty) == 113 and [t for t in empty if engine.analyze(t)] == []
 
 
 def _found(engine, text) -> set:
@@ -253,7 +260,7 @@ def test_canary_audit_capture_and_cleaning(workspace, tmp_path, monkeypatch):
         assert not leaked, f"{p.name} holds canaries {leaked}"
 
 
-# --- issue 11: every field, never losing input ---------------------------------------------------------------
+# --- every field, never losing input ---------------------------------------------------------------------------
 
 REPRO = {"id": "c1", "user_id": "jane.doe@example.com",
          "request": {"user": "jane.doe@example.com", "metadata": {"phone": "+1 415-555-0132"},
@@ -264,8 +271,8 @@ REPRO_PII = ["jane.doe@example.com", "415-555-0132", "Jane_Doe", "Jane Doe", "12
 KEY = "ab" * 32
 
 
-def test_issue_reproduction_every_field_is_masked(tmp_path, workspace):
-    "Issue 11 item 1: user, request.user, metadata, message name and numeric tool arguments came out verbatim."
+def test_every_field_is_masked(tmp_path, workspace):
+    "User, request.user, metadata, message name and numeric tool arguments once came out verbatim."
     from slm_research.capture import Pseudonymizer
     src, out = tmp_path/"in.jsonl", tmp_path/"out.jsonl"
     src.write_text(json.dumps(REPRO) + "\n")
@@ -322,7 +329,7 @@ def test_tool_definitions_are_kept_but_scanned_and_reported(engine, workspace):
 
 @pytest.mark.parametrize("same", ["out", "quarantine"])
 def test_clean_refuses_to_overwrite_its_input(tmp_path, workspace, same):
-    "Issue 11 item 2: --out equal to --in (or --in equal to OUT.quarantine.jsonl) left the input at 0 bytes."
+    "--out equal to --in (or --in equal to OUT.quarantine.jsonl) once left the input at 0 bytes."
     out = tmp_path/"x.jsonl"
     src = out if same == "out" else tmp_path/"x.quarantine.jsonl"
     data = (json.dumps({"text": "mail a@b.org"}) + "\n") * 3
@@ -334,7 +341,7 @@ def test_clean_refuses_to_overwrite_its_input(tmp_path, workspace, same):
 
 
 def test_bad_bytes_deep_nesting_and_stray_cr_are_quarantined_and_the_rest_processed(tmp_path, workspace):
-    "Issue 11 item 3: one invalid UTF-8 byte aborted clean (505 of 2,000 lines lost); 50,000 nested [ gave a RecursionError."
+    "One invalid UTF-8 byte once aborted clean (505 of 2,000 lines lost); 50,000 nested [ gave a RecursionError."
     lines = [json.dumps({"text": f"note {i} from n{i}@example.org"}).encode() for i in range(2000)]
     lines[1499] = b'{"text": "bad \xff byte"}'
     lines[1600] = b"[" * 50_000
@@ -376,8 +383,8 @@ def test_a_crash_leaves_the_previous_output_intact(tmp_path, monkeypatch):
         calls.append(1)
         if len(calls) == 3: raise KeyboardInterrupt("crash")
         return real(*a, **k)
-    real = clean_mod.mask_record
-    monkeypatch.setattr(clean_mod, "mask_record", boom)
+    real = clean_mod.replace_slots                   # masks each record's slots: crash at the third record
+    monkeypatch.setattr(clean_mod, "replace_slots", boom)
     with pytest.raises(KeyboardInterrupt): clean_jsonl(src, out, progress=False)
     assert out.read_text() == "previous output\n" and not list(tmp_path.glob(".*.tmp"))
 
@@ -532,3 +539,104 @@ def test_unmask_restores_content_and_tool_call_arguments(engine):
         "name": "f", "arguments": json.dumps({"note": f"say {person}"})}}]}, {person: 'O"Brien \\ Ann'})
     assert json.loads(quoted["tool_calls"][0]["function"]["arguments"]) == {"note": 'say O"Brien \\ Ann'}   # escaped in JSON
     assert unmask({"role": "assistant", "content": "<PHONE_99> stays"}, mapping)["content"] == "<PHONE_99> stays"
+
+
+# --- each message on its own, each distinct text once, placeholders by conversation -------------------------------
+
+def test_a_cue_in_one_message_decides_nothing_in_another(engine):
+    "`ssn` right before nine digits makes them an SSN within a message; across a message boundary it does not."
+    one, _ = mask_messages(engine, [{"role": "user", "content": "my ssn 123456789"}], Placeholders())
+    assert one[0]["content"] == "my ssn <SSN_1>"
+    two, _ = mask_messages(engine, [{"role": "user", "content": "my ssn"},
+                                    {"role": "user", "content": "123456789 is the ticket"}], Placeholders())
+    assert two[1]["content"] == "<ID_1> is the ticket"
+
+
+def _conversation_calls():
+    "Two sessions; in s1 the user name is announced by a JSON key in the last call only, and mentioned in the first."
+    first = _call(1, "s1", "account qx_77_blorp is locked, mail ann@example.org")
+    first["timestamp"] = "2025-03-01T10:00:00Z"
+    second = _call(2, "s1", "still locked")
+    second["timestamp"] = "2025-03-01T10:05:00Z"
+    second["request"]["messages"].append({"role": "assistant", "content": None, "tool_calls": [{"id": "t", "type": "function",
+        "function": {"name": "unlock", "arguments": json.dumps({"username": "qx_77_blorp", "email": "bob@example.org"})}}]})
+    other = _call(3, "s2", "account qx_77_blorp, mail bob@example.org")
+    return [first, second, other]
+
+
+def test_placeholders_belong_to_the_conversation_not_to_the_order_of_calls(engine):
+    """A value found in any call of a session is masked in all of them with one placeholder, whatever the order of the
+    rows; another session neither learns it nor shares its numbering."""
+    frame = _frame(_conversation_calls())
+    out = clean(frame, engine=engine, progress=False)
+    msgs = {r["id"]: json.loads(r["messages"]) for r in out.iter_rows(named=True)}
+    assert msgs["call-1"][0]["content"] == "account <USER_1> is locked, mail <EMAIL_1>"
+    assert json.loads(msgs["call-2"][1]["tool_calls"][0]["function"]["arguments"]) == {"username": "<USER_1>", "email": "<EMAIL_2>"}
+    assert msgs["call-3"][0]["content"] == "account qx_77_blorp, mail <EMAIL_1>"       # s2 knows nothing of s1
+    for seed in range(3):
+        shuffled = clean(frame.sample(fraction=1.0, shuffle=True, seed=seed), engine=engine, progress=False)
+        assert shuffled.sort("id").equals(out.sort("id"))
+    records = _conversation_calls()                                                  # the JSONL path agrees
+    masked = mask_records(engine, records[::-1])[::-1]
+    assert masked[0][0]["request"]["messages"][0]["content"] == "account <USER_1> is locked, mail <EMAIL_1>"
+    assert masked[2][0]["request"]["messages"][0]["content"] == "account qx_77_blorp, mail <EMAIL_1>"
+
+
+def test_each_distinct_text_is_analysed_once_and_the_cache_holds_no_text():
+    "A message repeated in every call of a growing conversation is analysed once; the cache keeps keyed hashes and offsets."
+    from slm_research.clean import ModelNerRecognizer
+    seen = []
+    def predict(text):
+        seen.append(text)
+        return [(text.index("Zorblax"), text.index("Zorblax") + 7, "PER", 0.9)] if "Zorblax" in text else []
+    engine = MaskingEngine(extra_recognizers=[ModelNerRecognizer(predict)])
+    history, calls = [], []
+    for i in range(6):
+        history = history + [{"role": "user", "content": f"step {i}: ask Zorblax about order {i}"},
+                             {"role": "assistant", "content": f"done {i}"}]
+        r = _call(i, "s1", "x")
+        r["request"]["messages"] = history
+        calls.append(r)
+    out = clean(_frame(calls), engine=engine, progress=False)
+    assert sorted(seen) == sorted({m["content"] for m in history} | {"ok"})      # 13 distinct texts (responses "ok"), once each
+    assert json.loads(out["messages"][5])[0]["content"] == "step 0: ask <PERSON_1> about order 0"
+    cached = repr(engine._cache)
+    assert engine._cache and not any(w in cached for w in ("Zorblax", "step", "order", "done"))
+    assert all(sum(isinstance(x, bytes) and len(x) == 16 for x in k) == 1 for k in engine._cache)   # one keyed hash each
+    again = MaskingEngine(CleanConfig(cache_entries=0), extra_recognizers=[ModelNerRecognizer(predict)])
+    seen.clear()
+    clean(_frame(calls), engine=again, progress=False)                            # no cache: every copy analysed
+    assert len(seen) > 13 and not again._cache
+
+
+# --- phones by their shape, licences by their cue, organisations by what is said of them ---------------------------
+
+@pytest.mark.parametrize("phone", ["555.123.4567x123", "001-555-123-4567", "001-824-435-0496x303", "+1-555-123-4567 ext. 89",
+                                   "012 345 6789", "(12) 3456-7890", "12-34-56-78", "(099) 555-0100", "+44 20 7946 0958",
+                                   "07700 063 966"])
+def test_phone_numbers_by_shape_not_by_area_code(engine, phone):
+    "Extensions, international prefixes, unassigned area codes and other countries' groupings are phone numbers."
+    assert engine.mask(f"call {phone} today")[0] == "call <PHONE_1> today"
+    assert engine.mask(f"{phone}-Office")[0] == "<PHONE_1>-Office"            # a label after the number
+
+
+def test_licences_after_a_cue_and_what_stays(engine):
+    assert engine.mask("My driver's license number is U62928788557186")[0] == "My driver's license number is <LICENSE_1>"
+    assert engine.mask("DL# 2270-66-1551 expired")[0] == "DL# <LICENSE_1> expired"   # not a phone: the cue says licence
+    assert engine.mask("3660170548-Fax")[0] == "<PHONE_1>-Fax"
+    for plain in ["Apache License 2.0 applies", "zip 94107-1234 only", "version 2024-01-02", "see 12 items",
+                  "class User:\n    name: Optional[str] = None\n    admin: bool = False"]:
+        assert not [r for r in engine.analyze(plain) if r.entity_type in ("PHONE_NUMBER", "US_DRIVER_LICENSE", "PERSON")], plain
+
+
+def test_organisations_by_cue_list_possessive_and_legal_form(engine):
+    found = lambda t: {(t[r.start:r.end], r.entity_type) for r in engine.analyze(t)}
+    for text, org in [("Verdafero is the brainchild of our 3 founders.", "Verdafero"),
+                      ("She moved to Balefire Global, which later became Credit Karma in 1980.", "Credit Karma"),
+                      ("The version recorded for Capital Cube sold well.", "Capital Cube"),
+                      ("Nera Economic Consulting, Blackrock and Greatschools lead the market.", "Blackrock"),
+                      ("including Panjiva's Riku Andou and others", "Panjiva"),
+                      ("selma is from stillwater supercomputing inc.", "stillwater supercomputing inc.")]:
+        assert (org, "ORGANIZATION") in found(text), (text, found(text))
+    assert ("Riku Andou", "PERSON") in found("including Panjiva's Riku Andou and others")
+    assert not {v for v, l in found("Anna, Paris and Acme Inc. met in Rome.") if l == "ORGANIZATION"} - {"Acme Inc."}
