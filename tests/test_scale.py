@@ -16,8 +16,8 @@ from slm_research.cluster import ClusterConfig, fit_clusters
 from slm_research.core import CLEAN_SCHEMA, Quarantine
 from slm_research.corpus import generate_records
 from slm_research.finetune import FinetuneConfig, base_config, build_stand_in_base, split_rows, synthetic_workspace
-from slm_research.scale import (assign_frame, assign_ray, clean_local, clean_ray, cluster_ray, ray_init, read_shard,
-                                train_clusters_ray)
+from slm_research.scale import (ORDER, assign_frame, assign_ray, clean_local, clean_ray, cluster_ray, ray_init, read_shard,
+                                train_clusters_ray, write_in_order)
 
 ROOT = Path(__file__).resolve().parent.parent
 N_CALLS = 2000
@@ -25,13 +25,18 @@ N_CALLS = 2000
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    "A local Ray of 2 CPUs for this module, shut down at its end."
+    """A local Ray of 2 CPUs for this module, shut down at its end. One pseudonym key for every engine here (the
+    driver's and the workers', which inherit it): without one each engine draws its own and session ids differ."""
     import ray
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    before = os.environ.get("SLM_PSEUDONYM_KEY")
+    os.environ["SLM_PSEUDONYM_KEY"] = "5ca1e" * 8
     if ray.is_initialized(): ray.shutdown()
     ray_init(num_cpus=2)
     yield
     ray.shutdown()
+    if before is None: os.environ.pop("SLM_PSEUDONYM_KEY")
+    else: os.environ["SLM_PSEUDONYM_KEY"] = before
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +81,15 @@ def test_local_engine_is_clean_on_the_whole_log(log, local_out):
     assert pl.read_parquet(out/"calls_clean.parquet").equals(direct)
 
 
-def test_clean_ray_gives_the_local_bytes(log, local_out, tmp_path):
+def test_clean_ray_gives_the_local_bytes(log, local_out, tmp_path, capfd):
     out, local = local_out
     work = tmp_path/"work"; work.mkdir()
-    report = clean_ray(log, out_dir=tmp_path/"out", workers=2, batch_calls=300, work_dir=work)
+    report = clean_ray(log, out_dir=tmp_path/"out", workers=2, batch_calls=300, merge_calls=250, work_dir=work)
     assert (report["n_in"], report["n_out"], report["n_quarantined"]) == (local["n_in"], local["n_out"], 2)
     assert report["n_buckets"] >= 7   # the sessions were really spread over many batches
+    assert report["n_pieces"] == 9    # and the driver wrote the 2002 calls in pieces of 250
+    # Ray's core worker complains (on the driver's stderr) about actors whose constructor arguments are in the object store
+    assert "object store" not in capfd.readouterr().err
     assert report["workers"] == 2 and 0 < report["busy_s"] and report["per_worker_calls_per_s"] > 0
     got, want = pl.read_parquet(tmp_path/"out"/"calls_clean.parquet"), pl.read_parquet(out/"calls_clean.parquet")
     assert got.equals(want)   # every column; the masked texts are the same strings, byte for byte:
@@ -122,6 +130,20 @@ def test_bad_records_are_quarantined_not_fatal(tmp_path):
     want = clean(bad, quarantine=q, progress=False)
     assert pl.read_parquet(tmp_path/"calls_clean.parquet").equals(want)
     assert [json.loads(l)["where"] for l in (tmp_path/"clean_quarantine.jsonl").read_text().splitlines()] == [r.where for r in q.items]
+
+
+def test_the_merge_holds_one_group_and_refuses_groups_out_of_order(tmp_path):
+    a = pl.DataFrame({"id": ["a", "c"], "_shard": [0, 0], "_row": [0, 2]})
+    b = pl.DataFrame({"id": ["b", "d"], "_shard": [0, 1], "_row": [1, 0]})
+    a.write_parquet(tmp_path/"a.parquet"); b.write_parquet(tmp_path/"b.parquet")
+    out = tmp_path/"out.parquet"
+    assert write_in_order([[(tmp_path/"a.parquet", None), (tmp_path/"b.parquet", None)]], out, tmp_path/"a.parquet") == 4
+    assert pl.read_parquet(out)["id"].to_list() == ["a", "b", "c", "d"]
+    with pytest.raises(AssertionError, match="comes after"):
+        write_in_order([[(tmp_path/"b.parquet", None)], [(tmp_path/"a.parquet", None)]], tmp_path/"x.parquet", tmp_path/"a.parquet")
+    assert not (tmp_path/"x.parquet").exists() and not list(tmp_path.glob(".*tmp"))
+    assert write_in_order([], tmp_path/"empty.parquet", tmp_path/"a.parquet") == 0
+    assert pl.read_parquet(tmp_path/"empty.parquet").schema == a.drop(ORDER).schema
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,28 @@ def test_chapter_folds_exported_code(browser, site_url, chapter):
     assert problems == []
 
 
+@pytest.mark.parametrize("chapter", _chapters() or ["01_market"])
+def test_tables_show_no_shape_line_and_no_dtype_row(browser, site_url, chapter):
+    "polars' `shape: (n, m)` line and its row of column types under the header are hidden (the runner's TABLE_KERNEL_ENV)."
+    page, _ = _open(browser, f"{site_url}/notebooks/{chapter}.html")
+    tables = page.locator(".cell_output table")
+    # a polars dtype row is a second header row made of <td> cells ("i64", "str", ...)
+    dtype_rows = tables.evaluate_all("ts => ts.filter(t => t.querySelector('thead td')).length")
+    shapes = [o[:80] for o in page.locator(".cell_output").all_inner_texts() if re.search(r"^shape: \(\d", o, re.M)]
+    assert (dtype_rows, shapes) == (0, []), f"{chapter}: {dtype_rows} tables with a dtype row, shape lines {shapes}"
+
+
+@pytest.mark.parametrize("chapter", _chapters() or ["01_market"])
+def test_code_folds_do_not_stack(browser, site_url, chapter):
+    "Consecutive code cells share one fold: no fold is followed by another without an output or prose between them."
+    page, _ = _open(browser, f"{site_url}/notebooks/{chapter}.html")
+    stacked = page.evaluate("""() => [...document.querySelectorAll('article div.cell')].filter(c => {
+        const next = c.nextElementSibling;
+        return next && next.matches('div.cell') && !c.querySelector('.cell_output');
+    }).length""")
+    assert stacked == 0, f"{chapter}: {stacked} folds directly followed by another fold"
+
+
 def test_api_page_documents_functions_not_directive_text(browser, site_url):
     page, problems = _open(browser, f"{site_url}/api/market.html")
     assert page.locator("[id='slm_research.market.cagr']").count() == 1
