@@ -45,30 +45,41 @@ def shards_of(n: int, seed: int, per_shard: int) -> Path:
     return out
 
 
+def start_ray(workers: int) -> None:
+    "A local Ray; Ray gives its raylet 30 s to register, which a busy machine (and `nice`) can exceed: try again."
+    import ray
+    from slm_research.scale import ray_init
+    for attempt in range(5):
+        try: ray_init(num_cpus=max(2, workers)); return
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == 4: raise
+            ray.shutdown(); time.sleep(10)
+
+
 def run_one(args) -> dict:
     "One configuration in this process: returns its report with the driver's peak memory."
     out = Path(args.out)
     t0 = time.perf_counter()
     if args.step == "s2":
-        from slm_research.scale import clean_local, clean_ray, ray_init
+        from slm_research.scale import clean_local, clean_ray
         if args.engine == "local": rep = clean_local(args.source, out_dir=out)
         else:
-            ray_init(num_cpus=max(2, args.workers)); t0 = time.perf_counter()
+            start_ray(args.workers); t0 = time.perf_counter()
             rep = clean_ray(args.source, out_dir=out, workers=args.workers, batch_calls=args.batch_calls)
     else:
         import polars as pl
-        from slm_research.scale import assign_ray, ray_init
+        from slm_research.scale import assign_ray
         if args.engine == "local":
             from slm_research.cluster import load_clusterer
             frame = pl.read_parquet(args.source)
             load_clusterer(args.clusterer).assign(frame).select("id", "cluster", "cluster_label").write_parquet(out/"clusters.parquet")
             rep = {"n_in": frame.height, "n_out": frame.height}
         else:
-            ray_init(num_cpus=max(2, args.workers)); t0 = time.perf_counter()
+            start_ray(args.workers); t0 = time.perf_counter()
             rep = assign_ray(args.source, args.clusterer, out, workers=args.workers, batch_calls=args.batch_calls)
     seconds = time.perf_counter() - t0
     calls_per_s = round(rep["n_in"] / seconds, 1)
-    return {"n": rep["n_in"], "seconds": round(seconds, 2), "calls_per_s": calls_per_s,
+    return {"n": rep["n_in"], "seconds": round(seconds, 2), "calls_per_s": calls_per_s, "load_avg_1m": os.getloadavg()[0],
             # Ray: calls over the seconds workers spent inside batches (actor start-up excluded); local: calls/s
             "per_worker_calls_per_s": rep.get("per_worker_calls_per_s", calls_per_s),
             "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
@@ -101,14 +112,17 @@ def bench(n: int, seed: int, batch_calls: int, workers: list[int], s3: bool = Tr
     src = shards_of(n, seed, per_shard=max(500, min(50_000, n // 8)))
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-scale-n{n}-"))
     rows = []
-    base = spawn("s2", "local", 1, src, tmp/"s2-local", batch_calls)
-    rows.append({"step": "S2 mask", "engine": "local", "workers": 1, **base})
-    print(json.dumps(rows[-1]), flush=True)
+    # Ray first: the driver's peak memory is the figure that matters most, and a long run may be cut short
     for w in workers:
         r = spawn("s2", "ray", w, src, tmp/f"s2-ray{w}", batch_calls)
-        same = same_parquet(tmp/f"s2-ray{w}"/"calls_clean.parquet", tmp/"s2-local"/"calls_clean.parquet")
-        rows.append({"step": "S2 mask", "engine": "ray", "workers": w, **r, "same_output": same})
+        rows.append({"step": "S2 mask", "engine": "ray", "workers": w, **r})
         print(json.dumps(rows[-1]), flush=True)
+    base = spawn("s2", "local", 1, src, tmp/"s2-local", batch_calls)
+    rows.insert(0, {"step": "S2 mask", "engine": "local", "workers": 1, **base})
+    print(json.dumps(rows[0]), flush=True)
+    for r in rows[1:]:
+        r["same_output"] = same_parquet(tmp/f"s2-ray{r['workers']}"/"calls_clean.parquet", tmp/"s2-local"/"calls_clean.parquet")
+        print(json.dumps({"S2 ray workers": r["workers"], "same_output": r["same_output"]}), flush=True)
     if not s3: return _finish(rows, base, None, tmp)
     masked = tmp/"s2-local"/"calls_clean.parquet"
     import numpy as np
@@ -119,10 +133,12 @@ def bench(n: int, seed: int, batch_calls: int, workers: list[int], s3: bool = Tr
     (tmp/"s3-local").mkdir()
     base3 = spawn("s3", "local", 1, masked, tmp/"s3-local", batch_calls * 2, model)
     rows.append({"step": "S3 assign", "engine": "local", "workers": 1, **base3})
+    print(json.dumps(rows[-1]), flush=True)
     for w in workers:
         r = spawn("s3", "ray", w, masked, tmp/f"s3-ray{w}", batch_calls * 2, model)
         same = same_parquet(tmp/f"s3-ray{w}"/"clusters.parquet", tmp/"s3-local"/"clusters.parquet")
         rows.append({"step": "S3 assign", "engine": "ray", "workers": w, **r, "same_output": same})
+        print(json.dumps(rows[-1]), flush=True)
     return _finish(rows, base, base3, tmp)
 
 

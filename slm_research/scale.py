@@ -25,9 +25,9 @@ from .workspace import Workspace
 
 # %% auto #0
 __all__ = ['SHARD_SUFFIXES', 'ORDER', 'RETRY_ON', 'MAX_RETRIES', 'MERGE_CALLS', 'ray_init', 'shard_paths', 'read_shard',
-           'mask_batch', 'TransientBatchError', 'count_calls', 'bucketize', 'MaskBuckets', 'write_in_order',
-           'clean_ray', 'clean_local', 'assign_frame', 'AssignUnits', 'assign_ray', 'cluster_ray', 'fit_clusters_ray',
-           'train_clusters_ray', 'project_seconds']
+           'mask_batch', 'clean_local', 'TransientBatchError', 'count_calls', 'bucketize', 'MaskBuckets',
+           'write_in_order', 'clean_ray', 'assign_frame', 'AssignUnits', 'assign_ray', 'cluster_ray',
+           'fit_clusters_ray', 'train_clusters_ray', 'project_seconds']
 
 # %% ../nbs/17_scale.ipynb #e58083fe
 def ray_init(address: str | None = None, num_cpus: int | None = None) -> dict:
@@ -114,6 +114,38 @@ def mask_batch(frame: pl.DataFrame, config=None, engine=None) -> tuple[pl.DataFr
                           good.filter(pl.col("id").is_in(list(rejected_ids))).select("id", *ORDER, reason=why)])
     check_counts(frame.height, masked.height, rejected.height, "scale.mask_batch")
     return masked, rejected.sort(ORDER)
+
+# %% ../nbs/17_scale.ipynb #f276f0ca
+def _write_quarantine(rows: list[dict], path: Path) -> Quarantine:
+    q = Quarantine(path)
+    for r in sorted(rows, key=lambda r: (r["_shard"], r["_row"])): q.add(r["id"], r["reason"])
+    q.write()
+    return q
+
+def _report(step, n_in, n_out, q, t0, busy_s: float | None = None, **extra) -> dict:
+    "Counts (checked), wall seconds, calls/s, and with `busy_s` (seconds workers spent in batches) calls/s per worker."
+    seconds = time.perf_counter() - t0
+    per_worker = {} if busy_s is None else {"busy_s": round(busy_s, 2),
+                                             "per_worker_calls_per_s": round(n_in / max(busy_s, 1e-9), 1)}
+    return {**check_counts(n_in, n_out, len(q), step), "seconds": round(seconds, 2),
+            "calls_per_s": round(n_in / max(seconds, 1e-9), 1), **per_worker, **extra}
+
+# %% ../nbs/17_scale.ipynb #6cd85059
+def clean_local(source, config=None, out_dir=None) -> dict:
+    "S2 with the local engine over the shards of `source`, written as `clean_ray` writes them."
+    from slm_research.clean import CleanConfig, MaskingEngine
+    config, out_dir = config or CleanConfig(), Path(out_dir or paths().processed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    frame = source.with_columns(_shard=pl.lit(0, pl.Int64), _row=pl.int_range(pl.len(), dtype=pl.Int64),
+                                _reason=pl.lit(None, pl.String)) if isinstance(source, pl.DataFrame) \
+        else pl.concat([read_shard(p, i) for i, p in enumerate(shard_paths(source))], how="diagonal_relaxed")
+    masked, rejected = mask_batch(frame, config, MaskingEngine(config))
+    q = _write_quarantine(rejected.to_dicts(), Workspace(out_dir).path("clean_quarantine"))
+    report = _report("clean", frame.height, masked.height, q, t0, engine="local", workers=1)
+    masked.sort(ORDER).drop(ORDER).write_parquet(Workspace(out_dir).path("calls"))
+    Workspace(out_dir).path("clean_report").write_text(json.dumps(report, indent=1))
+    return report
 
 # %% ../nbs/17_scale.ipynb #3632b5b0
 class TransientBatchError(RuntimeError):
@@ -212,12 +244,6 @@ def _actor_map(items: list[dict], cls, workers: int, **ctor) -> list[dict]:
     return list(pool.map_unordered(lambda a, item: a.run.options(retry_exceptions=RETRY_ON).remote(item), items))
 
 # %% ../nbs/17_scale.ipynb #bf8f15de
-def _write_quarantine(rows: list[dict], path: Path) -> Quarantine:
-    q = Quarantine(path)
-    for r in sorted(rows, key=lambda r: (r["_shard"], r["_row"])): q.add(r["id"], r["reason"])
-    q.write()
-    return q
-
 def write_in_order(groups, out: Path, like: Path) -> int:
     """Write `out` one group at a time with a streaming Parquet writer: a group (a list of `(file, row group)`; `None`:
     the whole file) is read, sorted by `ORDER` and appended without `ORDER`, so only one group is ever in memory. The
@@ -243,14 +269,6 @@ def write_in_order(groups, out: Path, like: Path) -> int:
         if writer is not None: writer.close()
         tmp.unlink(missing_ok=True)
     return n
-
-def _report(step, n_in, n_out, q, t0, busy_s: float | None = None, **extra) -> dict:
-    "Counts (checked), wall seconds, calls/s, and with `busy_s` (seconds workers spent in batches) calls/s per worker."
-    seconds = time.perf_counter() - t0
-    per_worker = {} if busy_s is None else {"busy_s": round(busy_s, 2),
-                                             "per_worker_calls_per_s": round(n_in / max(busy_s, 1e-9), 1)}
-    return {**check_counts(n_in, n_out, len(q), step), "seconds": round(seconds, 2),
-            "calls_per_s": round(n_in / max(seconds, 1e-9), 1), **per_worker, **extra}
 
 # %% ../nbs/17_scale.ipynb #f0378cc1
 MERGE_CALLS = 20_000   # calls per piece of S2's final merge: what the driver holds at once
@@ -299,23 +317,6 @@ def clean_ray(source, config=None, out_dir=None, *, workers: int | None = None, 
                          workers=workers, n_buckets=n_buckets, n_pieces=len(pieces),
                          config={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()})
     finally: shutil.rmtree(work, ignore_errors=True)
-    Workspace(out_dir).path("clean_report").write_text(json.dumps(report, indent=1))
-    return report
-
-# %% ../nbs/17_scale.ipynb #6cd85059
-def clean_local(source, config=None, out_dir=None) -> dict:
-    "S2 with the local engine over the shards of `source`, written as `clean_ray` writes them."
-    from slm_research.clean import CleanConfig, MaskingEngine
-    config, out_dir = config or CleanConfig(), Path(out_dir or paths().processed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    frame = source.with_columns(_shard=pl.lit(0, pl.Int64), _row=pl.int_range(pl.len(), dtype=pl.Int64),
-                                _reason=pl.lit(None, pl.String)) if isinstance(source, pl.DataFrame) \
-        else pl.concat([read_shard(p, i) for i, p in enumerate(shard_paths(source))], how="diagonal_relaxed")
-    masked, rejected = mask_batch(frame, config, MaskingEngine(config))
-    q = _write_quarantine(rejected.to_dicts(), Workspace(out_dir).path("clean_quarantine"))
-    report = _report("clean", frame.height, masked.height, q, t0, engine="local", workers=1)
-    masked.sort(ORDER).drop(ORDER).write_parquet(Workspace(out_dir).path("calls"))
     Workspace(out_dir).path("clean_report").write_text(json.dumps(report, indent=1))
     return report
 
