@@ -72,6 +72,7 @@ def test_wrong_key_fails_naming_the_segment(tmp_path, keys, writer):
         list(read_segment(seg, forged))
 
 
+@pytest.mark.slow
 def test_every_single_flipped_byte_is_detected(tmp_path, keys, writer):
     fill(writer, [valid_raw(i) for i in range(3)])  # small records: every byte of the file is flipped in turn
     seg = list_segments(tmp_path/"store")[0]
@@ -489,6 +490,7 @@ def test_export_parquet_is_private_reimport_adds_no_duplicates_key_errors_are_on
 
 # ---- the real file, end to end through the command line (issue 10) ----------------------------------
 
+@pytest.mark.slow
 def test_cli_imports_and_exports_the_real_bfcl_logs(tmp_path, shared_external, monkeypatch, workspace):
     import subprocess
     import sys
@@ -545,6 +547,7 @@ def lingering_upstream_app():
     return app
 
 
+@pytest.mark.slow
 def test_kill_9_during_load_loses_only_calls_in_flight(tmp_path, keys):
     import signal
     import socket

@@ -86,6 +86,7 @@ def _kl_to(teacher, student, tok, frame, n=8):
     return total / n
 
 
+@pytest.mark.slow
 def test_full_finetuning_then_distillation_from_that_local_teacher(calls, base, tmp_path):
     frame = calls.filter(pl.col("task") == "extract")
     full = finetune(frame, FinetuneConfig(base=str(base), method="full", steps=30, lr=3e-3, batch_size=4, max_length=96,
