@@ -179,7 +179,11 @@ class Opened:
             deadline = time.time() + 30
             while self.path.stat().st_mtime_ns == mtime and time.time() < deadline: time.sleep(0.2)
             assert self.path.stat().st_mtime_ns != mtime, f"{self.name}: Lab did not write the notebook"
-            self.saved = json.loads(self.path.read_text())
+            while True:  # the server may still be writing the file it has just truncated
+                try: self.saved = json.loads(self.path.read_text()); break
+                except json.JSONDecodeError:
+                    if time.time() > deadline + 30: raise
+                    time.sleep(0.2)
         return self.saved
 
     def cell_with(self, selector: str):
