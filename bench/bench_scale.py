@@ -26,21 +26,32 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT/"bench"/"results"
 
 
+TILE = 200_000   # above this many calls the log is the 200k corpus repeated, with its call and session ids renamed
+
+
 def shards_of(n: int, seed: int, per_shard: int) -> Path:
-    "The generated corpus of `n` calls split into JSONL shards of `per_shard` lines (made once, reused)."
+    """The generated corpus of `n` calls split into JSONL shards of `per_shard` lines (made once, reused). Above `TILE`
+    calls, the `TILE`-call corpus is repeated with call, session and user ids suffixed by the copy's number: the same
+    calls to mask, distinct ids (generating 1M calls one by one takes hours on a shared 2-core machine)."""
     from slm_research.corpus import generate_corpus
     out = RESULTS/f"scale-shards-n{n}-s{seed}-p{per_shard}"
     if (out/"done").exists(): return out
-    corpus = generate_corpus(n, seed)
+    corpus = generate_corpus(min(n, TILE), seed)
     out.mkdir(parents=True, exist_ok=True)
-    with open(corpus/"calls.jsonl") as src:
-        f, i = None, 0
-        for k, line in enumerate(src):
-            if k % per_shard == 0:
-                if f: f.close()
-                f = open(out/f"part-{i:05d}.jsonl", "w"); i += 1
-            f.write(line)
-        if f: f.close()
+    f, i, k = None, 0, 0
+    for copy in range(-(-n // TILE)):
+        with open(corpus/"calls.jsonl") as src:
+            for line in src:
+                if k == n: break
+                if copy:
+                    rec = json.loads(line)
+                    for key in ("id", "session_id", "user_id"): rec[key] = f"{rec[key]}-t{copy}"
+                    line = json.dumps(rec, ensure_ascii=False) + "\n"
+                if k % per_shard == 0:
+                    if f: f.close()
+                    f = open(out/f"part-{i:05d}.jsonl", "w"); i += 1
+                f.write(line); k += 1
+    if f: f.close()
     (out/"done").write_text("")
     return out
 
@@ -49,11 +60,11 @@ def start_ray(workers: int) -> None:
     "A local Ray; Ray gives its raylet 30 s to register, which a busy machine (and `nice`) can exceed: try again."
     import ray
     from slm_research.scale import ray_init
-    for attempt in range(5):
+    for attempt in range(30):
         try: ray_init(num_cpus=max(2, workers)); return
         except Exception as e:
-            if "timed out during startup" not in str(e) or attempt == 4: raise
-            ray.shutdown(); time.sleep(10)
+            if "timed out during startup" not in str(e) or attempt == 29: raise
+            ray.shutdown(); time.sleep(30)
 
 
 def run_one(args) -> dict:
