@@ -1,4 +1,5 @@
 # Two commands do all the set-up: `make demo` and `make test` (both create .venv when needed).
+# `make check` is the inner loop while you edit: the sync check and the quick unit tests, in about two minutes.
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -17,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: help install demo test check-sync nbtest pytest lab-check ci-run docs site-check readme lock bench clean-runs
+.PHONY: help install demo test check check-sync nbtest pytest pytest-quick lab-check ci-run docs site-check readme lock bench clean-runs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -39,14 +40,18 @@ install: $(STAMP)  ## create .venv with the pinned dependencies
 demo: $(STAMP)  ## run every notebook end to end under the demo profile into runs/<timestamp>-demo/
 	$(BIN)/slm-research run --profile $(PROFILE)
 
-test: $(STAMP)  ## the whole check: sync, nbdev-test, pytest, JupyterLab check, papermill ci run, docs, browser check
+test: $(STAMP)  ## the whole check: sync, nbdev-test, pytest, papermill ci run, JupyterLab check, docs, browser check
 	$(MAKE) check-sync
 	$(MAKE) nbtest
 	$(MAKE) pytest
-	$(MAKE) lab-check
 	$(MAKE) ci-run
+	$(MAKE) lab-check LAB_S3_FROM=data/processed/ci
 	$(MAKE) docs RUN_DIR=runs/latest-ci
 	$(MAKE) site-check
+
+check: $(STAMP)  ## the inner loop (about 2 minutes): the sync check and the quick unit tests
+	$(MAKE) check-sync
+	$(MAKE) pytest-quick
 
 check-sync: $(STAMP)  ## nbdev-clean and nbdev-export leave no diff; README.md matches nbs/index.ipynb
 	bash tools/check_sync.sh
@@ -54,12 +59,17 @@ check-sync: $(STAMP)  ## nbdev-clean and nbdev-export leave no diff; README.md m
 nbtest: $(STAMP)  ## nbdev-test: every notebook with its default parameters, in order
 	SLM_PROFILE=nbtest SLM_RUN_DIR=runs/nbtest $(BIN)/nbdev-test --n-workers 0 --do-print
 
-pytest: $(STAMP)  ## unit and integration tests
+pytest: $(STAMP)  ## unit and integration tests, the slow ones included
 	$(BIN)/pytest -q -m "not site and not lab"
 
-# About 2 minutes on 2 cores, most of it S2 + S3 making the clusters notebook 13 reads (run beside notebook 01).
+pytest-quick: $(STAMP)  ## the unit tests that take seconds (not marked slow, site or lab)
+	$(BIN)/pytest -q -m "not slow and not site and not lab" -p no:cacheprovider
+
+# Alone, about 2 minutes on 2 cores, most of it S2 + S3 making the clusters notebook 13 reads (beside notebook 01);
+# `make test` runs it after the ci run and hands it that run's clusters (LAB_S3_FROM) instead.
+LAB_S3_FROM ?=
 lab-check: $(STAMP)  ## run and save notebooks 01 and 13 in a real JupyterLab in headless Chromium (temporary copies)
-	$(BIN)/pytest -q -m lab -p no:cacheprovider tests/test_lab.py
+	SLM_LAB_S3_FROM=$(LAB_S3_FROM) $(BIN)/pytest -q -m lab -p no:cacheprovider tests/test_lab.py
 	@echo "screenshots for review: _build/lab/*.png"
 
 ci-run: $(STAMP)  ## rerun every notebook with papermill under the ci profile

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,16 @@ def progress_mode() -> str:
     if env in ("live", "throttled"): return env
     return "live" if _in_notebook() or sys.stderr.isatty() else "throttled"
 
+class _Lines:
+    "A stream for tqdm outside a terminal: each redraw becomes one plain line, without carriage returns or cursor moves."
+    _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+    def __init__(self, stream): self.stream = stream
+    def write(self, s: str) -> None:
+        for line in re.split(r"[\r\n]", self._ANSI.sub("", s)):
+            if line.strip(): self.stream.write(line.rstrip() + "\n")
+    def flush(self) -> None: self.stream.flush()
+    def __getattr__(self, name): return getattr(self.stream, name)
+
 def progress(iterable=None, **tqdm_kwargs):
     "A tqdm bar over `iterable` (any tqdm keyword) that is off under the runner and throttled outside a terminal."
     mode = progress_mode()
@@ -163,6 +174,7 @@ def progress(iterable=None, **tqdm_kwargs):
         tqdm_kwargs["mininterval"] = max(tqdm_kwargs.get("mininterval", 0.1), NON_TTY_INTERVAL)
         tqdm_kwargs["maxinterval"] = max(tqdm_kwargs.get("maxinterval", 10.0), tqdm_kwargs["mininterval"])
         tqdm_kwargs.setdefault("disable", False)  # tqdm's disable=None would hide it entirely
+        tqdm_kwargs["file"] = _Lines(tqdm_kwargs.get("file") or sys.stderr)
     return tqdm(iterable, **tqdm_kwargs)
 
 # %% ../nbs/00_core.ipynb #c3ed4d02

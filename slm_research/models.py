@@ -192,7 +192,7 @@ def build_random_model(cfg: ArchConfig, dtype: str = "auto", seed: int = 0, max_
     hf = LlamaConfig(**cfg.to_llama(max_position_embeddings))
     return LlamaForCausalLM._from_config(hf, dtype=resolve_dtype(dtype)).eval()
 
-# %% ../nbs/02_models.ipynb #2a993311
+# %% ../nbs/02_models.ipynb #de414494
 @dataclass
 class LatencyResult:
     "Decode latency of one model on this CPU."
@@ -205,17 +205,6 @@ class LatencyResult:
     prompt_len: int = 0
     threads: int = 0
 
-def measure_decode_latency(cfg: ArchConfig, n_new_tokens: int = 8, prompt_len: int = 64, n_warmup: int = 2,
-                           dtype: str = "auto", seed: int = 0, threads: int = 1, model=None) -> LatencyResult:
-    "Best-of-`n_new_tokens` ms per greedily generated token (batch 1, KV cache) for a random model of `cfg`'s shape."
-    import torch
-    if n_new_tokens < 1: raise ValueError("n_new_tokens must be at least 1")
-    threads_before = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
-    try: return _measure(cfg, n_new_tokens, prompt_len, n_warmup, dtype, seed, model)
-    finally: torch.set_num_threads(threads_before)
-
-# %% ../nbs/02_models.ipynb #de414494
 def _measure(cfg, n_new_tokens, prompt_len, n_warmup, dtype, seed, model) -> LatencyResult:
     import torch
     from transformers import DynamicCache
@@ -242,6 +231,17 @@ def _measure(cfg, n_new_tokens, prompt_len, n_warmup, dtype, seed, model) -> Lat
         del model, cache, out
         gc.collect()
     return res
+
+# %% ../nbs/02_models.ipynb #2a993311
+def measure_decode_latency(cfg: ArchConfig, n_new_tokens: int = 8, prompt_len: int = 64, n_warmup: int = 2,
+                           dtype: str = "auto", seed: int = 0, threads: int = 1, model=None) -> LatencyResult:
+    "Best-of-`n_new_tokens` ms per greedily generated token (batch 1, KV cache) for a random model of `cfg`'s shape."
+    import torch
+    if n_new_tokens < 1: raise ValueError("n_new_tokens must be at least 1")
+    threads_before = torch.get_num_threads()
+    if threads: torch.set_num_threads(threads)
+    try: return _measure(cfg, n_new_tokens, prompt_len, n_warmup, dtype, seed, model)
+    finally: torch.set_num_threads(threads_before)
 
 # %% ../nbs/02_models.ipynb #b5076273
 def measure_sizes_latency(keys: list[str], configs: dict[str, ArchConfig] | None = None, **kw) -> pl.DataFrame:

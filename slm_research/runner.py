@@ -22,10 +22,10 @@ import click
 from .core import paths, profile_params, read_headlines
 
 # %% auto #0
-__all__ = ['NOTEBOOK_RE', 'QUIET_KERNEL_ENV', 'PROGRESS_RE', 'WARNING_RE', 'discover_notebooks', 'parameters_cell',
-           'declared_parameters', 'notebook_parameters', 'parse_overrides', 'NotebookResult', 'RunSummary',
-           'kernel_config', 'RunFailed', 'new_run_dir', 'run_notebooks', 'output_noise', 'strip_progress_outputs',
-           'summary_markdown', 'write_summary', 'run_cmd']
+__all__ = ['NOTEBOOK_RE', 'QUIET_KERNEL_ENV', 'TABLE_KERNEL_ENV', 'PROGRESS_RE', 'WARNING_RE', 'discover_notebooks',
+           'parameters_cell', 'declared_parameters', 'notebook_parameters', 'parse_overrides', 'NotebookResult',
+           'RunSummary', 'kernel_config', 'quiet_kernel_manager', 'RunFailed', 'new_run_dir', 'run_notebooks',
+           'output_noise', 'strip_progress_outputs', 'summary_markdown', 'write_summary', 'run_cmd']
 
 # %% ../nbs/90_runner.ipynb #fe6e6aa2
 NOTEBOOK_RE = re.compile(r"^\d\d_.+\.ipynb$")
@@ -102,6 +102,8 @@ class RunSummary:
 QUIET_KERNEL_ENV = {"SLM_PROGRESS": "0", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
                     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "once"}
+# pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True), set before the kernel starts
+TABLE_KERNEL_ENV = {"POLARS_FMT_TABLE_HIDE_DATAFRAME_SHAPE_INFORMATION": "1", "POLARS_FMT_TABLE_HIDE_COLUMN_DATA_TYPES": "1"}
 
 def kernel_config():
     "Kernels talk over Unix sockets in the user's private runtime folder, not over plain TCP that others on the host can read."
@@ -111,6 +113,16 @@ def kernel_config():
     runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
     # an absolute socket path: a relative one resolves against the kernel's folder, not the runner's
     return Config({"KernelManager": {"transport": "ipc", "ip": str(runtime/"slm-kernel")}})
+
+def quiet_kernel_manager():
+    "The kernel manager class of the runner (and of the README build): `AsyncKernelManager` that shuts down quietly."
+    from jupyter_client.manager import AsyncKernelManager
+
+    class QuietKernelManager(AsyncKernelManager):
+        "Shuts a kernel down without first sending it SIGINT (a busy kernel logs that as an error)."
+        async def _async_interrupt_kernel(self):
+            if not self.shutting_down: await super()._async_interrupt_kernel()
+    return QuietKernelManager
 
 class RunFailed(click.ClickException):
     "A notebook failed; the message names it and the failing cell's error."
@@ -173,11 +185,12 @@ def run_notebooks(profile: str = "demo", only: list[str] | None = None, override
         out = run_dir/nb.name
         click.echo(f"[{i}/{len(notebooks)}] {nb.stem} {params or ''}", err=True)
         t0 = time.perf_counter()
-        env = dict(QUIET_KERNEL_ENV, SLM_ROOT=root, SLM_PROFILE=profile, SLM_RUN_DIR=run_dir, SLM_NOTEBOOK=nb.stem)
+        env = dict(QUIET_KERNEL_ENV, **TABLE_KERNEL_ENV, SLM_ROOT=root, SLM_PROFILE=profile, SLM_RUN_DIR=run_dir, SLM_NOTEBOOK=nb.stem)
         with _environ(**env), _quiet_papermill():
             try:
                 pm.execute_notebook(nb, out, parameters=params, cwd=nb.parent, progress_bar=progress,
-                                    kernel_name="python3", config=kernel_config())
+                                    kernel_name="python3", config=kernel_config(),
+                                    kernel_manager_class=quiet_kernel_manager())
                 result = NotebookResult(nb.stem, "ok", parameters=params, output=str(out))
             except Exception as e:  # papermill raises PapermillExecutionError for cell errors
                 result = NotebookResult(nb.stem, "failed", parameters=params, error=_describe_error(e),

@@ -127,6 +127,7 @@ def test_field_canaries_are_planted_where_they_should_be(field_canary_records):
     assert sum(map(len, planted.values())) >= 150
 
 
+@pytest.mark.slow
 def test_field_canaries_never_survive_s1_and_s2(field_canary_records, workspace, tmp_path, monkeypatch):
     "S1 (encrypted store, pseudonyms) then S2 (frame step and JSONL command): no planted canary in any artifact."
     from click.testing import CliRunner

@@ -208,6 +208,7 @@ def test_format_2_reads_back_every_record_of_the_corpus_exactly(tmp_path, keys):
     assert export_frame(stores[2][0], priv).equals(export_frame(stores[1][0], priv))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", [1, 2])
 def test_every_single_flipped_byte_is_detected(tmp_path, keys, fmt):
     w = SegmentWriter(tmp_path/"store", keys["public"], Pseudonymizer(keys["pseudonym"]), format=fmt)
@@ -592,6 +593,7 @@ def test_export_parquet_is_private_reimport_adds_no_duplicates_key_errors_are_on
 
 # ---- the real file, end to end through the command line ------------------------------------------
 
+@pytest.mark.slow
 def test_cli_imports_and_exports_the_real_bfcl_logs(tmp_path, shared_external, monkeypatch, workspace):
     import subprocess
     import sys
@@ -650,6 +652,7 @@ def lingering_upstream_app():
     return app
 
 
+@pytest.mark.slow
 def test_kill_9_during_load_loses_only_calls_in_flight(tmp_path, keys):
     import signal
     import socket

@@ -227,6 +227,7 @@ def test_identifiers_that_carry_names_payment_ids_and_zip_codes(engine):
     assert json.loads(new[0]["content"]) == {"user_id": "<USER_1>", "payment_method_id": "<PAYMENT_1>", "zip": "<ZIP_1>", "zipcode": "<ZIP_2>"}
 
 
+@pytest.mark.slow
 def test_names_no_list_holds_are_caught_by_the_name_likeness_model(engine):
     from slm_research.clean import name_likeness
     nl = name_likeness()

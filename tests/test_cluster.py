@@ -35,6 +35,7 @@ def calls(n=150, seed=0):
     return pl.DataFrame(rows, schema=CLEAN_SCHEMA), gold
 
 
+@pytest.mark.slow
 def test_clusters_recover_tasks_and_are_reproducible(workspace):
     frame, gold = calls()
     res = fit_clusters(frame, ClusterConfig(seed=3))
@@ -86,6 +87,7 @@ def test_cli_keeps_fields_and_quarantines_bad_lines(tmp_path):
     assert [b["where"] for b in bad] == [f"in.jsonl:{len(texts) + 1}", f"in.jsonl:{len(texts) + 2}"]
 
 
+@pytest.mark.slow
 def test_bfcl_beats_tfidf_baseline(shared_external):
     """The baseline is told k=8. Default path: beats it choosing k itself and told k. Fast path: told k, both metrics; alone, NMI
     (its ARI alone is just below the baseline's: it splits the 8 API classes into ~16 clusters, see notebook 12)."""
@@ -117,6 +119,7 @@ def _bfcl(shared_external):
     return pl.read_ndjson(shared_external / "bfcl_multiturn_turn_domain.jsonl").with_row_index("n").with_columns(id=pl.col("n").cast(pl.String))
 
 
+@pytest.mark.slow
 def test_k_is_exact_where_hdbscan_finds_fewer(shared_external):
     "Issue 13: BFCL with HDBSCAN's default minimum size has 16 micro-clusters; asked for 24, S3 returns exactly 24."
     from slm_research.cluster import Representation, build_parts, embed_parts, micro_clusters, reduce_unique
@@ -143,6 +146,7 @@ def test_k_beyond_distinct_calls_is_a_clear_error(tmp_path):
     assert r.exit_code != 0 and "overwrite the input" in r.output
 
 
+@pytest.mark.slow
 def test_automatic_k_does_not_collapse_on_apibench(shared_external):
     "APIBench (58 domains): automatic k used to find 2 clusters (NMI 0.28); now within 0.05 NMI of S3 given the true k."
     a = pl.read_ndjson(shared_external / "apibench_domain.jsonl").with_row_index("n").with_columns(id=pl.col("n").cast(pl.String))
@@ -152,6 +156,7 @@ def test_automatic_k_does_not_collapse_on_apibench(shared_external):
     assert auto["n_clusters"] >= 10 and auto["nmi"] >= told["nmi"] - 0.05, (auto, told)
 
 
+@pytest.mark.slow
 def test_automatic_k_within_005_of_given_k_on_agentbench(shared_external):
     """AgentBench (3 environments): automatic k used to cut 46 clusters (NMI 0.39, given k = 3: 0.75). Its 2-way split (shell
     tasks against the rest) is the best cut on the embeddings alone and a strong one, so it is now taken (`strong_split`)."""
@@ -162,6 +167,7 @@ def test_automatic_k_within_005_of_given_k_on_agentbench(shared_external):
     assert auto["nmi"] >= told["nmi"] - 0.05, (auto, told)
 
 
+@pytest.mark.slow
 def test_chat_record_representation_does_not_hurt_plain_requests(shared_external):
     "The same BFCL requests as plain text and as chat records (one user turn, no system prompt, tools or answer)."
     b = _bfcl(shared_external)
@@ -173,6 +179,7 @@ def test_chat_record_representation_does_not_hurt_plain_requests(shared_external
         assert as_chat >= as_text - 0.03, (k, as_text, as_chat)
 
 
+@pytest.mark.slow
 def test_cli_reads_chat_records_text_lines_and_parquet(tmp_path, shared_external):
     "Chat records (BFCL live OpenAI logs turned into messages / tools / response), as lists or JSON strings, and CLEAN_SCHEMA Parquet."
     recs = [json.loads(l) for l in (shared_external / "bfcl_live_calls.jsonl").open()][:120]

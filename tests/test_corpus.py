@@ -36,6 +36,34 @@ def test_same_seed_same_bytes_and_folder_is_reused(root):
     assert not list((root/"data"/"raw"/"generated").glob("*.*"))  # no temporary folders left
 
 
+# sha256 of the files of `generate_corpus(300, 1)` as the generator wrote them before it was split into modules (one
+# per agent, registered in `corpus.FAMILIES`). A change to any generator changes them: bump CORPUS_VERSION, then these.
+CORPUS_N300_S1 = {
+    "calls.jsonl": "be1fb60917c96bbf8cf8c8bceff17369af371d88ac7dfb4b3752adb0589ba312",
+    "canaries.json": "b0edbb261b401348f17f23b047e305e820f4b160b04791e3a39f655d576fe1d2",
+    "gold.jsonl": "bcdb9b94d224fbca537a6a4c8fc652c4b30bb6ed45cb66e240af29904220c02b",
+    "meta.json": "b7b058dcd2514e8c1f734e8e94a3502e9ce0f3fd09290a40197ee588ca729168",
+}
+
+
+def test_the_generated_bytes_are_those_of_version_3(root):
+    import hashlib
+    from slm_research.corpus import CORPUS_VERSION
+    out = generate_corpus(300, 1, progress=False)
+    assert CORPUS_VERSION == 3
+    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in out.iterdir()} == CORPUS_N300_S1
+
+
+def test_the_families_are_registered_by_name():
+    from slm_research.corpus import FAMILIES, GENERATORS
+    from slm_research.corpus.callsites import Family, SubTask
+    assert list(FAMILIES) == ["metagpt", "open_operator", "cradle"]
+    assert set(GENERATORS) == set(SUBTASKS) | set(DRIFT_SUBTASKS)
+    assert all(GENERATORS[s.name] is FAMILIES[s.agent].generators[s.name] for s in [*SUBTASKS.values(), *DRIFT_SUBTASKS.values()])
+    with pytest.raises(ValueError, match="without a generator"):   # a call site cannot be registered without its generator
+        Family("x", 1.0, (1, 2), ["m"], [SubTask("a", "x", 1.0, "A.run", "a")], {})
+
+
 def test_records_have_the_contract_shape(sample):
     for rec, gold, _ in sample:
         validate_record(rec)

@@ -93,6 +93,7 @@ def _kl_to(teacher, student, tok, frame, n=8):
 WHOLE = HeadPlan()   # prompts read whole: this test is about the losses, not the heads
 
 
+@pytest.mark.slow
 def test_full_finetuning_then_distillation_from_that_local_teacher(calls, base, tmp_path):
     frame = calls.filter(pl.col("task") == "extract")
     full = train_adapter(frame, TrainConfig(base=str(base), method="full", steps=30, lr=3e-3, batch_size=4, max_length=96,

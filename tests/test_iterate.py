@@ -183,6 +183,7 @@ def test_router_validation_catches_what_an_agent_would_choke_on():
 
 # --- a real round: S3's clusterer, S5's training, S6's loop, then the router built from the workspace ---------------
 
+@pytest.mark.slow
 def test_iterate_round_finds_the_new_task_retrains_and_routes(workspace):
     from slm_research.cluster import ClusterConfig, fit_clusters, write_outputs
     from slm_research.core import CLEAN_SCHEMA

@@ -5,7 +5,8 @@ The notebooks run in a temporary copy of the workspace (settings.ini, nbs/ with 
 profile of its own), so nothing is written to nbs/ or data/processed/. S4 reads the clusters that S3 leaves in the
 workspace, as under nbdev-test (which runs notebooks 11 and 12 before 13): the fixture runs S2 and S3 with those
 notebooks' defaults (the embedded corpus, 300 calls, seed 0) before Lab opens 13. Screenshots go to `_build/lab/`
-(or `$SLM_LAB_SHOTS`) for review."""
+(or `$SLM_LAB_SHOTS`) for review. `make test` runs this after its papermill ci run and points `$SLM_LAB_S3_FROM` at that
+run's processed folder: the fixture then copies S2's and S3's hand-offs from there instead of making them again."""
 import hashlib
 import json
 import os
@@ -81,9 +82,15 @@ def lab_env(tmp_path_factory):
     notif.parent.mkdir(parents=True)
     notif.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     before = {nb: _digest(ROOT/"nbs"/f"{nb}.ipynb") for nb in NOTEBOOKS}
-    # S2 + S3 run beside Lab (01 does not need them); `opened` waits for them before it opens a notebook in NEEDS_S3
+    # S2 + S3 run beside Lab (01 does not need them); `opened` waits for them before it opens a notebook in NEEDS_S3.
+    # With $SLM_LAB_S3_FROM (a processed folder that a run filled), their hand-off files are copied from there instead.
     s3_log = (ws/"s3.log").open("w")
-    s3 = subprocess.Popen([sys.executable, "-c", S3_SCRIPT], env=env, cwd=ws, stdout=s3_log, stderr=subprocess.STDOUT)
+    script = S3_SCRIPT
+    if src := os.environ.get("SLM_LAB_S3_FROM"):
+        script = (f"import shutil\nfrom slm_research.core import paths\nfrom slm_research.workspace import Workspace\n"
+                  f"src, dst = Workspace({str(Path(src).resolve())!r}), Workspace(paths().processed)\n"
+                  f"for f in ('calls', 'clusters', 'clusters_summary'): shutil.copy(src.require(f), dst.path(f))\n")
+    s3 = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ws, stdout=s3_log, stderr=subprocess.STDOUT)
     yield SimpleNamespace(ws=ws, env=env, s3=s3, s3_log=ws/"s3.log", sources=before)
     if s3.poll() is None:
         s3.terminate()
@@ -172,7 +179,11 @@ class Opened:
             deadline = time.time() + 30
             while self.path.stat().st_mtime_ns == mtime and time.time() < deadline: time.sleep(0.2)
             assert self.path.stat().st_mtime_ns != mtime, f"{self.name}: Lab did not write the notebook"
-            self.saved = json.loads(self.path.read_text())
+            while True:  # the server may still be writing the file it has just truncated
+                try: self.saved = json.loads(self.path.read_text()); break
+                except json.JSONDecodeError:
+                    if time.time() > deadline + 30: raise
+                    time.sleep(0.2)
         return self.saved
 
     def cell_with(self, selector: str):

@@ -104,3 +104,39 @@ def test_executed_notebook_is_quiet_and_every_parameter_is_read(tmp_path, monkey
     assert sum(t.count("FutureWarning: the same deprecation") for t in texts) == 1  # once, not once per call site
     assert output_noise(executed) == [] and not any("%|" in t for t in texts)
     assert json.loads((run_dir / "summary.json").read_text())["results"][0]["noise"] == []
+
+
+def _sigints_at_shutdown(manager_class, tmp_path) -> bool:
+    "Start a kernel, make its idle SIGINT handler write a file, shut it down: did the shutdown send it SIGINT?"
+    import asyncio
+
+    from slm_research.runner import kernel_config
+    mark = tmp_path / f"sigint-{manager_class.__name__}"
+
+    async def run():
+        km = manager_class(kernel_name="python3", config=kernel_config())
+        await km.start_kernel()
+        kc = km.client(); kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=120)
+            # ipykernel restores this handler after every request: it is what the idle kernel does on SIGINT
+            code = (f"import pathlib\nget_ipython().kernel.saved_sigint_handler = "
+                    f"lambda *a: pathlib.Path({str(mark)!r}).write_text('SIGINT')")
+            msg_id = kc.execute(code)
+            while (reply := await kc.get_shell_msg(timeout=120))["parent_header"].get("msg_id") != msg_id: pass
+            assert reply["content"]["status"] == "ok"
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel()
+    asyncio.run(run())
+    return mark.exists()
+
+
+@pytest.mark.slow
+def test_the_runner_shuts_kernels_down_without_interrupting_them(tmp_path):
+    "jupyter_client interrupts (SIGINT) every kernel it shuts down; a kernel still in a request logs a KeyboardInterrupt."
+    from jupyter_client.manager import AsyncKernelManager
+
+    from slm_research.runner import quiet_kernel_manager
+    assert _sigints_at_shutdown(AsyncKernelManager, tmp_path)          # the default does interrupt...
+    assert not _sigints_at_shutdown(quiet_kernel_manager(), tmp_path)  # ...the runner's does not

@@ -78,19 +78,32 @@ def test_math_renders_offline(browser, site_url):
 
 
 @pytest.mark.parametrize("chapter", _chapters() or ["01_market"])
-def test_chapter_folds_exported_code(browser, site_url, chapter):
+def test_chapter_reads_as_prose(browser, site_url, chapter):
+    """One load of each chapter page: code folded (closed, one fold per run of cells), nothing wider than the window, no
+    source text, polars tables without their `shape:` line and dtype row (the runner's TABLE_KERNEL_ENV), no progress
+    bars, no console errors."""
     page, problems = _open(browser, f"{site_url}/notebooks/{chapter}.html")
-    inputs = page.locator(".cell_input")
-    visible = [i for i in range(inputs.count()) if inputs.nth(i).is_visible()]
-    assert visible == [], f"{chapter}: {len(visible)} code cells shown unfolded"
+    shown_inputs = page.locator(".cell_input").evaluate_all("els => els.filter(e => e.getClientRects().length).length")
+    assert shown_inputs == 0, f"{chapter}: {shown_inputs} code cells shown unfolded"
     # the code is there, folded in <details> closed by default; the page text a reader sees has no source
-    folded = page.locator("details.hide.above-input")
-    if folded.count():
-        assert all(not d for d in folded.evaluate_all("els => els.map(e => e.open)"))
+    assert page.locator("details.hide.above-input").evaluate_all("els => els.filter(e => e.open).length") == 0
+    # consecutive code cells share one fold: no fold directly followed by another without an output between them
+    stacked = page.evaluate("""() => [...document.querySelectorAll('article div.cell')].filter(c => {
+        const next = c.nextElementSibling;
+        return next && next.matches('div.cell') && !c.querySelector('.cell_output');
+    }).length""")
+    assert stacked == 0, f"{chapter}: {stacked} folds directly followed by another fold"
     # nothing wider than the window: wide tables scroll inside their output
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), f"{chapter} overflows"
     shown = page.inner_text("article")
     assert not re.search(r"^\s*(def|class) \w+\(?.*:$", shown, re.M), f"{chapter}: source text in view"
+    # a polars dtype row is a second header row made of <td> cells ("i64", "str", ...)
+    dtype_rows = page.locator(".cell_output table").evaluate_all("ts => ts.filter(t => t.querySelector('thead td')).length")
+    outputs = page.locator(".cell_output").all_inner_texts()
+    shapes = [o[:80] for o in outputs if re.search(r"^shape: \(\d", o, re.M)]
+    assert (dtype_rows, shapes) == (0, []), f"{chapter}: {dtype_rows} tables with a dtype row, shape lines {shapes}"
+    noisy = [o[:120] for o in outputs if PROGRESS_TEXT.search(o)]
+    assert noisy == [], f"{chapter}: progress-bar text in cell outputs: {noisy}"
     assert problems == []
 
 
@@ -107,14 +120,6 @@ def test_exported_code_is_a_click_away(browser, site_url):
     summaries = page.locator("details.hide.above-input summary")
     for i in range(summaries.count()): summaries.nth(i).click()
     assert "def cagr(" in page.inner_text("article")
-
-
-@pytest.mark.parametrize("chapter", _chapters() or ["01_market"])
-def test_no_progress_bar_text_in_outputs(browser, site_url, chapter):
-    page, _ = _open(browser, f"{site_url}/notebooks/{chapter}.html")
-    outputs = page.locator(".cell_output").all_inner_texts()
-    noisy = [o[:120] for o in outputs if PROGRESS_TEXT.search(o)]
-    assert noisy == [], f"{chapter}: progress-bar text in cell outputs: {noisy}"
 
 
 def test_screenshots_of_two_chapters_for_review(browser, site_url):
