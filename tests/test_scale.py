@@ -15,7 +15,8 @@ from slm_research.clean import CleanConfig, clean
 from slm_research.cluster import ClusterConfig, fit_clusters
 from slm_research.core import CLEAN_SCHEMA, Quarantine
 from slm_research.corpus import generate_records
-from slm_research.finetune import FinetuneConfig, base_config, build_stand_in_base, split_rows, synthetic_workspace
+from slm_research.finetune import FinetuneConfig, synthetic_workspace
+from slm_research.training import base_config, build_stand_in_base, split_rows
 from slm_research.scale import (ORDER, assign_frame, assign_ray, clean_local, clean_ray, cluster_ray, ray_init, read_shard,
                                 train_clusters_ray, write_in_order)
 
