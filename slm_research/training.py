@@ -250,7 +250,7 @@ class TrainConfig(Config):
     dropout: float = 0.0
     target_modules: str = "all-linear"
     lr: float = 1e-3
-    steps: int = field(default=60, metadata={"help": "Training steps per cluster."})
+    steps: int = field(default=30, metadata={"help": "Training steps per cluster."})
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = field(default=256, metadata={"help": "Tokens per example: the answer, and the prompt in the room "
