@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import polars as pl
 
 from slm_research import clean as current
+from slm_research.clean import files as clean_files   # `_as_call`: a JSONL line as a call record
 from slm_research.capture import to_frame
 from slm_research.corpus import generate_corpus, text_fields
 
@@ -74,7 +75,7 @@ def empty_caches(engine) -> None:
 
 def bfcl_calls() -> list[dict]:
     path = shared_external()/"bfcl_multiturn_calls.jsonl"
-    return [current._as_call(json.loads(line), f"{path.name}:{i}") for i, line in enumerate(path.read_text().splitlines(), 1)]
+    return [clean_files._as_call(json.loads(line), f"{path.name}:{i}") for i, line in enumerate(path.read_text().splitlines(), 1)]
 
 
 def repeated_calls(chain=(4, 5)) -> list[dict]:
@@ -92,7 +93,7 @@ def repeated_calls(chain=(4, 5)) -> list[dict]:
         msgs = [m for g in group for m in g["messages"]]
         for j, m in enumerate(msgs):
             if m["role"] != "assistant": continue
-            calls.append(current._as_call({"id": f"chain{c}-s{j}", "session_id": f"chain{c}", "user_id": group[0]["user"],
+            calls.append(clean_files._as_call({"id": f"chain{c}-s{j}", "session_id": f"chain{c}", "user_id": group[0]["user"],
                                            "timestamp": f"2025-01-01T00:{c // 60:02d}:{c % 60:02d}.{j:06d}Z",
                                            "messages": msgs[:j + 1], "tools": group[0]["tools"]}, f"chain{c}:{j}"))
     return calls

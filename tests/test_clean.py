@@ -375,7 +375,7 @@ def test_missing_output_folder_is_created_and_a_file_parent_refused(tmp_path, wo
 
 
 def test_a_crash_leaves_the_previous_output_intact(tmp_path, monkeypatch):
-    from slm_research import clean as clean_mod
+    from slm_research.clean import messages as clean_mod   # where mask_records looks replace_slots up
     src, out = tmp_path/"in.jsonl", tmp_path/"out.jsonl"
     src.write_text("".join(json.dumps({"text": f"a{i}@b.org"}) + "\n" for i in range(5)))
     out.write_text("previous output\n")
