@@ -16,7 +16,8 @@ import click
 import numpy as np
 import polars as pl
 
-from .core import CLEAN_SCHEMA, Quarantine, check_counts, check_schema, content_hash, paths, plugin, progress
+from .calls import content_text, last_user_turn, loads, system_prompt, tool_names
+from .core import CLEAN_SCHEMA, Quarantine, check_counts, check_schema, content_hash, paths, plugin, progress, read_jsonl
 from .workspace import Config, Workspace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,10 +29,10 @@ __all__ = ['PARTS', 'EMBEDDERS', 'TFIDF_ARGS', 'OUTLIER_LABEL', 'PROFILE_KEYS', 
            'output_shape', 'call_parts', 'call_text', 'build_parts', 'build_texts', 'cache_dir', 'minilm_path',
            'MiniLMEmbedder', 'distill_static', 'StaticEmbedder', 'get_embedder', 'embed', 'embed_parts',
            'Representation', 'ClusterConfig', 'reduce_unique', 'micro_clusters', 'centroids_of', 'silhouette',
-           'merge_micro', 'exactly_k', 'strong_split', 'Clusterer', 'load_clusterer', 'ClusterResult',
-           'cluster_keywords', 'fit_clusters', 'cluster_calls', 'score_clusters', 'tfidf_kmeans_baseline',
-           'call_features', 'cluster_profiles', 'representative_examples', 'clusters_summary', 'write_outputs',
-           'plot_cluster_map', 'plot_volume', 'plot_over_time', 'read_text_jsonl', 'read_calls',
+           'merge_micro', 'exactly_k', 'strong_split', 'nearest_centroid', 'Clusterer', 'load_clusterer',
+           'ClusterResult', 'cluster_keywords', 'fit_clusters', 'cluster_calls', 'score_clusters',
+           'tfidf_kmeans_baseline', 'call_features', 'cluster_profiles', 'representative_examples', 'clusters_summary',
+           'write_outputs', 'plot_cluster_map', 'plot_volume', 'plot_over_time', 'read_calls',
            'fit_clusters_with_engine', 'cluster_to_files', 'cluster_cmd']
 
 # %% ../nbs/12_cluster.ipynb #df72065e
@@ -43,19 +44,6 @@ class TextConfig:
     parts: tuple[str, ...] = PARTS
     system_chars: int = 200  # the head of the system prompt names the role; the rest is template
     user_chars: int = 300    # of the last user turn's head (the request) and of its tail (the instruction)
-
-def _content_text(content) -> str:
-    "Text of an OpenAI message `content`: a string, or a list of parts with `text`."
-    if content is None: return ""
-    if isinstance(content, str): return content
-    if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return str(content)
-
-def _loads(text, default):
-    if text is None or text == "": return default
-    try: return json.loads(text)
-    except (TypeError, json.JSONDecodeError): return default
 
 def _as_json(text: str):
     "`text` parsed as a JSON object or list (also inside a ```json fence), else None."
@@ -69,19 +57,18 @@ def output_shape(response: dict | None) -> str:
     if not response: return "none"
     if calls := response.get("tool_calls"):
         return "tool_call " + " ".join(c.get("function", {}).get("name", "?") for c in calls)
-    text = _content_text(response.get("content")).strip()
+    text = content_text(response.get("content"), " ").strip()
     if not text: return "none"
     if (obj := _as_json(text)) is not None:
         return "json " + " ".join(list(obj)[:8]) if isinstance(obj, dict) else "json list"
     return "code" if "```" in text or re.search(r"^\s*(def|class|import|function)\s", text, re.M) else "text"
 
 def call_parts(messages: list, tools: list, response: dict | None, cfg: TextConfig = TextConfig()) -> dict[str, str]:
-    "The parts of a call that identify its task (those `cfg` names), as text; a missing part is empty."
+    """The parts of a call that identify its task (those `cfg` names), as text; a missing part is empty. The call is read
+    as every step reads it (`calls`: the system or developer prompt, the last user turn, the tool names)."""
     unknown = set(cfg.parts) - set(PARTS)
     if unknown: raise ValueError(f"unknown text parts {sorted(unknown)}; choose from {PARTS}")
-    system = next((_content_text(m.get("content")) for m in messages if m.get("role") == "system"), "")
-    user = next((_content_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "").strip()
-    names = [t.get("function", {}).get("name", "") for t in tools or []]
+    system, user, names = system_prompt(messages), last_user_turn(messages).strip(), tool_names(tools)
     n = cfg.user_chars
     pieces = {"system": system[: cfg.system_chars], "user_head": user[:n],
               "user_tail": user[n:][-n:],  # only what the head did not already cover
@@ -97,7 +84,7 @@ def build_parts(frame: pl.DataFrame, cfg: TextConfig = TextConfig()) -> dict[str
     "Each part of each call of a cleaned log (CLEAN_SCHEMA); a frame with a `text` column has the one part `text`."
     if "text" in frame.columns: return {"text": frame["text"].cast(pl.String).fill_null("").to_list()}
     check_schema(frame, {c: CLEAN_SCHEMA[c] for c in ("id", "messages", "tools", "response")}, "cluster.build_parts")
-    rows = [call_parts(_loads(m, []), _loads(t, []), _loads(r, None), cfg)
+    rows = [call_parts(loads(m, []), loads(t, []), loads(r), cfg)
             for m, t, r in zip(frame["messages"], frame["tools"], frame["response"])]
     return {p: [r[p] for r in rows] for p in cfg.parts}
 
@@ -425,6 +412,21 @@ def strong_split(e: np.ndarray, labels: np.ndarray, tree: np.ndarray, rows: np.n
 # %% ../nbs/12_cluster.ipynb #38d9fd08
 OUTLIER_LABEL = "outlier"
 
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray, min_sim, ids, among_takers: bool = False) -> np.ndarray:
+    """For each row of `x` (unit vectors), the id (of `ids`) of the nearest centroid by cosine when the similarity
+    reaches that centroid's `min_sim` (`None`: always), else -1. With `among_takers`, the nearest of the centroids whose
+    `min_sim` the row reaches. Every placement of a call in a cluster (S3's `Clusterer`, S6's `Assigner` and
+    `RequestAssigner`)."""
+    ids = np.asarray(ids)
+    if len(ids) == 0: return np.full(len(x), -1)
+    sims = x @ np.asarray(centroids).T
+    if min_sim is None: return ids[sims.argmax(1)]
+    if among_takers:
+        takes = sims >= min_sim
+        return np.where(takes.any(1), ids[np.where(takes, sims, -np.inf).argmax(1)], -1)
+    best = sims.argmax(1)
+    return np.where(sims[np.arange(len(x)), best] >= np.asarray(min_sim)[best], ids[best], -1)
+
 @dataclass
 class Clusterer:
     "A fitted task clustering: assigns calls to the nearest cluster centroid, or -1 when none fits."
@@ -442,11 +444,7 @@ class Clusterer:
 
     def assign_vectors(self, x: np.ndarray) -> np.ndarray:
         "Cluster ids for L2-normalised vectors of the representation space."
-        if not self.clusters: return np.full(len(x), -1)
-        sims = x @ self.centroids.T
-        best = sims.argmax(1)
-        ok = sims[np.arange(len(x)), best] >= self.thresholds[best]
-        return np.where(ok, np.asarray(self.clusters)[best], -1)
+        return nearest_centroid(x, self.centroids, self.thresholds, self.clusters)
 
     def vectors(self, frame: pl.DataFrame, embedder=None, progress_bar: bool | None = None) -> np.ndarray:
         "The representation of the calls of `frame` (CLEAN_SCHEMA, or a frame with `text`)."
@@ -564,7 +562,7 @@ def fit_clusters(frame: pl.DataFrame, cfg: ClusterConfig = ClusterConfig(), embe
     model = Clusterer(embedder=get_embedder(embedder or cfg.embedder).name if embedder is not None else cfg.embedder,
                       text=cfg.text, representation=rep, clusters=clusters, labels=[_label(kw) for kw in keywords],
                       keywords=keywords, centroids=centroids.astype(np.float32), thresholds=np.asarray(thresholds))
-    ids = (x @ centroids.T).argmax(1) if cfg.assign_all else model.assign_vectors(x)
+    ids = nearest_centroid(x, centroids, None, range(len(centroids))) if cfg.assign_all else model.assign_vectors(x)
     ids[fit_idx] = fit_labels if cfg.assign_all else np.where(noise & (model.assign_vectors(x_fit) == -1), -1, fit_labels)
     out = pl.DataFrame({"id": frame["id"], "cluster": pl.Series(ids, dtype=pl.Int64),
                         "cluster_label": [model.label_of(int(c)) for c in ids]})
@@ -725,29 +723,17 @@ def plot_over_time(frame: pl.DataFrame, assignments: pl.DataFrame, every: str = 
         labels={"len": "calls", "bucket": "time", "name": "cluster"},
     )
 
-# %% ../nbs/12_cluster.ipynb #4932cd13
-def read_text_jsonl(path: Path, quarantine: Quarantine) -> list[dict]:
-    "Records of a JSONL file that have a non-empty string `text`; the others go to `quarantine`."
-    records = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: rec = json.loads(line)
-            except json.JSONDecodeError as e: quarantine.add(f"{path.name}:{i}", f"not JSON: {e.msg}"); continue
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not rec["text"].strip():
-                quarantine.add(f"{path.name}:{i}", "no non-empty string field 'text'"); continue
-            records.append(rec)
-    return records
-
 # %% ../nbs/12_cluster.ipynb #6025d030
+_NOT_JSON = object()
+
 def _chat_fields(rec: dict) -> tuple[dict | None, str]:
     "`messages`, `tools`, `response` of a chat record as CLEAN_SCHEMA's JSON strings (lists / objects or JSON strings), or why not."
     out = {}
     for key, kind, need in (("messages", list, True), ("tools", list, False), ("response", dict, False)):
         v = rec.get(key)
         if isinstance(v, str):
-            try:v = json.loads(v) if v.strip() else None
-            except json.JSONDecodeError: return None, f"'{key}' is a string but not JSON"
+            v = loads(v, _NOT_JSON) if v.strip() else None
+            if v is _NOT_JSON: return None, f"'{key}' is a string but not JSON"
         if v is None and not need: out[key] = "[]" if key == "tools" else None; continue
         if not isinstance(v, kind): return None, f"'{key}' is not a JSON {kind.__name__}"
         if key == "messages" and not any(isinstance(m, dict) and m.get("role") for m in v):
@@ -767,10 +753,9 @@ def read_calls(path: Path, quarantine: Quarantine) -> tuple[list[dict], pl.DataF
     else:
         lines = []
         with open(path) as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip(): continue
-                try:lines.append((f"{path.name}:{i}", json.loads(line)))
-                except json.JSONDecodeError as e: quarantine.add(f"{path.name}:{i}", f"not JSON: {e.msg}")
+            for where, rec, why in read_jsonl(f, path.name, lambda e: f"not JSON: {getattr(e, 'msg', e)}"):
+                if why: quarantine.add(where, why)
+                else: lines.append((where, rec))
     records, cols, kind = [], [], None
     for where, rec in lines:
         if isinstance(rec, dict) and "messages" in rec:

@@ -13,8 +13,10 @@ import os
 import random
 import re
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 import click
 import polars as pl
@@ -28,8 +30,8 @@ for _var, _val in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_
 __all__ = ['SHIPPED_RAW', 'NON_TTY_INTERVAL', 'TABLE_ROWS', 'TABLE_STR_LEN', 'TABLE_LIST_LEN', 'KINDS', 'CLEAN_SCHEMA',
            'WorkspaceNotFound', 'find_workspace', 'project_root', 'Paths', 'current_profile', 'paths', 'raw_file',
            'read_profiles', 'profile_params', 'set_seed', 'content_hash', 'progress_mode', 'progress', 'setup_display',
-           'setup_plotly', 'save_fig', 'show', 'headline', 'read_headlines', 'SchemaError', 'check_schema', 'Rejected',
-           'Quarantine', 'check_counts', 'plugin']
+           'setup_plotly', 'save_fig', 'show', 'headline', 'read_headlines', 'SchemaError', 'check_schema',
+           'write_atomic', 'read_jsonl', 'Rejected', 'Quarantine', 'check_counts', 'plugin']
 
 # %% ../nbs/00_core.ipynb #0fd7d5e3
 class WorkspaceNotFound(click.ClickException, ValueError):
@@ -247,6 +249,48 @@ def check_schema(frame: pl.DataFrame, schema: dict, step: str) -> pl.DataFrame:
     if problems: raise SchemaError(f"{step}: " + "; ".join(problems))
     return frame
 
+# %% ../nbs/00_core.ipynb #f7b2db27
+def write_atomic(path: Path, data: bytes | str | Callable[[Path], Any], mode: int = 0o600) -> Path:
+    """Write `data` to `path` whole or not at all: bytes or text, or a function that writes the temporary file whose
+    path it is given. Returns `path`."""
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try: fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:          # left by a process of the same id that died mid-write
+        tmp.unlink(); fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        if callable(data):
+            os.close(fd); fd = None
+            data(tmp)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                fd = None
+                f.write(data.encode() if isinstance(data, str) else data); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if fd is not None: os.close(fd)
+        tmp.unlink(missing_ok=True); raise
+    return path
+
+# %% ../nbs/00_core.ipynb #06b1069f
+def _jsonl_reason(e: Exception) -> str:
+    if isinstance(e, UnicodeDecodeError): return f"not UTF-8 ({e.reason} at byte {e.start})"
+    return f"not JSON ({str(e)[:80]})"
+
+def read_jsonl(lines: Iterable[str | bytes], source: str = "input",
+               reason: Callable[[Exception], str] = _jsonl_reason) -> Iterator[tuple[str, Any, str | None]]:
+    """`(where, value, None)` for each JSON line of `lines` (`where` is `source:line`), `(where, None, reason(error))` for
+    a line that is not UTF-8 or not JSON. Blank lines are skipped."""
+    for lineno, line in enumerate(lines, 1):
+        where = f"{source}:{lineno}"
+        if isinstance(line, bytes):
+            try: line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, None, reason(e); continue
+        if not line.strip(): continue
+        try: yield where, json.loads(line), None
+        except (ValueError, RecursionError) as e: yield where, None, reason(e)
+
 # %% ../nbs/00_core.ipynb #5a983e30
 @dataclass
 class Rejected:
@@ -266,10 +310,8 @@ class Quarantine:
     def __len__(self): return len(self.items)
 
     def write(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("w") as f:
-            for r in self.items: f.write(json.dumps(r.__dict__) + "\n")
-        return self.path
+        "Write the rejected records whole (`write_atomic`, an ordinary file): a reader never sees half a quarantine."
+        return write_atomic(self.path, "".join(json.dumps(r.__dict__) + "\n" for r in self.items), 0o666)
 
 def check_counts(n_in: int, n_out: int, n_quarantined: int, step: str) -> dict:
     "Assert that no record was lost (`n_in == n_out + n_quarantined`); returns the counts."

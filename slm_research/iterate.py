@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from .calls import request_text
+from .cluster import nearest_centroid
 from .core import CLEAN_SCHEMA, check_schema, paths, progress
 from .finetune import FinetuneConfig, adapter_evidence, finetune_order, train_specialist
 from .gate import GateConfig, build_gate, evidence_row, wilson_interval
@@ -25,7 +26,7 @@ from .workspace import (AdapterRecord, Config, Registry, Workspace, read_json, s
                                     write_json_atomic)
 
 # %% auto #0
-__all__ = ['call_text', 'EVIDENCE', 'HISTORY_SCHEMA', 'cluster_shares', 'psi_terms', 'psi', 'js_divergence', 'text_embedder',
+__all__ = ['EVIDENCE', 'HISTORY_SCHEMA', 'cluster_shares', 'psi_terms', 'psi', 'js_divergence', 'text_embedder',
            'emerging_clusters', 'NewCluster', 'describe', 'new_clusters_from', 'add_evidence', 'Decision',
            'decide_version', 'request_frame', 'Assigner', 'RequestAssigner', 'DriftReport', 'measure_drift',
            'estimated_cost', 'AdapterTrainer', 'IterateConfig', 'held_out', 'ClusterDecision', 'IterationResult',
@@ -62,8 +63,6 @@ def js_divergence(ref: dict[int, float], cur: dict[int, float]) -> float:
     return (kl(p, m) + kl(q, m)) / 2
 
 # %% ../nbs/15_iterate.ipynb #c321a665
-call_text = request_text   # what S6 embeds: the request, before any answer (see `calls.request_text`)
-
 def text_embedder(embedder="minilm", cache: bool | None = None) -> Callable[[list[str]], np.ndarray]:
     """A function from texts to unit vectors: S3's embedder by name (`minilm`, `static`) or an object with `encode`.
     `cache=False` skips S3's on-disk embedding cache (live requests: nothing written per call)."""
@@ -222,7 +221,7 @@ class Assigner:
         if hasattr(self.clusterer, "text"):
             from slm_research.cluster import build_texts
             return build_texts(frame.drop("text", strict=False), self.clusterer.text)
-        return [call_text(m, t) for m, t in zip(frame["messages"], frame["tools"])]
+        return [request_text(m, t) for m, t in zip(frame["messages"], frame["tools"])]
 
     def vectors(self, frame: pl.DataFrame) -> np.ndarray:
         "Calls in S3's embedding space (its own recipe when the clusterer has one), so new clusters are comparable with S3's."
@@ -233,7 +232,7 @@ class Assigner:
                 self.clusterer.embedder,
                 progress=False,
             )
-        return self.embed([call_text(m, t) for m, t in zip(frame["messages"], frame["tools"])])
+        return self.embed([request_text(m, t) for m, t in zip(frame["messages"], frame["tools"])])
 
     @property
     def typical_similarity(self) -> float:
@@ -247,14 +246,12 @@ class Assigner:
         if not self.new_clusters: return out
         idx = np.flatnonzero((out["cluster"] == -1).to_numpy())
         if len(idx) == 0: return out
-        vectors = self.vectors(out[idx])
-        centroids = np.array([c.centroid for c in self.new_clusters])
-        dist = 1 - vectors @ centroids.T
-        best = dist.argmin(axis=1)
+        new = self.new_clusters
+        placed = nearest_centroid(self.vectors(out[idx]), np.array([c.centroid for c in new]),   # within a new cluster's radius
+                                  np.array([1 - c.radius for c in new]), range(len(new)))
         clusters, labels = out["cluster"].to_list(), out["cluster_label"].to_list()
-        for i, (row, j) in enumerate(zip(idx, best)):
-            if dist[i, j] <= self.new_clusters[j].radius:
-                clusters[row], labels[row] = self.new_clusters[j].cluster, self.new_clusters[j].label
+        for row, j in zip(idx, placed):
+            if j >= 0: clusters[row], labels[row] = new[j].cluster, new[j].label
         return out.with_columns(
             pl.Series("cluster", clusters, dtype=pl.Int64), pl.Series("cluster_label", labels, dtype=pl.String)
         )
@@ -286,7 +283,7 @@ class RequestAssigner:
         known = frame.filter(pl.col("cluster") != -1)
         if known.height == 0: raise ValueError("RequestAssigner.fit: no call belongs to a cluster")
         vectors = (embed or text_embedder(embedder))(
-            [call_text(m, t) for m, t in zip(known["messages"], known["tools"])]
+            [request_text(m, t) for m, t in zip(known["messages"], known["tools"])]
         )
         ids = known["cluster"].to_numpy()
         labels = (
@@ -311,18 +308,15 @@ class RequestAssigner:
 
     def assign_vectors(self, vectors: np.ndarray) -> np.ndarray:
         "The nearest cluster among those that would take each vector (similarity at least their threshold), else -1."
-        sims = vectors @ self.centroids.T
-        takes = sims >= self.thresholds
-        best = np.where(takes, sims, -np.inf).argmax(1)
-        return np.where(takes.any(1), np.asarray(self.clusters)[best], -1)
+        return nearest_centroid(vectors, self.centroids, self.thresholds, self.clusters, among_takers=True)
 
     def assign(self, frame: pl.DataFrame, embed: Callable | None = None) -> np.ndarray:
-        texts = [call_text(m, t) for m, t in zip(frame["messages"], frame["tools"])]
+        texts = [request_text(m, t) for m, t in zip(frame["messages"], frame["tools"])]
         return self.assign_vectors((embed or self._embed)(texts))
 
     def assign_request(self, request: dict) -> int:
         "The cluster of one incoming chat-completions request (-1: none)."
-        text = call_text(request.get("messages", []), request.get("tools") or [])
+        text = request_text(request.get("messages", []), request.get("tools") or [])
         return int(self.assign_vectors(self._embed([text]))[0])
 
     @property

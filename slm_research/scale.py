@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .core import CLEAN_SCHEMA, Quarantine, check_counts, check_schema, paths
+from .core import CLEAN_SCHEMA, Quarantine, check_counts, check_schema, paths, read_jsonl, write_atomic
 from .workspace import Workspace
 
 # %% auto #0
@@ -76,16 +76,14 @@ def read_shard(path, shard: int = 0) -> pl.DataFrame:
         return _with_order(f, shard, range(f.height), ["no call id" if b else None for b in bad])
     from slm_research.capture import RecordError, to_frame, validate_record
     good, good_rows, bad = [], [], []
+    def why(e: Exception) -> str:
+        return f"bad JSON: {e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else f"{type(e).__name__}: {e}"
     with path.open(encoding="utf-8", errors="replace") as fh:
-        row = -1
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip(): continue
-            row += 1
-            try: good.append(validate_record(json.loads(line))); good_rows.append(row)
-            except (ValueError, RecordError) as e:
-                reason = (f"bad JSON: {e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError)
-                          else f"{type(e).__name__}: {e}")
-                bad.append({"id": f"{path.name}:{lineno}", "_row": row, "_reason": reason})
+        for row, (where, rec, reason) in enumerate(read_jsonl(fh, path.name, why)):
+            if reason is None:
+                try: good.append(validate_record(rec)); good_rows.append(row); continue
+                except (ValueError, RecordError) as e: reason = why(e)
+            bad.append({"id": where, "_row": row, "_reason": reason})
     ok = _with_order(to_frame(good).select(list(CLEAN_SCHEMA)), shard, good_rows, [None] * len(good))
     if not bad: return ok
     rej = pl.DataFrame(bad, schema={"id": pl.String, "_row": pl.Int64, "_reason": pl.String})
@@ -165,22 +163,21 @@ def _inject(fault: str | None, key: str) -> None:
     raise TransientBatchError(f"injected failure in batch {key}")
 
 def _write_atomic(frame: pl.DataFrame, path: Path, fault: str | None = None, pieces: str | None = None) -> list[int]:
-    """Write `frame` to `path` under a temporary name, then rename it. With `pieces` (a sorted column), one Parquet row
-    group per value of that column, the column dropped; returns those values in file order."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write `frame` to `path` whole or not at all (`core.write_atomic`). With `pieces` (a sorted column), one Parquet
+    row group per value of that column, the column dropped; returns those values in file order."""
     found = []
-    if pieces is None: frame.write_parquet(tmp)
-    else:
-        import pyarrow.parquet as pq
-        if not frame[pieces].is_sorted(): raise ValueError(f"_write_atomic: {pieces} is not sorted")
-        groups = frame.partition_by(pieces, maintain_order=True, include_key=False, as_dict=True) if frame.height else {}
-        with pq.ParquetWriter(tmp, frame.drop(pieces).to_arrow().schema, compression="zstd") as w:
-            for (k,), part in groups.items():
-                w.write_table(part.rechunk().to_arrow(), row_group_size=part.height); found.append(int(k))
-        if pq.ParquetFile(tmp).num_row_groups != len(found): raise AssertionError(f"_write_atomic: row groups of {path.name}")
-    _inject(fault, path.name)        # a fault here is "mid-batch": the work is done, the result not yet delivered
-    os.replace(tmp, path)
+    def write(tmp: Path):
+        if pieces is None: frame.write_parquet(tmp)
+        else:
+            import pyarrow.parquet as pq
+            if not frame[pieces].is_sorted(): raise ValueError(f"_write_atomic: {pieces} is not sorted")
+            groups = frame.partition_by(pieces, maintain_order=True, include_key=False, as_dict=True) if frame.height else {}
+            with pq.ParquetWriter(tmp, frame.drop(pieces).to_arrow().schema, compression="zstd") as w:
+                for (k,), part in groups.items():
+                    w.write_table(part.rechunk().to_arrow(), row_group_size=part.height); found.append(int(k))
+            if pq.ParquetFile(tmp).num_row_groups != len(found): raise AssertionError(f"_write_atomic: row groups of {path.name}")
+        _inject(fault, path.name)    # a fault here is "mid-batch": the work is done, the result not yet delivered
+    write_atomic(path, write, 0o666)
     return found
 
 # %% ../nbs/17_scale.ipynb #9dcd86ed
@@ -247,27 +244,28 @@ def _actor_map(items: list[dict], cls, workers: int, **ctor) -> list[dict]:
 def write_in_order(groups, out: Path, like: Path) -> int:
     """Write `out` one group at a time with a streaming Parquet writer: a group (a list of `(file, row group)`; `None`:
     the whole file) is read, sorted by `ORDER` and appended without `ORDER`, so only one group is ever in memory. The
-    groups must come in log order (checked). `like`: a part whose columns an empty result takes. Returns the rows."""
+    groups must come in log order (checked). `like`: a part whose columns an empty result takes. Returns the rows.
+    The file appears whole or not at all (`core.write_atomic`)."""
     import pyarrow.parquet as pq
-    tmp = out.with_name(f".{out.name}.tmp")
-    writer, last, n = None, None, 0
-    try:
-        for group in groups:
-            frame = pl.concat([pl.read_parquet(p) if rg is None else pl.from_arrow(pq.ParquetFile(p).read_row_group(rg))
-                               for p, rg in group]).sort(ORDER)
-            if frame.height == 0: continue
-            first = (frame["_shard"][0], frame["_row"][0])
-            if last is not None and first <= last: raise AssertionError(f"write_in_order: {first} comes after {last}")
-            last = (frame["_shard"][-1], frame["_row"][-1])
-            table = frame.drop(ORDER).to_arrow()
-            writer = writer or pq.ParquetWriter(tmp, table.schema, compression="zstd")
-            writer.write_table(table.cast(writer.schema)); n += frame.height
-        if writer is None: pl.DataFrame(schema=pl.read_parquet_schema(like)).drop(ORDER).write_parquet(tmp)
-        else: writer.close(); writer = None
-        os.replace(tmp, out)
-    finally:
-        if writer is not None: writer.close()
-        tmp.unlink(missing_ok=True)
+    n = 0
+    def write(tmp: Path):
+        nonlocal n
+        writer, last = None, None
+        try:
+            for group in groups:
+                frame = pl.concat([pl.read_parquet(p) if rg is None else pl.from_arrow(pq.ParquetFile(p).read_row_group(rg))
+                                   for p, rg in group]).sort(ORDER)
+                if frame.height == 0: continue
+                first = (frame["_shard"][0], frame["_row"][0])
+                if last is not None and first <= last: raise AssertionError(f"write_in_order: {first} comes after {last}")
+                last = (frame["_shard"][-1], frame["_row"][-1])
+                table = frame.drop(ORDER).to_arrow()
+                writer = writer or pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table.cast(writer.schema)); n += frame.height
+            if writer is None: pl.DataFrame(schema=pl.read_parquet_schema(like)).drop(ORDER).write_parquet(tmp)
+        finally:
+            if writer is not None: writer.close()
+    write_atomic(out, write, 0o666)
     return n
 
 # %% ../nbs/17_scale.ipynb #f0378cc1
@@ -323,12 +321,12 @@ def clean_ray(source, config=None, out_dir=None, *, workers: int | None = None, 
 # %% ../nbs/17_scale.ipynb #d4017173
 def assign_frame(model, frame: pl.DataFrame, embedder=None, assign_all: bool = False) -> pl.DataFrame:
     "`id`, `cluster`, `cluster_label` of the calls of `frame` under the fitted `model` (a `cluster.Clusterer`)."
-    from slm_research.cluster import build_parts, embed_parts
+    from slm_research.cluster import build_parts, embed_parts, nearest_centroid
     parts = build_parts(frame, model.text)
     texts = ["\n".join(t for t in ts if t) for ts in zip(*parts.values())]
     emb = embed_parts(parts, embedder or model.embedder, cache=False, progress=False)
     x = model.representation.transform(emb, texts)
-    if assign_all and model.clusters: ids = np.asarray(model.clusters)[(x @ model.centroids.T).argmax(1)]
+    if assign_all and model.clusters: ids = nearest_centroid(x, model.centroids, None, model.clusters)
     else: ids = model.assign_vectors(x)
     return pl.DataFrame({"id": frame["id"], "cluster": pl.Series(ids, dtype=pl.Int64),
                          "cluster_label": [model.label_of(int(c)) for c in ids]})
@@ -409,8 +407,7 @@ def cluster_ray(source, cfg=None, out_dir=None, *, workers: int | None = None, b
     out = (assigned.join(fitted.lazy(), on="_i", how="left", suffix="_fit").sort("_i")
            .select("id", cluster=pl.coalesce("cluster_fit", "cluster"),
                    cluster_label=pl.coalesce("cluster_label_fit", "cluster_label")))
-    out.sink_parquet(out_dir/".clusters.tmp.parquet")
-    os.replace(out_dir/".clusters.tmp.parquet", Workspace(out_dir).path("clusters"))
+    write_atomic(Workspace(out_dir).path("clusters"), out.sink_parquet, 0o666)
     return {**report, "n_fit": len(idx), "n_clusters": len(res.clusterer.clusters)}
 
 def fit_clusters_ray(frame: pl.DataFrame, cfg):

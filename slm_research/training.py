@@ -18,7 +18,7 @@ import polars as pl
 import torch
 
 from . import slm
-from .calls import CHAT_TEMPLATE, MARKUP_TOKENS, SPECIAL_TOKENS, normalise_message, split_prefix
+from .calls import CHAT_TEMPLATE, MARKUP_TOKENS, SPECIAL_TOKENS, Call, normalise_message, split_prefix
 from .core import CLEAN_SCHEMA, check_schema, content_hash, progress, set_seed
 from .heads import HeadPlan, plan_heads
 from .workspace import Config
@@ -42,9 +42,10 @@ def default_threads() -> int:
 # %% ../nbs/14_training.ipynb #32486cbe
 def call_example(row: dict) -> dict:
     "The messages, tools and target assistant message of one CLEAN_SCHEMA row."
-    messages = [normalise_message(m) for m in json.loads(row["messages"])]
-    target = normalise_message({"role": "assistant", **(json.loads(row["response"] or "null") or {})})
-    return {"id": row["id"], "messages": messages, "tools": json.loads(row["tools"] or "[]"), "target": target}
+    call = Call.from_row(row)                       # the columns parsed as every step parses them (`calls`)
+    messages = [normalise_message(m) for m in call.messages]
+    target = normalise_message({"role": "assistant", **(call.response or {})})
+    return {"id": row["id"], "messages": messages, "tools": call.tools, "target": target}
 
 def answered(frame: pl.DataFrame) -> pl.DataFrame:
     "The calls with a logged answer (a failed call has no target to learn or score against)."

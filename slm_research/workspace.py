@@ -19,7 +19,7 @@ import polars as pl
 
 from fastcore.basics import patch
 
-from .core import CLEAN_SCHEMA, check_schema, paths
+from .core import CLEAN_SCHEMA, check_schema, paths, write_atomic
 
 # %% auto #0
 __all__ = ['SPLIT_FRACTIONS', 'SPLITS', 'STATUSES', 'CLUSTERS_SCHEMA', 'Config', 'write_json_atomic', 'write_parquet_atomic',
@@ -63,23 +63,12 @@ class Config:
 
 # %% ../nbs/07_workspace.ipynb #8fcefc5c
 def write_json_atomic(path: Path, obj) -> Path:
-    "Write `obj` as JSON to `path` so readers see the old file or the new one, never a partial write."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=str); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-    return path
+    "Write `obj` as JSON to `path` (`core.write_atomic`, readable by its owner) so readers see the old file or the new one."
+    return write_atomic(path, json.dumps(obj, indent=1, default=str))
 
 def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> Path:
-    "Write `frame` to `path` through a temporary file in the same folder."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.write_parquet(tmp); os.replace(tmp, path)
-    return path
+    "Write `frame` to `path` whole or not at all (`core.write_atomic`, an ordinary file)."
+    return write_atomic(path, frame.write_parquet, 0o666)
 
 # %% ../nbs/07_workspace.ipynb #0dd01b39
 SPLIT_FRACTIONS = (0.7, 0.0, 0.3)   # train, val, test

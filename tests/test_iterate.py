@@ -8,8 +8,9 @@ import polars as pl
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from slm_research.iterate import (IterateConfig, RequestAssigner, call_text, cluster_shares, js_divergence,
+from slm_research.iterate import (IterateConfig, RequestAssigner, cluster_shares, js_divergence,
                                   measure_drift, psi)
+from slm_research.calls import request_text
 from slm_research.serve import Route, Router, load_router, validate_message
 from slm_research.workspace import AdapterRecord, Registry, Workspace
 
@@ -138,9 +139,9 @@ def test_router_in_the_proxy_serves_gated_clusters_and_falls_back(corpus_frame, 
 
     # next_step: gated, answered by a nearest-neighbour responder over the cluster's logged answers (always well formed)
     nn = known.filter(pl.col("cluster") == cluster["next_step"])
-    nn_vectors = assigner._embed([call_text(m, t) for m, t in zip(nn["messages"], nn["tools"])])
+    nn_vectors = assigner._embed([request_text(m, t) for m, t in zip(nn["messages"], nn["tools"])])
     def nearest_answer(request):
-        v = assigner._embed([call_text(request["messages"], request.get("tools"))])
+        v = assigner._embed([request_text(request["messages"], request.get("tools"))])
         return json.loads(nn["response"][int(np.argmax(nn_vectors @ v[0]))])
     # start_url: gated, but its SLM (an untrained model) cannot write the JSON the cluster always answers in
     routes = [Route(cluster["next_step"], nearest_answer, "slm/cluster-next/v1"),

@@ -13,10 +13,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .files import read_jsonl
 from .records import RecordError, conversation_key, validate_record
 from .store import SegmentWriter
-from ..core import Quarantine, check_counts, progress
+from ..core import Quarantine, check_counts, progress, read_jsonl
 
 # %% auto #0
 __all__ = ['IMPORTERS', 'FORMATS', 'ImportStats', 'parse_lines', 'import_file']

@@ -14,8 +14,7 @@ from typing import Iterable
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from .files import write_atomic
-from ..core import paths
+from ..core import paths, write_atomic
 
 # %% auto #0
 __all__ = ['CaptureKeyError', 'default_key_dir', 'key_id', 'generate_keys', 'load_public_key', 'load_private_keys',

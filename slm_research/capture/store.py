@@ -28,10 +28,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fastcore.basics import patch
 
-from .files import read_jsonl, write_atomic
 from .keys import Pseudonymizer, key_id, load_private_keys, load_public_key
 from .records import to_frame
-from ..core import check_counts, paths
+from ..core import check_counts, paths, read_jsonl, write_atomic
 
 # %% auto #0
 __all__ = ['MAGIC', 'MAGIC2', 'FORMAT_OF', 'ITEM_LISTS', 'MANIFEST', 'StoreError', 'split_items', 'ItemTable', 'pack_record',

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import click
 
-from ..core import content_hash, paths
+from ..core import content_hash, paths, read_jsonl
 from ..core import progress as progress_bar
 from .callsites import Ctx, Family, SubTask, msg
 from .cradle import CRADLE
@@ -170,10 +170,11 @@ def generate_records(
 
 # %% ../../nbs/05_corpus.ipynb #a93c2557
 def iter_jsonl(path: Path) -> Iterator[dict]:
-    "The JSON objects of a JSON-lines file, one per line."
+    "The JSON objects of a JSON-lines file, one per line (`core.read_jsonl`); a bad line is an error that names it."
     with Path(path).open() as f:
-        for line in f:
-            if line.strip(): yield json.loads(line)
+        for where, value, why in read_jsonl(f, Path(path).name):
+            if why: raise ValueError(f"{where}: {why}")
+            yield value
 
 def read_gold(corpus: Path) -> "pl.DataFrame":
     "The gold labels of a corpus as a frame: `id`, `agent`, `subtask`, `n_pii` (for scoring only; the pipeline never reads it)."
