@@ -10,7 +10,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT/"slm_research"
-SPLITTING = ("clean",)   # S2 is being split into a subpackage: its module's checks are expected to fail until then
 
 
 def module_name(path: Path) -> str:
@@ -25,7 +24,6 @@ MODULES = set(FILES)
 TREES = {m: ast.parse(p.read_text()) for m, p in FILES.items()}
 
 
-def _split(m: str) -> bool: return m.split(".")[0] in SPLITTING
 
 
 def imports_of(module: str, tree: ast.AST | None = None) -> set[str]:
@@ -90,8 +88,7 @@ def test_the_package_has_no_import_cycle():
 
 def _lines(m): return len(FILES[m].read_text().splitlines())
 
-@pytest.mark.parametrize("module", [pytest.param(m, marks=pytest.mark.xfail(strict=False, reason="clean.py is being split"))
-                                    if m == "clean" else m for m in sorted(MODULES)])
+@pytest.mark.parametrize("module", sorted(MODULES))
 def test_no_module_is_over_900_lines(module):
     assert _lines(module) <= 900, f"{FILES[module].relative_to(ROOT)} has {_lines(module)} lines: split it by concept"
 
@@ -144,9 +141,8 @@ def who_calls(name: str) -> list[str]:
 
 
 def only(found: list[str], allowed: set[str], what: str):
-    "Assert `found` is within `allowed`; the module being split counts as expected failure (see `SPLITTING`)."
+    "Assert `found` is within `allowed`."
     extra = [f for f in found if f not in allowed]
-    if extra and all(_split(f) for f in extra): pytest.xfail(f"{what}: {extra} (in the module being split)")
     assert extra == [], f"{what} outside its home: {extra}"
 
 
@@ -218,8 +214,6 @@ def test_one_gate_threshold():
                           if isinstance(f, ast.AnnAssign) and isinstance(f.target, ast.Name)}
                 if {"threshold", "gate_threshold"} & set(fields): owners.append(f"{m}.{node.name}")
                 if "gate" in fields: holders[f"{m}.{node.name}"] = fields["gate"]
-    if [o for o in owners if o != "gate.GateConfig"] and all(_split(o) for o in owners if o != "gate.GateConfig"):
-        pytest.xfail(f"gate thresholds in {owners}")
     assert owners == ["gate.GateConfig"], owners
     assert {"finetune.FinetuneConfig", "iterate.IterateConfig"} <= set(holders), holders
     assert all("GateConfig" in t for t in holders.values()), holders
@@ -251,8 +245,7 @@ def test_example_counter_counts():
 
 NOTEBOOKS = sorted(p for p in NBS.glob("*.ipynb") if example_counts(p)[1])
 
-@pytest.mark.parametrize("nb", [pytest.param(p, marks=pytest.mark.xfail(strict=False, reason="11_clean is being split"))
-                                if p.name.startswith("11_clean") else p for p in NOTEBOOKS], ids=lambda p: p.stem)
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_nine_in_ten_exported_cells_have_an_example(nb):
     k, n = example_counts(nb)
     assert k >= 0.9 * n, f"{nb.name}: {k} of {n} exported cells are followed by an example (at least 90% wanted)"
@@ -262,8 +255,7 @@ ISSUE = re.compile(r"issue [0-9]+|issue #[0-9]+", re.I)
 PROSE = [p for p in [*NBS.glob("*.ipynb"), ROOT/"README.md", *(ROOT/"docs").rglob("*.md"), *(ROOT/"docs").rglob("*.ipynb")]
          if p.exists() and not {"_build", "_site", "build", "_proc"} & set(p.parts)]
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(strict=False, reason="11_clean is being split"))
-                                  if p.name.startswith("11_clean") else p for p in PROSE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", PROSE, ids=lambda p: p.name)
 def test_no_issue_numbers_in_what_a_reader_reads(path):
     "Notebooks, the README and the docs say what is measured and why; a reader of them has no issue tracker."
     hits = [m.group(0) for m in ISSUE.finditer(path.read_text())]

@@ -14,7 +14,8 @@ import polars as pl
 
 from .engine import CleanConfig, MaskingEngine
 from .messages import loads_checked, mask_records
-from .step import clean_to_files, _atomic_write, _check_text, _reason, _write_quarantine
+from .step import clean_to_files, _check_text, _reason
+from ..core import write_atomic
 from ..workspace import Workspace
 
 # %% auto #0
@@ -85,21 +86,19 @@ def clean_jsonl(in_path, out_path, config: CleanConfig | None = None, progress: 
     good = [i for i in range(len(records)) if i not in reasons]
     keys = [str(records[i].get("session_id") or records[i].get("conversation_id") or wheres[i]) for i in good]
     masked = mask_records(engine, [records[i] for i in good], keys, progress=progress)
-    findings, n_out = [], 0
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    try:
+    findings, counts = [], {}
+    def write(tmp: Path):   # the masked lines, renamed into place only when every line is accounted for
+        n_out = 0
         with tmp.open("w", encoding="utf-8") as dst:
             for i, result in zip(good, masked):
                 if isinstance(result, Exception): reasons[i] = _reason(result); continue
                 rec, ents, found = result
                 dst.write(json.dumps({**rec, "entities": ents}, ensure_ascii=False) + "\n"); n_out += 1
-                findings += [{"where": wheres[i], **f} for f in found]
+                findings.extend({"where": wheres[i], **f} for f in found)
         for i in sorted(reasons): q.add(wheres[i], reasons[i])
-        counts = check_counts(len(wheres), n_out, len(q), "clean")
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _write_quarantine(q)
+        counts.update(check_counts(len(wheres), n_out, len(q), "clean"))
+    write_atomic(out_path, write, 0o666)
+    q.write()
     return {**counts, "quarantine": str(q.path), "tool_findings": len(findings), "tool_findings_where": findings[:50]}
 
 # %% ../../nbs/11_clean_files.ipynb #6fafe889
@@ -161,14 +160,14 @@ def clean_cmd(in_path, out_path, keys, store, **options):
         report = clean_to_files(ws, config, frame, engine=engine, progress=False, keys=keys, store=store)
         result = {"calls_clean": str(ws.path("calls")), **{k: report[k] for k in ("n_in", "n_out", "n_quarantined")}}
         if in_path is not None:
-            _write_quarantine(lines_q)
+            lines_q.write()
             result |= {"lines": n_lines, "lines_quarantined": len(lines_q), "lines_quarantine": str(lines_q.path)}
         if out_path is not None and in_path is not None:
             jsonl = clean_jsonl(in_path, out_path, config, False, engine)
             result["jsonl"] = {k: v for k, v in jsonl.items() if k != "tool_findings_where"}
         elif out_path is not None:
             masked = ws.read_calls()
-            _atomic_write(check_output(ws.path("calls"), out_path), masked.write_ndjson)
+            write_atomic(check_output(ws.path("calls"), out_path), masked.write_ndjson, 0o666)
             result["jsonl"] = {"out": str(out_path), "n_out": masked.height}
     except (ValueError, OSError) as e: raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result))

@@ -5,6 +5,7 @@
 # %% ../../nbs/11_clean_messages.ipynb #9e11e18e
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import json
@@ -378,7 +379,7 @@ def _mask_slots(engine: "MaskingEngine", root, slots: list, placeholders: Placeh
 def mask_messages(engine: "MaskingEngine", messages: list[dict], placeholders: Placeholders, prefix: str = "messages",
                   known_tools: set | None = None) -> tuple[list[dict], list[dict]]:
     "Masked copies of chat `messages` (every field S2 does not know is masked) and entities with their `field`."
-    messages = json.loads(json.dumps(messages))            # a copy (messages are JSON)
+    messages = copy.deepcopy(messages)                     # masked in place below: the caller's stay as they were
     names = set(known_tools or ()) | tool_names((), messages)
     slots = [s for i, m in enumerate(messages) for s in message_slots(m, names, (i,))]
     return messages, _mask_slots(engine, messages, slots, placeholders, tuple(prefix.split(".")) if prefix else ())

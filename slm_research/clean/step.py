@@ -166,26 +166,13 @@ def clean(
     return check_schema(out, CLEAN_SCHEMA, "clean (output)")
 
 # %% ../../nbs/11_clean_step.ipynb #b8946dc2
-def _atomic_write(path, write) -> Path:
-    "Write `path` through a temporary file beside it and a rename: a crash leaves the previous file intact."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try: write(tmp); os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
-    return path
-
-def _write_quarantine(q) -> Path:
-    "Write (or replace, even with no record) a quarantine file atomically."
-    return _atomic_write(q.path, lambda p: p.write_text("".join(json.dumps(r.__dict__) + "\n" for r in q.items)))
-
 def mask_to_files(frame: "pl.DataFrame", config: CleanConfig, out_dir: Path, engine: "MaskingEngine | None" = None,
                   progress: bool = True) -> dict:
     """The local engine: `clean` `frame` and write S2's hand-off to the workspace `out_dir` (the masked calls, the
     quarantine and the report: counts in = out + quarantined, placeholders per type, tool-definition findings).
     Each file is written to a temporary file and renamed. Returns the report."""
     import time
-    from slm_research.core import Quarantine, check_counts
+    from slm_research.core import Quarantine, check_counts, write_atomic
     ws = Workspace(out_dir)
     q = Quarantine(ws.path("clean_quarantine"))
     t0, extra = time.perf_counter(), {}
@@ -193,14 +180,14 @@ def mask_to_files(frame: "pl.DataFrame", config: CleanConfig, out_dir: Path, eng
     seconds = time.perf_counter() - t0
     report = check_counts(frame.height, masked.height, len(q), "clean")
     ws.write_calls(masked)
-    _write_quarantine(q)
+    q.write()
     text = pl.concat([masked["messages"], masked["response"].fill_null("")])
     report |= {"seconds": round(seconds, 2), "calls_per_s": round(frame.height / max(seconds, 1e-9), 1),
                "placeholders": {label: int(text.str.count_matches(rf"<{TAGS.get(label, label)}_\d+>").sum())
                                 for label in sorted({*TAGS, "PERSON", "LOCATION", "SECRET", "URL"})}, **extra,
                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()
                           if k != "pseudonym_key"}}
-    _atomic_write(ws.path("clean_report"), lambda p: p.write_text(json.dumps(report, indent=1)))
+    write_atomic(ws.path("clean_report"), json.dumps(report, indent=1), 0o666)
     return report
 
 ENGINES = {"local": mask_to_files}              # engine name -> (frame, config, out_dir) -> report
