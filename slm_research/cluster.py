@@ -603,10 +603,10 @@ def call_features(frame: pl.DataFrame) -> pl.DataFrame:
     )
     rows = []
     for m, r in zip(frame["messages"], frame["response"]):
-        msgs, resp = _loads(m, []), _loads(r, None) or {}
-        content = _content_text(resp.get("content")).strip()
+        msgs, resp = loads(m, []), loads(r, None) or {}
+        content = content_text(resp.get("content"), " ").strip()
         shape = output_shape(resp)
-        rows.append(dict(prompt_chars=sum(len(_content_text(x.get("content"))) for x in msgs),
+        rows.append(dict(prompt_chars=sum(len(content_text(x.get("content"), " ")) for x in msgs),
                          response_chars=len(content) + len(json.dumps(resp.get("tool_calls") or "")) - 2,
                          tool_call=shape.startswith("tool_call"), json_output=shape.startswith("json"),
                          code=shape == "code"))
