@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -131,13 +132,16 @@ def train_specialist(rows: pl.DataFrame, config: FinetuneConfig, out_dir: Path, 
     res = train_adapter(rows, config, out_dir, plan, answer_tokens=budget)
     t1 = time.perf_counter()
     model, tok = load_adapter(out_dir, merge=True)
+    needed = math.ceil(config.gate.min_calls * config.gate.threshold / (1 - config.gate.calibration_share))
     scored = score_calls(model, tok, pl.concat([calib, test]), profile, plan, desc=f"adapter {Path(out_dir).name}",
-                         **_score_kw(config, budget))
+                         min_correct=needed, **_score_kw(config, budget))
     del model
+    stopped = scored.height < calib.height + test.height   # too few agreeing answers to ever pass: evidence not spent
     s_cal, s_test = (scored.filter(pl.col("id").is_in(f["id"].implode())) for f in (calib, test))
     chosen = choose_threshold(s_cal["confidence"].to_list(), s_cal["agreement"].to_list(), config.gate)
+    if stopped: chosen = {**chosen, "threshold": math.inf, "rule": "stopped"}
     ev = verify(s_test["confidence"].to_list(), s_test["agreement"].to_list(), chosen["threshold"], config.gate)
-    a = summarise(s_test, config.seed)
+    a = summarise(scored if stopped else s_test, config.seed)   # stopped: what it answered shows why
     meta = json.loads((Path(out_dir)/"meta.json").read_text())
     meta.update(profile=profile, acceptance=chosen, metrics={"adapter": a, "evidence": ev},
                 tool_threshold=config.tool_threshold, max_prompt_tokens=config.max_length - budget)
@@ -146,7 +150,8 @@ def train_specialist(rows: pl.DataFrame, config: FinetuneConfig, out_dir: Path, 
             "kind": profile["kind"], "fields": profile["fields"], "plan": plan, "answer_tokens": budget,
             **{f"adapter_{k}": v for k, v in a.items()}, "acceptance": chosen["threshold"],
             "acceptance_rule": chosen["rule"], "n_scored": ev["n_scored"], "n_accepted": ev["n_accepted"],
-            "agree": ev["agree"], "losses": [res.first_loss, res.last_loss], "tokens_per_s": res.tokens_per_s,
+            "agree": ev["agree"], "stopped": stopped, "n_agreeing": float(scored["agreement"].sum()),
+            "n_answered": scored.height, "losses": [res.first_loss, res.last_loss], "tokens_per_s": res.tokens_per_s,
             "tokens_per_example": meta["tokens_per_example"], "n_train": res.n_train,
             "n_calibration": calib.height, "n_test": test.height,
             "train_seconds": round(t1 - t0, 1), "score_seconds": round(time.perf_counter() - t1, 1)}

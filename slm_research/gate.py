@@ -163,7 +163,9 @@ def gate_row(row: dict, config: GateConfig | None = None) -> dict:
     """`row` (`cluster`, `label`, `share` and evidence counts `n_scored`, `n_accepted`, `agree`) with coverage,
     accepted agreement, their intervals and the decision added."""
     config = config or GateConfig()
-    return {**row, **evidence_row(row.get("n_scored", 0), row.get("n_accepted", 0), row.get("agree", 0.0), config)}
+    out = {**row, **evidence_row(row.get("n_scored", 0), row.get("n_accepted", 0), row.get("agree", 0.0), config)}
+    if row.get("stopped"): out["could_pass"] = False   # scoring stopped: too few agreeing answers to ever pass
+    return out
 
 def build_gate(rows: list[dict], config: GateConfig | None = None, **extra) -> dict:
     "The `gate.json` document for per-cluster `rows` (see `gate_row`), with the replaceable share and its interval."

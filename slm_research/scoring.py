@@ -16,7 +16,7 @@ import torch
 from . import slm
 from .calls import prefix_hash, tool_arguments, tool_name
 from .core import progress
-from .gate import score_interval, wilson_interval
+from .gate import anytime_upper_bound, score_interval, wilson_interval
 from .heads import HeadPlan
 from .training import answered, call_example, default_threads, split_rows
 
@@ -164,10 +164,11 @@ def _score_rows(rows, answers, profile) -> list[dict]:
 def score_calls(model, tokenizer, frame: pl.DataFrame, profile: dict, plan: HeadPlan | None = None,
                 zero_shot: bool = False, max_new_tokens: int = 96, max_prompt_tokens: int | None = None,
                 batch_size: int = 16, tool_threshold: float = 0.5, stop_below: float | None = None,
-                num_threads: int | None = None, desc: str = "scoring") -> pl.DataFrame:
+                min_correct: int | None = None, num_threads: int | None = None, desc: str = "scoring") -> pl.DataFrame:
     """Answer and score the answered calls of `frame` (CLEAN_SCHEMA): one row per call (`SCORE_SCHEMA`). `zero_shot`: the
     base reads each call's head (cached per head); else the specialist reads what `plan` says, and calls whose head it
-    did not learn are not answered (`covered` False, confidence 0)."""
+    did not learn are not answered (`covered` False, confidence 0). Scoring stops early when the agreement's upper bound
+    falls below `stop_below`, or (valid over every batch) when the calls can no longer hold `min_correct` agreeing answers."""
     plan = plan or HeadPlan()
     torch.set_num_threads(num_threads or default_threads())
     examples = [call_example(r) for r in answered(frame).iter_rows(named=True)]
@@ -195,6 +196,8 @@ def score_calls(model, tokenizer, frame: pl.DataFrame, profile: dict, plan: Head
         scored += _score_rows(chunk, answers, profile)
         if stop_below is not None and i + batch_size < len(todo):
             if wilson_interval(sum(r["agreement"] for r in scored), len(scored))[1] < stop_below: break
+        if min_correct is not None and i + batch_size < len(todo):
+            if anytime_upper_bound(sum(r["agreement"] for r in scored), len(scored)) * len(todo) < min_correct: break
     return pl.DataFrame(out + scored, schema=SCORE_SCHEMA)
 
 def summarise(scored: pl.DataFrame, seed: int = 0) -> dict:
