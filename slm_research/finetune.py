@@ -276,10 +276,11 @@ def gate_table(gate: dict) -> pl.DataFrame:
     for r in gate["clusters"]:
         rows.append({
             "cluster": r["cluster"], "label": r.get("label", "")[:28], "share": round(r.get("share", 0.0), 3),
-            "head tok": r.get("head_tokens", 0), "train": r.get("n_train", 0),
+            "head tok": round(r.get("head_tokens") or 0), "train": r.get("n_train", 0),
             "scored": f"{r.get('n_calibration', 0)}+{r.get('n_test', 0)}",
             "zero-shot": _fmt_ci(r.get("base_score"), r.get("base_interval") or [0, 1]) + f" n={r.get('base_n', 0)}",
-            "adapter": _fmt_ci(r.get("adapter_score"), r.get("adapter_interval") or [0, 1]),
+            "adapter": _fmt_ci(r.get("adapter_score"), r.get("adapter_interval") or [0, 1])
+                       + (f" n={r['adapter_n']}" if r.get("adapter_n") is not None else ""),
             "coverage": _fmt_ci(r.get("coverage"), r.get("coverage_interval") or [0, 1]),
             "accepted": _fmt_ci(r.get("accepted_agreement"), r.get("accepted_interval") or [0, 1])
                         + f" n={r.get('n_accepted', 0)}",
