@@ -83,7 +83,7 @@ def test_chapter_reads_as_prose(browser, site_url, chapter):
     source text, polars tables without their `shape:` line and dtype row (the runner's TABLE_KERNEL_ENV), no progress
     bars, no console errors."""
     page, problems = _open(browser, f"{site_url}/notebooks/{chapter}.html")
-    shown_inputs = page.locator(".cell_input").evaluate_all("els => els.filter(e => e.getClientRects().length).length")
+    shown_inputs = page.locator(".cell_input").evaluate_all("els => els.filter(e => e.checkVisibility()).length")
     assert shown_inputs == 0, f"{chapter}: {shown_inputs} code cells shown unfolded"
     # the code is there, folded in <details> closed by default; the page text a reader sees has no source
     assert page.locator("details.hide.above-input").evaluate_all("els => els.filter(e => e.open).length") == 0
