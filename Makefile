@@ -40,9 +40,10 @@ install: $(STAMP)  ## create .venv with the pinned dependencies
 demo: $(STAMP)  ## run every notebook end to end under the demo profile into runs/<timestamp>-demo/
 	$(BIN)/slm-research run --profile $(PROFILE)
 
-test: $(STAMP)  ## the whole check: sync, nbdev-test, pytest, papermill ci run, JupyterLab check, docs, browser check
+# Every notebook runs once, in the ci run (papermill executes each cell, every `test_eq` in it); `make nbtest` runs them
+# again at their parameters cells' defaults, for a change to those defaults.
+test: $(STAMP)  ## the whole check: sync, pytest, papermill ci run (every notebook), JupyterLab check, docs, browser check
 	$(MAKE) check-sync
-	$(MAKE) nbtest
 	$(MAKE) pytest
 	$(MAKE) ci-run
 	$(MAKE) lab-check LAB_S3_FROM=data/processed/ci

@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +31,10 @@ from .training import (TrainConfig, answered, call_example, encode_example, load
 from .workspace import AdapterRecord, Workspace, evidence_split
 
 # %% auto #0
-__all__ = ['KIND_PRIOR', 'MIN_TRAIN_CALLS', 'ZERO_SHOT_BATCH', 'TRAIN_OPTIONS', 'FinetuneConfig', 'decision', 'winnable',
-           'finetune_order', 'answer_budget', 'head_tokens', 'train_specialist', 'adapter_evidence', 'finetune_cluster',
-           'synthetic_workspace', 'register', 'finetune_to_files', 'gate_table', 'print_gate', 'finetune_config',
-           'finetune_cmd', 'evaluate_cmd']
+__all__ = ['KIND_PRIOR', 'MIN_TRAIN_CALLS', 'ZERO_SHOT_BATCH', 'TRAIN_OPTIONS', 'FinetuneConfig', 'decision', 'read_window',
+           'holds', 'copied_decision', 'readable_share', 'winnable', 'finetune_order', 'answer_budget', 'head_tokens',
+           'train_specialist', 'adapter_evidence', 'finetune_cluster', 'synthetic_workspace', 'register',
+           'finetune_to_files', 'gate_table', 'print_gate', 'finetune_config', 'finetune_cmd', 'evaluate_cmd']
 
 # %% ../nbs/14_finetune.ipynb #a60f1425
 @dataclass
@@ -67,24 +70,79 @@ def decision(target: dict, profile: dict) -> str:
     if target.get("tool_calls"): return json.dumps(_actions(_tool_calls(target)), sort_keys=True, default=str)
     return (target.get("content") or "").strip()
 
-def winnable(n_calls: int, share: float, targets: list[dict], config: FinetuneConfig) -> float:
-    "The expected share of all calls a cluster's specialist wins: its share, by how templated, short and scorable it is."
-    if not targets: return 0.0
+def read_window(example: dict, plan: HeadPlan, chars: int) -> str:
+    "What a specialist reads of a call, as text: its turns after the head and the user template, the last `chars` of them."
+    from slm_research.calls import content_text, split_prefix
+    _, _, turns = split_prefix(example["messages"], example["tools"])
+    lines = [f"{m.get('role')}: {content_text(m.get('content'), ' ')} {json.dumps(m['tool_calls']) if m.get('tool_calls') else ''}"
+             for m in plan.apply(turns)]
+    return "\n".join(lines)[-chars:]
+
+def holds(text: str, value: str) -> bool:
+    "Whether `text` holds `value` as a whole (not inside a longer word or number)."
+    return bool(value.strip()) and re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text) is not None
+
+def copied_decision(decision: str, window: str, common: Callable[[str], bool]) -> str:
+    """`decision` with each value the call's `window` holds, and few other calls' windows do (not `common`), written
+    `<copied>`: a city copied from the request into a tool call's arguments is read, not learnt."""
+    def walk(v):
+        if isinstance(v, dict): return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)): return [walk(x) for x in v]
+        s = str(v)[1:-1] if str(v)[:1] == str(v)[-1:] == '"' else str(v)    # a field's JSON string, unquoted
+        return "<copied>" if holds(window, s) and not common(s) else v
+    try: return json.dumps(walk(json.loads(decision)), sort_keys=True)
+    except (json.JSONDecodeError, TypeError): return json.dumps(walk(decision))
+
+def readable_share(examples: list[dict], profile: dict, rate: float, chars: int = 768, folds: int = 5) -> float:
+    """The share of `examples` (`call_example`s) whose decision a cheap reader makes from `read_window` at `rate`:
+    the words present and a logistic regression, cross-validated; its surest answers first, as many as keep its
+    accuracy >= `rate`. The decisions are taken as they are, and with the values copied from the window written
+    `<copied>` (`copied_decision`): the better reading counts."""
+    plan = plan_heads(pl.DataFrame({"messages": [json.dumps(e["messages"]) for e in examples],
+                                    "tools": [json.dumps(e["tools"] or []) for e in examples]}))
+    texts = np.array([read_window(e, plan, chars) for e in examples], dtype=object)
+    common = functools.cache(lambda s: sum(holds(t, s) for t in texts) > len(texts) / 2)
+    plain = [decision(e["target"], profile) for e in examples]
+    copied = [copied_decision(d, t, common) for d, t in zip(plain, texts)]
+    return max(_read_share(texts, np.array(y), rate, folds) for y in {tuple(plain), tuple(copied)})
+
+def _read_share(texts: np.ndarray, y: np.ndarray, rate: float, folds: int) -> float:
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold
+    if len(set(y)) == 1: return 1.0
+    if len(set(y)) > len(y) / 4 or len(y) < 2 * folds: return 0.0   # decisions that rarely repeat are not learnt here
+    right, sure = np.zeros(len(y)), np.zeros(len(y))
+    for fit, held in KFold(folds, shuffle=True, random_state=0).split(texts):
+        if len(set(y[fit])) == 1: right[held], sure[held] = y[held] == y[fit][0], 1.0; continue
+        vec = CountVectorizer(binary=True, token_pattern=r"(?u)\b\w+\b").fit(texts[fit])   # which words, not how often
+        reader = LogisticRegression(C=10, max_iter=300).fit(vec.transform(texts[fit]), y[fit])
+        p = reader.predict_proba(vec.transform(texts[held]))
+        right[held], sure[held] = reader.classes_[p.argmax(1)] == y[held], p.max(1)
+    running = np.cumsum(right[np.argsort(-sure, kind="stable")]) / np.arange(1, len(y) + 1)
+    ok = np.flatnonzero(running >= rate)
+    return float((ok[-1] + 1) / len(y)) if len(ok) else 0.0
+
+def winnable(n_calls: int, share: float, examples: list[dict], config: FinetuneConfig) -> float:
+    """The expected share of all calls a cluster's specialist wins: its share, by how readable its decisions are in what
+    the specialist reads (`readable_share`), how short its answers are, and whether it can be trained and gated."""
+    if not examples: return 0.0
+    targets = [e["target"] for e in examples]
     profile = answer_profile(targets)
-    distinct = len({decision(t, profile) for t in targets}) / len(targets)
+    readable = readable_share(examples, profile, config.gate.threshold, chars=3 * config.max_length)
     length = float(np.quantile([len(t.get("content") or json.dumps(t.get("tool_calls"))) for t in targets], 0.9))
     n_train = min(config.max_train_calls, int(config.max_train_share * n_calls))
     evidence = 1.0 if n_calls - n_train >= config.gate.min_calls / (1 - config.gate.calibration_share) else 0.3
     trainable = 1.0 if n_train >= MIN_TRAIN_CALLS else 0.1
-    return share * KIND_PRIOR[profile["kind"]] * (1 - distinct) / (1 + length / 400) * evidence * trainable
+    return share * KIND_PRIOR[profile["kind"]] * readable / (1 + length / 400) * evidence * trainable
 
 def finetune_order(frame: pl.DataFrame, clusters: list[int], config: FinetuneConfig) -> list[int]:
-    "The clusters, most winnable volume first (`winnable`)."
+    "The clusters, most winnable volume first (`winnable`, on up to 200 calls of each)."
     calls = answered(frame)
     def key(c):
         rows = calls.filter(pl.col("cluster") == c)
-        targets = [call_example(r)["target"] for r in rows.head(200).iter_rows(named=True)]
-        return -winnable(rows.height, rows.height / max(calls.height, 1), targets, config)
+        examples = [call_example(r) for r in rows.head(200).iter_rows(named=True)]
+        return -winnable(rows.height, rows.height / max(calls.height, 1), examples, config)
     return sorted(clusters, key=key)
 
 # %% ../nbs/14_finetune.ipynb #8a070d61
@@ -138,7 +196,7 @@ def train_specialist(rows: pl.DataFrame, config: FinetuneConfig, out_dir: Path, 
     del model
     stopped = scored.height < calib.height + test.height   # too few agreeing answers to ever pass: evidence not spent
     s_cal, s_test = (scored.filter(pl.col("id").is_in(f["id"].implode())) for f in (calib, test))
-    chosen = choose_threshold(s_cal["confidence"].to_list(), s_cal["agreement"].to_list(), config.gate)
+    chosen = choose_threshold(s_cal["confidence"].to_list(), s_cal["agreement"].to_list(), config.gate, test.height)
     if stopped: chosen = {**chosen, "threshold": math.inf, "rule": "stopped"}
     ev = verify(s_test["confidence"].to_list(), s_test["agreement"].to_list(), chosen["threshold"], config.gate)
     a = summarise(scored if stopped else s_test, config.seed)   # stopped: what it answered shows why

@@ -14,8 +14,8 @@ from .workspace import Config
 
 # %% auto #0
 __all__ = ['Z95', 'wilson_interval', 'bootstrap_interval', 'score_interval', 'log_evidence', 'anytime_lower_bound',
-           'anytime_upper_bound', 'min_gate_calls', 'false_pass_rate', 'GateConfig', 'choose_threshold', 'verify',
-           'evidence_row', 'gate_row', 'build_gate']
+           'anytime_upper_bound', 'min_gate_calls', 'false_pass_rate', 'GateConfig', 'rate_to_pass', 'choose_threshold',
+           'verify', 'evidence_row', 'gate_row', 'build_gate']
 
 # %% ../nbs/08_gate.ipynb #c510f64f
 Z95 = 1.959963984540054
@@ -117,10 +117,20 @@ class GateConfig(Config):
     def min_calls(self) -> int: return min_gate_calls(self.threshold, self.alpha)
 
 # %% ../nbs/08_gate.ipynb #4018bf8e
-def choose_threshold(confidence, agreement, config: GateConfig | None = None) -> dict:
+def rate_to_pass(n: int, config: GateConfig) -> float:
+    "The agreement rate `n` accepted calls need to pass the gate (1.0 when even full agreement is too few)."
+    for errors in range(n + 1):
+        if not config.passes(n - errors, n): return (n - errors + 1) / n if errors else 1.0
+    return 0.0
+
+def choose_threshold(confidence, agreement, config: GateConfig | None = None, n_test: int | None = None) -> dict:
     """The acceptance threshold from calibration calls' `confidence` and `agreement` (scores in [0, 1]): `threshold`
-    (answer when confidence >= it; `inf` accepts none), `n_accepted`, `agreement` on them and the `rule` that chose it."""
+    (answer when confidence >= it; `inf` accepts none), `n_accepted`, `agreement` on them and the `rule` that chose it.
+    `n_test`: the test calls that will verify it, whose accepted share must then agree at `rate_to_pass`."""
     config = config or GateConfig()
+    def rate(k: int) -> float:
+        floor = (1 + config.threshold) / 2
+        return floor if not n_test else max(floor, rate_to_pass(max(1, round(k / len(c) * n_test)), config))
     c, a = np.asarray(confidence, dtype=float), np.asarray(agreement, dtype=float)
     order = np.argsort(-c, kind="stable")
     c, a = c[order], a[order]
@@ -132,7 +142,7 @@ def choose_threshold(confidence, agreement, config: GateConfig | None = None) ->
     if not best:
         for k in range(len(c), config.min_accepted - 1, -1):
             if k < len(c) and c[k] == c[k - 1]: continue
-            if sums[k - 1] / k >= (1 + config.threshold) / 2: best, rule = k, "rate"; break
+            if sums[k - 1] / k >= rate(k): best, rule = k, "rate"; break
     if not best: return {"threshold": math.inf, "n_accepted": 0, "agreement": None, "rule": rule, "n": len(c)}
     tau = 0.0 if best == len(c) else float((c[best - 1] + c[best]) / 2)
     return {"threshold": tau, "n_accepted": best, "agreement": float(sums[best - 1] / best), "rule": rule, "n": len(c)}
