@@ -61,7 +61,7 @@ nbtest: $(STAMP)  ## nbdev-test: every notebook with its default parameters, in 
 	SLM_PROFILE=nbtest SLM_RUN_DIR=runs/nbtest $(BIN)/nbdev-test --n-workers 0 --do-print
 
 pytest: $(STAMP)  ## unit and integration tests, the slow ones included
-	$(BIN)/pytest -q -m "not site and not lab"
+	$(BIN)/pytest -q -m "not site and not lab" --durations=12
 
 pytest-quick: $(STAMP)  ## the unit tests that take seconds (not marked slow, site or lab)
 	$(BIN)/pytest -q -m "not slow and not site and not lab" -p no:cacheprovider
