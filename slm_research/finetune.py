@@ -137,12 +137,12 @@ def winnable(n_calls: int, share: float, examples: list[dict], config: FinetuneC
     return share * KIND_PRIOR[profile["kind"]] * readable / (1 + length / 400) * evidence * trainable
 
 def finetune_order(frame: pl.DataFrame, clusters: list[int], config: FinetuneConfig) -> list[int]:
-    "The clusters, most winnable volume first (`winnable`, on up to 200 calls of each)."
+    "The clusters, most winnable volume first (`winnable`, on up to 200 calls of each); the largest first among equals."
     calls = answered(frame)
     def key(c):
         rows = calls.filter(pl.col("cluster") == c)
         examples = [call_example(r) for r in rows.head(200).iter_rows(named=True)]
-        return -winnable(rows.height, rows.height / max(calls.height, 1), examples, config)
+        return -winnable(rows.height, rows.height / max(calls.height, 1), examples, config), -rows.height
     return sorted(clusters, key=key)
 
 # %% ../nbs/14_finetune.ipynb #8a070d61
