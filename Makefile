@@ -60,8 +60,10 @@ check-sync: $(STAMP)  ## nbdev-clean and nbdev-export leave no diff; README.md m
 nbtest: $(STAMP)  ## nbdev-test: every notebook with its default parameters, in order
 	SLM_PROFILE=nbtest SLM_RUN_DIR=runs/nbtest $(BIN)/nbdev-test --n-workers 0 --do-print
 
+# Two test processes of one torch thread each: on 2 cores, most test time is single-threaded Python (imports, subprocesses,
+# clustering), and two 2-thread torch processes would slow each other far more than 2x. A file runs in one process.
 pytest: $(STAMP)  ## unit and integration tests, the slow ones included
-	$(BIN)/pytest -q -m "not site and not lab" --durations=12
+	SLM_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not site and not lab" -n 2 --dist loadfile --durations=12
 
 pytest-quick: $(STAMP)  ## the unit tests that take seconds (not marked slow, site or lab)
 	$(BIN)/pytest -q -m "not slow and not site and not lab" -p no:cacheprovider

@@ -144,7 +144,7 @@ def choose_threshold(confidence, agreement, config: GateConfig | None = None, n_
             if k < len(c) and c[k] == c[k - 1]: continue
             if sums[k - 1] / k >= rate(k): best, rule = k, "rate"; break
     if not best: return {"threshold": math.inf, "n_accepted": 0, "agreement": None, "rule": rule, "n": len(c)}
-    tau = 0.0 if best == len(c) else float((c[best - 1] + c[best]) / 2)
+    tau = 0.0 if best == len(c) else float(c[best - 1])   # no further than calibration has evidence
     return {"threshold": tau, "n_accepted": best, "agreement": float(sums[best - 1] / best), "rule": rule, "n": len(c)}
 
 # %% ../nbs/08_gate.ipynb #d3398cbd

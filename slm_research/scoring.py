@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter, defaultdict
 
@@ -21,8 +22,9 @@ from .heads import HeadPlan
 from .training import answered, call_example, default_threads, split_rows
 
 # %% auto #0
-__all__ = ['OUTPUT_KINDS', 'COMMENTARY_ARGUMENTS', 'SCORE_SCHEMA', 'answer_fields', 'decision_fields', 'output_kind',
-           'answer_profile', 'score_answer', 'agreement', 'cluster_profile', 'score_calls', 'summarise']
+__all__ = ['OUTPUT_KINDS', 'COMMENTARY_ARGUMENTS', 'SCORE_SCHEMA', 'answer_fields', 'decision_fields', 'field_spans',
+           'decision_confidence', 'output_kind', 'answer_profile', 'score_answer', 'agreement', 'cluster_profile',
+           'score_calls', 'summarise']
 
 # %% ../nbs/14_scoring.ipynb #ba4ff290
 OUTPUT_KINDS = {
@@ -92,6 +94,34 @@ def decision_fields(
     return sorted(k for k, vals in seen.items() if (m := sum(vals.values())) >= min_presence * n and m >= 4
                   and len(vals) <= min(max_values, max(2, max_share * m)))
 
+# %% ../nbs/14_scoring.ipynb #623ef29b
+def _trimmed(text: str, start: int, end: int) -> tuple[int, int]:
+    while start < end and text[start].isspace(): start += 1
+    while end > start and text[end - 1].isspace(): end -= 1
+    return start, end
+
+def field_spans(text: str, fields) -> list[tuple[int, int]]:
+    "Where an answer's `text` writes the value of each of `fields` (read as `answer_fields` reads them)."
+    spans, body = {}, text.strip()
+    ok, obj = _json(body)
+    if ok and isinstance(obj, dict):
+        for k in fields:
+            if k in obj and (m := re.search(re.escape(json.dumps(k)) + r"\s*:\s*", text)):
+                try: spans[k] = (m.end(), json.JSONDecoder().raw_decode(text, m.end())[1])
+                except ValueError: pass
+    else:
+        for m in [*_SECTION.finditer(text), *_LINE_FIELD.finditer(text)]:
+            key = m.group(1).strip()
+            if key in fields and key not in spans: spans[key] = _trimmed(text, *m.span(2))
+    return [s for s in spans.values() if s[1] > s[0]]
+
+def decision_confidence(answer: slm.Answer, fields) -> float:
+    """The answer's confidence in what the gate scores: with decision `fields`, the tool-or-reply decision's probability
+    times that of the least sure field value the answer writes; else `Answer.confidence`."""
+    spans = field_spans(answer.text, fields) if fields and answer.token_logprobs else []
+    if not spans: return answer.confidence
+    return answer.decided * min(answer.span_probability(s, e) for s, e in spans)
+
 # %% ../nbs/14_scoring.ipynb #494a95c0
 def output_kind(targets: list[dict], short_chars: int = 40) -> str:
     "What a cluster outputs, from its logged answers: `tool_call`, `json`, `short` or `text` (by majority)."
@@ -156,8 +186,8 @@ def _score_rows(rows, answers, profile) -> list[dict]:
     out = []
     for r, a in zip(rows, answers):
         scores = score_answer(a.message, r["target"], profile["fields"])
-        out.append({"id": r["id"], "agreement": agreement(scores, profile["kind"]), "confidence": a.confidence,
-                    "p_tool": a.p_tool, "covered": True, "tool_name_match": scores.get("tool_name_match"),
+        out.append({"id": r["id"], "agreement": agreement(scores, profile["kind"]),
+                    "confidence": decision_confidence(a, profile["fields"]), "p_tool": a.p_tool, "covered": True, "tool_name_match": scores.get("tool_name_match"),
                     "tool_call_match": scores.get("tool_call_match")})
     return out
 

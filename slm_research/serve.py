@@ -25,6 +25,7 @@ from .capture.store import SegmentWriter
 from .core import paths
 from .heads import HeadPlan
 from .iterate import RequestAssigner, load_history, known_calls
+from .scoring import decision_confidence
 from .slm import answer_batch, load_base
 from .training import load_adapter
 from .workspace import Workspace
@@ -141,6 +142,7 @@ class AdapterServer:
         meta = json.loads((adapter_dir/"meta.json").read_text()) if (adapter_dir/"meta.json").exists() else {}
         budget = self.max_new_tokens or meta.get("answer_tokens") or 96
         plan = HeadPlan.from_dict(meta.get("heads"))
+        fields = (meta.get("profile") or {}).get("fields", [])    # the gate's confidence: in the decision fields
         kw = dict(max_prompt_tokens=meta.get("max_prompt_tokens"), strip=plan.strip,
                   tool_threshold=meta.get("tool_threshold", 0.5), batch_size=1)
         name = f"{adapter_dir.parent.name}-{adapter_dir.name}"
@@ -163,7 +165,7 @@ class AdapterServer:
                 if name: model.set_adapter(name)
                 answer = answer_batch(model, tok, [{**request, "messages": plan.apply(request["messages"])}], limit,
                                       **kw)[0]
-            return {**answer.message, "confidence": answer.confidence}
+            return {**answer.message, "confidence": decision_confidence(answer, fields)}
         return serve
 
 

@@ -27,7 +27,7 @@ from .calls import (CHAT_TEMPLATE, MARKUP_TOKENS, fit_prompt, normalise_message,
 __all__ = ['EMBEDDED', 'MODEL_NAME', 'PACKAGE', 'PACKAGE_VERSION', 'TURN_START', 'TOOL_CALL', 'embedded_gguf',
            'embedded_available', 'sha256_file', 'convert_gguf', 'models_cache', 'embedded_slm_path', 'resolve_base',
            'quiet_transformers', 'load_base', 'render_head', 'render_prompt', 'fit_tail', 'cut_prompt', 'prompt_ids',
-           'decode_answer', 'decoding_cache', 'HeadCache', 'Answer', 'answer_batch', 'generate_batch',
+           'token_ends', 'decode_answer', 'decoding_cache', 'HeadCache', 'Answer', 'answer_batch', 'generate_batch',
            'tool_call_probability', 'bf16_ok', 'train_precision', 'unwrap_autocast']
 
 # %% ../nbs/09_slm.ipynb #91e65713
@@ -147,9 +147,12 @@ def resolve_base(spec: str) -> str:
 
 def quiet_transformers() -> None:
     """No progress bars or warnings from transformers itself: our own bars go through `core.progress`, and what it warns
-    about here is handled (a prompt longer than the model's context is cut before the model reads it)."""
+    about here is handled (a prompt longer than the model's context is cut before the model reads it), nor the
+    deprecation peft and trl trip over on every model they wrap (`is_gradient_checkpointing`)."""
+    import warnings
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar(); hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 def load_base(spec: str = "", dtype=torch.bfloat16):
     "`(model, tokenizer)` of a base (see `resolve_base`): eval mode, weights in `dtype`, left padding, a pad token."
@@ -204,6 +207,10 @@ def prompt_ids(model, tokenizer, request: dict, max_new_tokens: int = 96, max_pr
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     context = min(getattr(model.config, "max_position_embeddings", None) or 4096, tokenizer.model_max_length or 4096)
     return cut_prompt(tokenizer, ids, max_prompt_tokens or max(context - max_new_tokens, context // 2), strip)
+
+def token_ends(tokenizer, ids) -> list[int]:
+    "Where each token's text ends in `tokenizer.decode(ids)` (special tokens kept)."
+    return [len(tokenizer.decode(ids[:k + 1], skip_special_tokens=False)) for k in range(len(ids))]
 
 def decode_answer(tokenizer, ids) -> dict:
     "The assistant message of generated ids: markup such as `<tool_call>` kept, cut at the end of turn, parsed."
@@ -270,18 +277,33 @@ class Answer:
     p_tool: float | None        # probability that the answer is a tool call (None: no tool offered)
     mean_logprob: float         # mean log-probability of the answer's tokens after the tool-or-reply decision
     n_prompt: int = 0           # prompt tokens read, the head included
+    text: str = ""              # the generated text as decoded (markup kept)
+    token_logprobs: tuple = ()  # per generated token: (where its text ends in `text`, its log-probability)
 
     @property
     def confidence(self) -> float:
         "The probability of the tool-or-reply decision taken times the answer's geometric-mean token probability."
-        decided = 1.0 if self.p_tool is None else max(self.p_tool, 1.0 - self.p_tool)
-        return decided * math.exp(self.mean_logprob)
+        return self.decided * math.exp(self.mean_logprob)
+
+    @property
+    def decided(self) -> float:
+        "The probability of the tool-or-reply decision taken (1.0 when no tool was offered)."
+        return 1.0 if self.p_tool is None else max(self.p_tool, 1.0 - self.p_tool)
+
+    def span_probability(self, start: int, end: int) -> float:
+        "The probability the model gave the tokens that write `text[start:end]`."
+        begin, total = 0, 0.0
+        for stop, lp in self.token_logprobs:
+            if stop > start and begin < end: total += lp
+            begin = stop
+        return math.exp(total)
 
 # %% ../nbs/09_slm.ipynb #16083613
 @torch.no_grad()
 def _decode(model, rows: list[list], max_new_tokens: int, eos_id: int, pad_id: int, mark: list | None = None,
             head: HeadCache | None = None, tool_threshold: float = 0.5, decide: list[bool] | None = None) -> list[tuple]:
-    """Greedy answers for prompt `rows` after `head`: per row (generated ids, p_tool, mean log-probability). Rows with
+    """Greedy answers for prompt `rows` after `head`: per row (generated ids, p_tool, mean log-probability, each token's
+    log-probability, 0 for the tool-call mark). Rows with
     `decide` (default: all, when there is a `mark`) take the tool-or-reply decision by the probability of `mark`."""
     dev, n_rows, k = model.device, len(rows), len(mark or [])
     decide = [bool(k) and (decide is None or decide[i]) for i in range(n_rows)]
@@ -306,7 +328,7 @@ def _decode(model, rows: list[list], max_new_tokens: int, eos_id: int, pad_id: i
     pick = first.argmax(-1)
     first_lp = torch.where(d[:, None], logp[:, 0], logp[:, -1])
     gen = [list(mark) if tool[i] else [int(pick[i])] for i in range(n_rows)]
-    total = [0.0 if tool[i] else float(first_lp[i, pick[i]]) for i in range(n_rows)]
+    lps = [[0.0] * k if tool[i] else [float(first_lp[i, pick[i]])] for i in range(n_rows)]   # the mark: in p_tool
     count = [0 if tool[i] else 1 for i in range(n_rows)]
     done = [max_new_tokens <= len(g) or (not tool[i] and g[0] == eos_id) for i, g in enumerate(gen)]
     rows_in = list(range(n_rows))                    # the rows still in the batch (finished ones leave it)
@@ -321,9 +343,10 @@ def _decode(model, rows: list[list], max_new_tokens: int, eos_id: int, pad_id: i
         cache, lp = out.cache, torch.log_softmax(out.logits[:, -1].float(), -1)
         best = lp.argmax(-1)
         for j, i in enumerate(rows_in):
-            t = int(best[j]); gen[i].append(t); total[i] += float(lp[j, t]); count[i] += 1
+            t = int(best[j]); gen[i].append(t); lps[i].append(float(lp[j, t])); count[i] += 1
             done[i] = t == eos_id or len(gen[i]) >= max_new_tokens
-    return [(g, float(p_tool[i]) if decide[i] else None, total[i] / max(count[i], 1)) for i, g in enumerate(gen)]
+    return [(g, float(p_tool[i]) if decide[i] else None, sum(lps[i]) / max(count[i], 1), lps[i])
+            for i, g in enumerate(gen)]
 
 # %% ../nbs/09_slm.ipynb #b0ee9a0b
 def answer_batch(model, tokenizer, requests: list[dict], max_new_tokens: int = 96, batch_size: int = 8,
@@ -345,8 +368,10 @@ def answer_batch(model, tokenizer, requests: list[dict], max_new_tokens: int = 9
         idx = order[s:s + size]; s += size
         rows = _decode(model, [prompts[i] for i in idx], max_new_tokens, tokenizer.eos_token_id,
                        tokenizer.pad_token_id, mark, head, tool_threshold, [decide[i] for i in idx])
-        for i, (ids, p_tool, mean_lp) in zip(idx, rows):
-            out[i] = Answer(decode_answer(tokenizer, ids), p_tool, mean_lp, P + len(prompts[i]))
+        for i, (ids, p_tool, mean_lp, lps) in zip(idx, rows):
+            text = tokenizer.decode(ids, skip_special_tokens=False).split(tokenizer.eos_token)[0]
+            out[i] = Answer(decode_answer(tokenizer, ids), p_tool, mean_lp, P + len(prompts[i]), text,
+                            tuple(zip(token_ends(tokenizer, ids), lps)))
     return out
 
 def generate_batch(model, tokenizer, requests: list[dict], max_new_tokens: int = 96, batch_size: int = 8,

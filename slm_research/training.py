@@ -408,9 +408,7 @@ def run_training(
     Checkpoints go to `out_dir/checkpoints` every `config.save_steps`; with `resume`, a run finds the last one and
     continues from it. `model`/`tokenizer` may be passed in (the stand-in base's first training)."""
     from trl import SFTConfig, SFTTrainer
-    import warnings
     slm.quiet_transformers()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     torch.set_num_threads(config.num_threads or default_threads())
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     backend = pick_backend(config)

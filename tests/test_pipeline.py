@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [str(Path(sys.executable).parent/"slm-research")]
+THREADS = os.environ.get("SLM_THREADS", "2")   # `make pytest` runs two test processes with one thread each
 TRAIN = ["--max-clusters", "1", "--steps", "2", "--n-eval", "4", "--batch-size", "4", "--max-length", "192"]
 
 
@@ -26,7 +27,7 @@ def user_workspace(tmp_path_factory, shared_external):
 
 
 def run(ws: Path, *args: str, timeout: int = 900) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLM_")} | {"SLM_THREADS": "2"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLM_")} | {"SLM_THREADS": THREADS}
     proc = subprocess.run([*CLI, *args], cwd=ws, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
@@ -87,7 +88,7 @@ def test_readme_python_steps_chain_on_real_logs(user_workspace, tmp_path):
         "FinetuneConfig(max_clusters=4)", "FinetuneConfig(max_clusters=1, steps=2, n_eval=4, batch_size=4, max_length=192)")
     code += "\nimport json; print(json.dumps({'n': s1.n_records, 'calls': ws.read_calls().height, "
     code += "'clusters': ws.read_clusters()['cluster'].n_unique(), 'gate': len(gate['clusters'])}))\n"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLM_")} | {"SLM_THREADS": "2"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLM_")} | {"SLM_THREADS": THREADS}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ws, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
