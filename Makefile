@@ -66,7 +66,7 @@ pytest: $(STAMP)  ## unit and integration tests, the slow ones included
 	SLM_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not site and not lab" -n 2 --dist loadfile --durations=12
 
 pytest-quick: $(STAMP)  ## the unit tests that take seconds (not marked slow, site or lab)
-	$(BIN)/pytest -q -m "not slow and not site and not lab" -p no:cacheprovider
+	SLM_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not slow and not site and not lab" -p no:cacheprovider -n 2 --dist loadfile
 
 # Alone, about 2 minutes on 2 cores, most of it S2 + S3 making the clusters notebook 13 reads (beside notebook 01);
 # `make test` runs it after the ci run and hands it that run's clusters (LAB_S3_FROM) instead.
@@ -75,9 +75,10 @@ lab-check: $(STAMP)  ## run and save notebooks 01 and 13 in a real JupyterLab in
 	SLM_LAB_S3_FROM=$(LAB_S3_FROM) $(BIN)/pytest -q -m lab -p no:cacheprovider tests/test_lab.py
 	@echo "screenshots for review: _build/lab/*.png"
 
+# Two lanes: the workspace chain in order, the other notebooks beside it (the demo runs one at a time: its timings are read)
 ci-run: $(STAMP)  ## rerun every notebook with papermill under the ci profile
 	rm -rf runs/latest-ci
-	$(BIN)/slm-research run --profile ci --run-dir runs/latest-ci
+	$(BIN)/slm-research run --profile ci --run-dir runs/latest-ci --jobs 2
 
 RUN_DIR ?=
 # The site is read offline: plotly.js (from plotly) and MathJax (from django-static-mathjax, a dev dependency

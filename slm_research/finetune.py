@@ -91,7 +91,7 @@ def copied_decision(decision: str, window: str, common: Callable[[str], bool]) -
         s = str(v)[1:-1] if str(v)[:1] == str(v)[-1:] == '"' else str(v)    # a field's JSON string, unquoted
         return "<copied>" if holds(window, s) and not common(s) else v
     try: return json.dumps(walk(json.loads(decision)), sort_keys=True)
-    except (json.JSONDecodeError, TypeError): return json.dumps(walk(decision))
+    except (json.JSONDecodeError, TypeError): return walk(decision)   # plain text: unchanged unless copied whole
 
 def readable_share(examples: list[dict], profile: dict, rate: float, chars: int = 768, folds: int = 5) -> float:
     """The share of `examples` (`call_example`s) whose decision a cheap reader makes from `read_window` at `rate`:

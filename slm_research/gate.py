@@ -128,10 +128,10 @@ def choose_threshold(confidence, agreement, config: GateConfig | None = None, n_
     (answer when confidence >= it; `inf` accepts none), `n_accepted`, `agreement` on them and the `rule` that chose it.
     `n_test`: the test calls that will verify it, whose accepted share must then agree at `rate_to_pass`."""
     config = config or GateConfig()
-    def rate(k: int) -> float:
+    c, a = np.asarray(confidence, dtype=float), np.asarray(agreement, dtype=float)
+    def rate(k: int) -> float:   # what k accepted calibration calls must agree at: the test split's share of them passes
         floor = (1 + config.threshold) / 2
         return floor if not n_test else max(floor, rate_to_pass(max(1, round(k / len(c) * n_test)), config))
-    c, a = np.asarray(confidence, dtype=float), np.asarray(agreement, dtype=float)
     order = np.argsort(-c, kind="stable")
     c, a = c[order], a[order]
     sums = np.cumsum(a)

@@ -12,6 +12,8 @@ import os
 import re
 import sys
 import time
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -22,10 +24,11 @@ import click
 from .core import paths, profile_params, read_headlines
 
 # %% auto #0
-__all__ = ['NOTEBOOK_RE', 'QUIET_KERNEL_ENV', 'TABLE_KERNEL_ENV', 'PROGRESS_RE', 'WARNING_RE', 'discover_notebooks',
-           'parameters_cell', 'declared_parameters', 'notebook_parameters', 'parse_overrides', 'NotebookResult',
-           'RunSummary', 'kernel_config', 'quiet_kernel_manager', 'RunFailed', 'new_run_dir', 'run_notebooks',
-           'output_noise', 'strip_progress_outputs', 'summary_markdown', 'write_summary', 'run_cmd']
+__all__ = ['NOTEBOOK_RE', 'WORKSPACE_CHAIN', 'ONE_THREAD', 'QUIET_KERNEL_ENV', 'TABLE_KERNEL_ENV', 'PROGRESS_RE', 'WARNING_RE',
+           'discover_notebooks', 'lanes', 'parameters_cell', 'declared_parameters', 'notebook_parameters',
+           'parse_overrides', 'NotebookResult', 'RunSummary', 'kernel_config', 'quiet_kernel_manager', 'RunFailed',
+           'new_run_dir', 'run_notebooks', 'output_noise', 'strip_progress_outputs', 'summary_markdown',
+           'write_summary', 'run_cmd']
 
 # %% ../nbs/90_runner.ipynb #fe6e6aa2
 NOTEBOOK_RE = re.compile(r"^\d\d_.+\.ipynb$")
@@ -38,6 +41,19 @@ def discover_notebooks(nbs_dir: Path, only: list[str] | None = None) -> list[Pat
     unknown = [o for o in only if not any(p.stem == o or p.stem.startswith(f"{o}_") for p in found)]
     if unknown: raise click.UsageError(f"no notebook matches {unknown}; have {[p.stem for p in found]}")
     return picked
+
+# %% ../nbs/90_runner.ipynb #16264361
+WORKSPACE_CHAIN = ("05_corpus", "10_capture", "11_clean", "12_cluster", "13_select", "14_finetune", "15_iterate",
+                   "16_serve", "17_scale", "18_pipeline", "20_agents")
+ONE_THREAD = {"SLM_THREADS": "1", "OMP_NUM_THREADS": "1"}   # side by side, each kernel: one torch (and OpenMP) thread
+
+def lanes(notebooks: list[Path], jobs: int = 1) -> list[list[Path]]:
+    """`notebooks` in `jobs` lanes that may run side by side: the workspace chain in order in the first, the others
+    dealt round the rest in order."""
+    if jobs <= 1: return [list(notebooks)]
+    chain = [nb for nb in notebooks if nb.stem in WORKSPACE_CHAIN]
+    rest = [nb for nb in notebooks if nb.stem not in WORKSPACE_CHAIN]
+    return [chain] + [rest[k::jobs - 1] for k in range(jobs - 1)]
 
 # %% ../nbs/90_runner.ipynb #c367d75f
 def parameters_cell(nb):
@@ -101,41 +117,40 @@ class RunSummary:
 
 QUIET_KERNEL_ENV = {"SLM_PROGRESS": "0", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-                    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "once"}
+                    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+                    # each warning once, but not ImportWarning (hidden by default; umap's "Tensorflow not installed")
+                    "PYTHONWARNINGS": "once,ignore::ImportWarning"}
 # pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True), set before the kernel starts
 TABLE_KERNEL_ENV = {"POLARS_FMT_TABLE_HIDE_DATAFRAME_SHAPE_INFORMATION": "1", "POLARS_FMT_TABLE_HIDE_COLUMN_DATA_TYPES": "1"}
 
-def kernel_config():
-    "Kernels talk over Unix sockets in the user's private runtime folder, not over plain TCP that others on the host can read."
+def kernel_config(lane: int = 0):
+    """Kernels talk over Unix sockets in the user's private runtime folder, not over plain TCP that others on the host
+    can read; each lane of a run (`run_notebooks`' `jobs`) names its sockets apart."""
     from jupyter_core.paths import jupyter_runtime_dir
     from traitlets.config import Config
     runtime = Path(jupyter_runtime_dir())
     runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
     # an absolute socket path: a relative one resolves against the kernel's folder, not the runner's
-    return Config({"KernelManager": {"transport": "ipc", "ip": str(runtime/"slm-kernel")}})
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(runtime/f"slm-kernel{f'-{lane}' if lane else ''}")}})
 
-def quiet_kernel_manager():
-    "The kernel manager class of the runner (and of the README build): `AsyncKernelManager` that shuts down quietly."
+def quiet_kernel_manager(env: dict | None = None, cwd: Path | None = None):
+    """The kernel manager class of the runner (and of the README build): `AsyncKernelManager` that shuts down quietly,
+    and starts its kernel with `env` added to the runner's environment, in `cwd` (the runner's own stay untouched)."""
     from jupyter_client.manager import AsyncKernelManager
 
     class QuietKernelManager(AsyncKernelManager):
         "Shuts a kernel down without first sending it SIGINT (a busy kernel logs that as an error)."
+        async def _async_pre_start_kernel(self, **kw):
+            if env: kw["env"] = {**kw.get("env", os.environ), **{k: str(v) for k, v in env.items()}}
+            if cwd: kw["cwd"] = str(cwd)
+            return await super()._async_pre_start_kernel(**kw)
+
         async def _async_interrupt_kernel(self):
             if not self.shutting_down: await super()._async_interrupt_kernel()
     return QuietKernelManager
 
 class RunFailed(click.ClickException):
     "A notebook failed; the message names it and the failing cell's error."
-
-@contextmanager
-def _environ(**env):
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: str(v) for k, v in env.items()})
-    try: yield
-    finally:
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
 
 class _DropPapermillParserNoise(logging.Filter):
     "papermill re-parses the parameters cell on every run; the runner's parser (`declared_parameters`) is the judge."
@@ -169,40 +184,57 @@ def new_run_dir(profile: str, root: Path | None = None) -> Path:
     return d
 
 def run_notebooks(profile: str = "demo", only: list[str] | None = None, overrides: dict | None = None,
-                  run_dir: Path | None = None, keep_going: bool = False, progress: bool | None = None) -> RunSummary:
-    "Execute the numbered notebooks (or `only` those) under `profile` into `run_dir`; write the summary files."
+                  run_dir: Path | None = None, keep_going: bool = False, progress: bool | None = None,
+                  jobs: int = 1) -> RunSummary:
+    """Execute the numbered notebooks (or `only` those) under `profile` into `run_dir`; write the summary files.
+    `jobs` above 1 runs the `lanes` side by side."""
     import nbformat, papermill as pm
     root = paths(mkdir=False).root
     notebooks = discover_notebooks(root/"nbs", only)
     run_dir = Path(run_dir).resolve() if run_dir else new_run_dir(profile, root)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = RunSummary(profile, str(run_dir), datetime.now(timezone.utc).isoformat(timespec="seconds"), [])
-    failed, progress = False, sys.stderr.isatty() if progress is None else progress
-    for i, nb in enumerate(notebooks, 1):
-        if failed and not keep_going:
-            summary.results.append(NotebookResult(nb.stem, "skipped")); continue
+    progress = (sys.stderr.isatty() and jobs <= 1) if progress is None else progress
+    done, lock, stop = {}, threading.Lock(), threading.Event()
+
+    def run_one(nb: Path, lane: int) -> NotebookResult:
+        if stop.is_set(): return NotebookResult(nb.stem, "skipped")   # later notebooks read what earlier ones wrote
         params = notebook_parameters(nb, profile, overrides)
         out = run_dir/nb.name
-        click.echo(f"[{i}/{len(notebooks)}] {nb.stem} {params or ''}", err=True)
+        click.echo(f"[{notebooks.index(nb) + 1}/{len(notebooks)}] {nb.stem} {params or ''}", err=True)
+        env = dict(QUIET_KERNEL_ENV, **TABLE_KERNEL_ENV, SLM_ROOT=root, SLM_PROFILE=profile, SLM_RUN_DIR=run_dir,
+                   SLM_NOTEBOOK=nb.stem, **(ONE_THREAD if jobs > 1 else {}))
         t0 = time.perf_counter()
-        env = dict(QUIET_KERNEL_ENV, **TABLE_KERNEL_ENV, SLM_ROOT=root, SLM_PROFILE=profile, SLM_RUN_DIR=run_dir, SLM_NOTEBOOK=nb.stem)
-        with _environ(**env), _quiet_papermill():
-            try:
-                pm.execute_notebook(nb, out, parameters=params, cwd=nb.parent, progress_bar=progress,
-                                    kernel_name="python3", config=kernel_config(),
-                                    kernel_manager_class=quiet_kernel_manager())
-                result = NotebookResult(nb.stem, "ok", parameters=params, output=str(out))
-            except Exception as e:  # papermill raises PapermillExecutionError for cell errors
-                result = NotebookResult(nb.stem, "failed", parameters=params, error=_describe_error(e),
-                                        output=str(out))
-                failed = True
+        try:
+            pm.execute_notebook(nb, out, parameters=params, progress_bar=progress, kernel_name="python3",
+                                config=kernel_config(lane), kernel_manager_class=quiet_kernel_manager(env, nb.parent))
+            result = NotebookResult(nb.stem, "ok", parameters=params, output=str(out))
+        except Exception as e:  # papermill raises PapermillExecutionError for cell errors
+            result = NotebookResult(nb.stem, "failed", parameters=params, error=_describe_error(e), output=str(out))
+            if not keep_going: stop.set()
         result.seconds = round(time.perf_counter() - t0, 1)
         if out.exists():
             executed = nbformat.read(out, as_version=4)
             if strip_progress_outputs(executed): nbformat.write(executed, out)
             result.noise = output_noise(executed)
-        summary.results.append(result)
-        write_summary(summary)
+        return result
+
+    def run_lane(lane: int, todo: list[Path]) -> None:
+        for nb in todo:
+            result = run_one(nb, lane)
+            with lock:
+                done[nb] = result
+                summary.results = [done[n] for n in notebooks if n in done]
+                write_summary(summary)
+
+    with _quiet_papermill():
+        if jobs <= 1: run_lane(0, notebooks)
+        else:
+            with ThreadPoolExecutor(jobs) as pool:
+                try:
+                    for f in [pool.submit(run_lane, k, todo) for k, todo in enumerate(lanes(notebooks, jobs))]: f.result()
+                except BaseException: stop.set(); raise   # Ctrl-C: the running notebooks finish, no new one starts
+    summary.results = [done[n] for n in notebooks]
     write_summary(summary)
     return summary
 
@@ -281,14 +313,16 @@ def write_summary(summary: RunSummary) -> Path:
 @click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE", help="Override a notebook parameter.")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run folder (default: runs/<timestamp>-<profile>).")
 @click.option("--keep-going", is_flag=True, help="Run the remaining notebooks after a failure.")
-def run_cmd(profile, only, params, run_dir, keep_going):
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1),
+              help="Notebooks at once: the workspace chain in order, the others beside it (timings then share the CPU).")
+def run_cmd(profile, only, params, run_dir, keep_going, jobs):
     "Run the numbered notebooks with papermill under a profile."
     overrides = parse_overrides(list(params))
     if overrides.get("logs"):   # an analyst's log file: relative to where the command runs, not to the notebooks
         logs = Path(str(overrides["logs"])).expanduser().resolve()
         if not logs.is_file(): raise click.BadParameter(f"no log file at {logs}", param_hint="-p logs=")
         overrides["logs"] = str(logs)
-    summary = run_notebooks(profile, list(only) or None, overrides, run_dir, keep_going)
+    summary = run_notebooks(profile, list(only) or None, overrides, run_dir, keep_going, jobs=jobs)
     click.echo(Path(summary.run_dir)/"summary.md")
     if not summary.ok:
         msg = "; ".join(f"{r.notebook}: {r.error}" for r in summary.failures())

@@ -117,10 +117,11 @@ def field_spans(text: str, fields) -> list[tuple[int, int]]:
 
 def decision_confidence(answer: slm.Answer, fields) -> float:
     """The answer's confidence in what the gate scores: with decision `fields`, the tool-or-reply decision's probability
-    times that of the least sure field value the answer writes; else `Answer.confidence`."""
-    spans = field_spans(answer.text, fields) if fields and answer.token_logprobs else []
-    if not spans: return answer.confidence
-    return answer.decided * min(answer.span_probability(s, e) for s, e in spans)
+    times that of the least sure field value the answer writes, and 0 when it writes none of them (an answer off the
+    cluster's pattern); else `Answer.confidence`."""
+    if not fields or not answer.token_logprobs: return answer.confidence
+    spans = field_spans(answer.text, fields)
+    return answer.decided * min(answer.span_probability(s, e) for s, e in spans) if spans else 0.0
 
 # %% ../nbs/14_scoring.ipynb #494a95c0
 def output_kind(targets: list[dict], short_chars: int = 40) -> str:

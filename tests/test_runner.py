@@ -140,3 +140,27 @@ def test_the_runner_shuts_kernels_down_without_interrupting_them(tmp_path):
     from slm_research.runner import quiet_kernel_manager
     assert _sigints_at_shutdown(AsyncKernelManager, tmp_path)          # the default does interrupt...
     assert not _sigints_at_shutdown(quiet_kernel_manager(), tmp_path)  # ...the runner's does not
+
+
+def test_two_lanes_run_side_by_side_and_the_chain_keeps_its_order(tmp_path, monkeypatch):
+    "With --jobs 2 the workspace chain runs in order in one lane, the other notebooks beside it; one torch thread each."
+    (tmp_path / "nbs").mkdir()
+    (tmp_path / "settings.ini").write_text("[ci]\nseed = 1\n")
+    log = ("import os, time, json, pathlib\n"
+           "t0 = time.time(); time.sleep(3)\n"
+           "rec = {'nb': os.environ['SLM_NOTEBOOK'], 'start': t0, 'end': time.time(),\n"
+           "       'threads': os.environ.get('SLM_THREADS'), 'cwd': os.getcwd()}\n"
+           "with open(pathlib.Path(os.environ['SLM_RUN_DIR'], 'log.jsonl'), 'a') as f: f.write(json.dumps(rec) + '\\n')")
+    for name in ("01_side", "05_corpus", "10_capture", "99_side"): _notebook(tmp_path / "nbs" / f"{name}.ipynb", "seed = 0", log)
+    monkeypatch.setenv("SLM_ROOT", str(tmp_path))
+    monkeypatch.delenv("SLM_THREADS", raising=False)
+    run_dir = tmp_path / "runs" / "r"
+    res = CliRunner().invoke(main, ["run", "--profile", "ci", "--run-dir", str(run_dir), "--jobs", "2"])
+    assert res.exit_code == 0, res.output
+    recs = {r["nb"]: r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
+    assert recs["05_corpus"]["end"] <= recs["10_capture"]["start"]                        # the chain, in order
+    assert recs["01_side"]["start"] < recs["05_corpus"]["end"] and recs["05_corpus"]["start"] < recs["01_side"]["end"]
+    assert {r["threads"] for r in recs.values()} == {"1"}                                  # one torch thread each
+    assert {r["cwd"] for r in recs.values()} == {str(tmp_path / "nbs")}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["notebook"] for r in summary["results"]] == ["01_side", "05_corpus", "10_capture", "99_side"] and summary["ok"]

@@ -280,3 +280,15 @@ def test_every_step_takes_the_workspace_and_one_config(module, step, config):
     params = list(inspect.signature(fn).parameters)
     assert "config" in params[:3] and any(p in params[:3] for p in ("ws", "workspace")), params
     assert cfg.from_dict(cfg().to_dict()) == cfg()       # a config survives its own round trip
+
+
+WORKSPACE_USE = re.compile(r"\bWorkspace\(\)|paths\(\)\.processed|\.processed\s*/")   # the profile's workspace, or a file in it
+
+def test_only_the_workspace_chain_uses_the_profiles_workspace():
+    "`slm-research run --jobs 2` runs every notebook outside `runner.WORKSPACE_CHAIN` beside it: none may touch its files."
+    from slm_research.runner import WORKSPACE_CHAIN
+    users = set()
+    for nb in NBS.glob("[0-9][0-9]_*.ipynb"):
+        code = ["".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+        if any(WORKSPACE_USE.search(s) for s in code if not EXPORT.search(s)): users.add(nb.stem)
+    assert users - set(WORKSPACE_CHAIN) == set(), sorted(users - set(WORKSPACE_CHAIN))
