@@ -99,8 +99,9 @@ class GateConfig(Config):
     "When a specialist passes: agreement with the teacher on the calls it accepts, with a bound valid over every look."
     threshold: float = field(default=0.95, metadata={"help": "Gate: least agreement with the teacher (lower bound)."})
     alpha: float = field(default=0.05, metadata={"help": "Level of the gate's bound (one-sided)."})
-    calibration_share: float = field(default=0.3, metadata={"help": "Share of the scored conversations that choose "
-                                                                    "the acceptance threshold; the rest verify it."})
+    calibration_share: float = field(default=0.3, metadata={"help": "Share of the scored calls (whole "
+                                                                    "conversations) that choose the acceptance "
+                                                                    "threshold; the rest verify it."})
     min_accepted: int = field(default=10, metadata={"help": "Fewest calibration calls an acceptance threshold keeps."})
 
     def __post_init__(self):
@@ -129,7 +130,7 @@ def choose_threshold(confidence, agreement, config: GateConfig | None = None, n_
     `n_test`: the test calls that will verify it, whose accepted share must then agree at `rate_to_pass`."""
     config = config or GateConfig()
     c, a = np.asarray(confidence, dtype=float), np.asarray(agreement, dtype=float)
-    def rate(k: int) -> float:   # what k accepted calibration calls must agree at: the test split's share of them passes
+    def rate(k: int) -> float:   # what k accepted calibration calls agree at for the test's share of them to pass
         floor = (1 + config.threshold) / 2
         return floor if not n_test else max(floor, rate_to_pass(max(1, round(k / len(c) * n_test)), config))
     order = np.argsort(-c, kind="stable")

@@ -97,8 +97,13 @@ def evidence_split(frame: pl.DataFrame, max_train: int, max_train_share: float =
     cap = min(max_train, int(max_train_share * frame.height))
     sizes = calls.group_by("_u").agg(n=pl.len()).sort("_u").with_columns(before=pl.col("n").cum_sum() - pl.col("n"))
     train_u = sizes.filter(pl.col("before") < cap)["_u"].implode() if cap > 0 else pl.Series([], dtype=pl.Float64).implode()
+    rest = calls.filter(~pl.col("_u").is_in(train_u))
+    # calibration: conversations in a second hash order until `calibration_share` of the scored calls, so that its
+    # size does not swing with a few long conversations as a coin per conversation would
+    scored = rest.group_by("_v").agg(n=pl.len()).sort("_v").with_columns(before=pl.col("n").cum_sum() - pl.col("n"))
+    calib_v = scored.filter(pl.col("before") < calibration_share * rest.height)["_v"].implode()
     split = (pl.when(pl.col("_u").is_in(train_u)).then(pl.lit("train"))
-             .when(pl.col("_v") < calibration_share).then(pl.lit("calibration")).otherwise(pl.lit("test")))
+             .when(pl.col("_v").is_in(calib_v)).then(pl.lit("calibration")).otherwise(pl.lit("test")))
     return calls.with_columns(split.alias("split")).drop("_u", "_v")
 
 # %% ../nbs/07_workspace.ipynb #cf79a168
