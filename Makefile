@@ -1,5 +1,5 @@
 # Two commands do all the set-up: `make demo` and `make test` (both create .venv when needed).
-# `make check` is the inner loop while you edit: the sync check and the quick unit tests, in about two minutes.
+# `make check` is the inner loop while you edit: the sync check and the quick unit tests, in about a minute.
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -50,7 +50,7 @@ test: $(STAMP)  ## the whole check: sync, pytest, papermill ci run (every notebo
 	$(MAKE) docs RUN_DIR=runs/latest-ci
 	$(MAKE) site-check
 
-check: $(STAMP)  ## the inner loop (about 2 minutes): the sync check and the quick unit tests
+check: $(STAMP)  ## the inner loop (about a minute): the sync check and the quick unit tests
 	$(MAKE) check-sync
 	$(MAKE) pytest-quick
 
