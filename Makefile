@@ -60,13 +60,14 @@ check-sync: $(STAMP)  ## nbdev-clean and nbdev-export leave no diff; README.md m
 nbtest: $(STAMP)  ## nbdev-test: every notebook with its default parameters, in order
 	SLM_PROFILE=nbtest SLM_RUN_DIR=runs/nbtest $(BIN)/nbdev-test --n-workers 0 --do-print
 
-# Two test processes of one torch thread each: on 2 cores, most test time is single-threaded Python (imports, subprocesses,
-# clustering), and two 2-thread torch processes would slow each other far more than 2x. A file runs in one process.
+# Two test processes that train on one torch thread each (SLM_THREADS; OpenMP left alone, see runner.ONE_THREAD): on
+# 2 cores most test time is single-threaded Python (imports, subprocesses, clustering), and two 2-thread trainings would
+# slow each other far more than 2x. A file runs in one process.
 pytest: $(STAMP)  ## unit and integration tests, the slow ones included
-	SLM_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not site and not lab" -n 2 --dist loadfile --durations=12
+	SLM_THREADS=1 $(BIN)/pytest -q -m "not site and not lab" -n 2 --dist loadfile --durations=12
 
 pytest-quick: $(STAMP)  ## the unit tests that take seconds (not marked slow, site or lab)
-	SLM_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not slow and not site and not lab" -p no:cacheprovider -n 2 --dist loadfile
+	SLM_THREADS=1 $(BIN)/pytest -q -m "not slow and not site and not lab" -p no:cacheprovider -n 2 --dist loadfile
 
 # Alone, about 2 minutes on 2 cores, most of it S2 + S3 making the clusters notebook 13 reads (beside notebook 01);
 # `make test` runs it after the ci run and hands it that run's clusters (LAB_S3_FROM) instead.

@@ -45,7 +45,9 @@ def discover_notebooks(nbs_dir: Path, only: list[str] | None = None) -> list[Pat
 # %% ../nbs/90_runner.ipynb #16264361
 WORKSPACE_CHAIN = ("05_corpus", "10_capture", "11_clean", "12_cluster", "13_select", "14_finetune", "15_iterate",
                    "16_serve", "17_scale", "18_pipeline", "20_agents")
-ONE_THREAD = {"SLM_THREADS": "1", "OMP_NUM_THREADS": "1"}   # side by side, each kernel: one torch (and OpenMP) thread
+# side by side, each kernel trains and generates on one torch thread (`training.default_threads`); OpenMP is left
+# alone: with OMP_NUM_THREADS=1 the sentence embeddings differ in their last bits, and S3's clusters with them
+ONE_THREAD = {"SLM_THREADS": "1"}
 
 def lanes(notebooks: list[Path], jobs: int = 1) -> list[list[Path]]:
     """`notebooks` in `jobs` lanes that may run side by side: the workspace chain in order in the first, the others
