@@ -188,7 +188,8 @@ def _score_rows(rows, answers, profile) -> list[dict]:
     for r, a in zip(rows, answers):
         scores = score_answer(a.message, r["target"], profile["fields"])
         out.append({"id": r["id"], "agreement": agreement(scores, profile["kind"]),
-                    "confidence": decision_confidence(a, profile["fields"]), "p_tool": a.p_tool, "covered": True, "tool_name_match": scores.get("tool_name_match"),
+                    "confidence": decision_confidence(a, profile["fields"]), "p_tool": a.p_tool, "covered": True,
+                    "tool_name_match": scores.get("tool_name_match"),
                     "tool_call_match": scores.get("tool_call_match")})
     return out
 
