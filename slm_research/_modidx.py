@@ -1348,6 +1348,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                        'slm_research.training._TemplateOnly': ('training.html#_templateonly', 'slm_research/training.py'),
                                        'slm_research.training._TemplateOnly.apply_chat_template': ( 'training.html#_templateonly.apply_chat_template',
                                                                                                     'slm_research/training.py'),
+                                       'slm_research.training._answer_loss_trainer': ( 'training.html#_answer_loss_trainer',
+                                                                                       'slm_research/training.py'),
                                        'slm_research.training._kd_trainer_class': ( 'training.html#_kd_trainer_class',
                                                                                     'slm_research/training.py'),
                                        'slm_research.training._load_for_training': ( 'training.html#_load_for_training',

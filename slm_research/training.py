@@ -355,6 +355,26 @@ def _load_for_training(config: TrainConfig, backend: str):
         model = get_peft_model(model, lcfg)
     return model, tok
 
+# %% ../nbs/14_training.ipynb #fa817a97
+def _answer_loss_trainer(base_cls):
+    """`base_cls` whose loss is the cross-entropy on the answer tokens, with the LM head applied only at the positions
+    that predict one (`logits_to_keep`). trl's fused head scores every position unless the device runs Triton; on a
+    CPU the head over a 49k vocabulary is a third of a step, and answers are a fraction of an example's tokens."""
+    import torch.nn.functional as F
+    class AnswerLossTrainer(base_cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            target = inputs["labels"][:, 1:]
+            keep = (target != -100).any(0).nonzero().squeeze(1)     # positions predicting an answer token in any row
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                            use_cache=False, logits_to_keep=keep)
+            target = target[:, keep]
+            mask = target != -100
+            n = torch.as_tensor(mask.sum() if num_items_in_batch is None else num_items_in_batch).clamp(min=1)
+            loss = F.cross_entropy(outputs.logits[mask].float(), target[mask], reduction="sum") / n
+            return (loss, outputs) if return_outputs else loss
+    return AnswerLossTrainer
+
+
 # %% ../nbs/14_training.ipynb #5fa2d6ba
 def _kd_trainer_class(base_cls, teacher, alpha: float, temperature: float):
     """`base_cls` with the loss `(1 - alpha) * CE + alpha * T^2 * KL(teacher || student)` on the answer tokens
@@ -440,7 +460,7 @@ def run_training(
         dataset_num_proc=None,
         save_only_model=False,
     )
-    trainer_cls = SFTTrainer
+    trainer_cls = SFTTrainer if backend == "unsloth" else _answer_loss_trainer(SFTTrainer)
     if config.method == "distill":
         teacher, _ = slm.load_base(config.teacher)
         trainer_cls = _kd_trainer_class(SFTTrainer, teacher, config.kd_alpha, config.kd_temperature)
