@@ -60,10 +60,10 @@ check-sync: $(STAMP)  ## nbdev-clean and nbdev-export leave no diff; README.md m
 nbtest: $(STAMP)  ## nbdev-test: every notebook with its default parameters, in order
 	SLM_PROFILE=nbtest SLM_RUN_DIR=runs/nbtest $(BIN)/nbdev-test --n-workers 0 --do-print
 
-# One process: two (pytest -n 2, see pytest-quick) save about 2 minutes, but the kernel-shutdown test in test_runner
-# times a kernel's log and missed it once under the load of a second process.
+# Two processes, a file each at a time (test files share fixtures), one torch thread each: two 2-thread torch
+# processes on 2 cores slow each other far more than 2x. OpenMP is left alone (see runner.ONE_THREAD).
 pytest: $(STAMP)  ## unit and integration tests, the slow ones included
-	$(BIN)/pytest -q -m "not site and not lab" --durations=12
+	SLM_THREADS=1 $(BIN)/pytest -q -m "not site and not lab" -n 2 --dist loadfile --durations=12
 
 pytest-quick: $(STAMP)  ## the unit tests that take seconds (not marked slow, site or lab)
 	SLM_THREADS=1 $(BIN)/pytest -q -m "not slow and not site and not lab" -p no:cacheprovider -n 2 --dist loadfile
@@ -75,11 +75,10 @@ lab-check: $(STAMP)  ## run and save notebooks 01 and 13 in a real JupyterLab in
 	SLM_LAB_S3_FROM=$(LAB_S3_FROM) $(BIN)/pytest -q -m lab -p no:cacheprovider tests/test_lab.py
 	@echo "screenshots for review: _build/lab/*.png"
 
-# `--jobs 2` (the workspace chain, the other notebooks beside it) ran the 49 in 4 min 40 s instead of about 8.5 in the
-# dev tree; it is not yet checked from a fresh clone, so the check run stays one notebook at a time
+# Two lanes: the workspace chain in order, the other notebooks beside it (runner.lanes), one torch thread each
 ci-run: $(STAMP)  ## rerun every notebook with papermill under the ci profile
 	rm -rf runs/latest-ci
-	$(BIN)/slm-research run --profile ci --run-dir runs/latest-ci
+	$(BIN)/slm-research run --profile ci --run-dir runs/latest-ci --jobs 2
 
 RUN_DIR ?=
 # The site is read offline: plotly.js (from plotly) and MathJax (from django-static-mathjax, a dev dependency

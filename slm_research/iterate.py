@@ -649,11 +649,16 @@ def plan_retraining(calls, everything, registry, drift, found, labels, trainer, 
         d.why = "; ".join(reasons) or "no drift, few new calls"
         decisions.append(d)
         if reasons: plans.append((d, mine, test))
-    # the budget goes first to new tasks, then to adapters that fell, then in S5's order (the most winnable volume)
-    order = finetune_order(everything.filter(~pl.col("test")), [p[0].cluster for p in plans], trainer.config
-                           if hasattr(trainer, "config") else FinetuneConfig())
+    # the budget goes first to new tasks, then to adapters that fell, then in S5's order (the most winnable volume);
+    # S5's order costs seconds a cluster, so it is worked out only when the budget falls among plans of one kind
     new = {n.cluster for n in found}
-    plans.sort(key=lambda p: (p[0].cluster not in new, "fell" not in p[0].why, order.index(p[0].cluster)))
+    kind = lambda p: (p[0].cluster not in new, "fell" not in p[0].why)
+    plans.sort(key=kind)
+    budget = len(plans) if cfg.max_retrain is None else cfg.max_retrain
+    if 0 < budget < len(plans) and kind(plans[budget - 1]) == kind(plans[budget]):
+        order = finetune_order(everything.filter(~pl.col("test")), [p[0].cluster for p in plans], trainer.config
+                               if hasattr(trainer, "config") else FinetuneConfig())
+        plans.sort(key=lambda p: (*kind(p), order.index(p[0].cluster)))
     return decisions, plans
 
 

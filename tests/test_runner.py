@@ -106,12 +106,12 @@ def test_executed_notebook_is_quiet_and_every_parameter_is_read(tmp_path, monkey
     assert json.loads((run_dir / "summary.json").read_text())["results"][0]["noise"] == []
 
 
-def _sigints_at_shutdown(manager_class, tmp_path) -> bool:
+def _sigints_at_shutdown(manager_class, tmp_path, attempt: int = 0) -> bool:
     "Start a kernel, make its idle SIGINT handler write a file, shut it down: did the shutdown send it SIGINT?"
     import asyncio
 
     from slm_research.runner import kernel_config
-    mark = tmp_path / f"sigint-{manager_class.__name__}"
+    mark = tmp_path / f"sigint-{manager_class.__name__}-{attempt}"
 
     async def run():
         km = manager_class(kernel_name="python3", config=kernel_config())
@@ -138,8 +138,9 @@ def test_the_runner_shuts_kernels_down_without_interrupting_them(tmp_path):
     from jupyter_client.manager import AsyncKernelManager
 
     from slm_research.runner import quiet_kernel_manager
-    assert _sigints_at_shutdown(AsyncKernelManager, tmp_path)          # the default does interrupt...
-    assert not _sigints_at_shutdown(quiet_kernel_manager(), tmp_path)  # ...the runner's does not
+    # the default does interrupt (a loaded machine may kill the kernel before its handler runs: up to three tries)...
+    assert any(_sigints_at_shutdown(AsyncKernelManager, tmp_path, attempt) for attempt in range(3))
+    assert not any(_sigints_at_shutdown(quiet_kernel_manager(), tmp_path, attempt) for attempt in range(2))  # ...ours not
 
 
 def test_two_lanes_run_side_by_side_and_the_chain_keeps_its_order(tmp_path, monkeypatch):
