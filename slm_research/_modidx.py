@@ -978,6 +978,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                        'slm_research.finetune.adapter_evidence': ( 'finetune.html#adapter_evidence',
                                                                                    'slm_research/finetune.py'),
                                        'slm_research.finetune.answer_budget': ('finetune.html#answer_budget', 'slm_research/finetune.py'),
+                                       'slm_research.finetune.cluster_split': ('finetune.html#cluster_split', 'slm_research/finetune.py'),
                                        'slm_research.finetune.copied_decision': ( 'finetune.html#copied_decision',
                                                                                   'slm_research/finetune.py'),
                                        'slm_research.finetune.decision': ('finetune.html#decision', 'slm_research/finetune.py'),

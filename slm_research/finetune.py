@@ -33,8 +33,9 @@ from .workspace import AdapterRecord, Workspace, evidence_split
 # %% auto #0
 __all__ = ['KIND_PRIOR', 'MIN_TRAIN_CALLS', 'ZERO_SHOT_BATCH', 'TRAIN_OPTIONS', 'FinetuneConfig', 'decision', 'read_window',
            'holds', 'copied_decision', 'readable_share', 'winnable', 'finetune_order', 'answer_budget', 'head_tokens',
-           'train_specialist', 'adapter_evidence', 'finetune_cluster', 'synthetic_workspace', 'register',
-           'finetune_to_files', 'gate_table', 'print_gate', 'finetune_config', 'finetune_cmd', 'evaluate_cmd']
+           'cluster_split', 'train_specialist', 'adapter_evidence', 'finetune_cluster', 'synthetic_workspace',
+           'register', 'finetune_to_files', 'gate_table', 'print_gate', 'finetune_config', 'finetune_cmd',
+           'evaluate_cmd']
 
 # %% ../nbs/14_finetune.ipynb #a60f1425
 @dataclass
@@ -166,6 +167,15 @@ def head_tokens(frame: pl.DataFrame, tokenizer, plan: HeadPlan) -> float:
     return total / n if n else 0.0
 
 # %% ../nbs/14_finetune.ipynb #e5091022
+def cluster_split(frame: pl.DataFrame, cluster: int, config: FinetuneConfig) -> pl.DataFrame:
+    """One cluster's answered calls with `split` (`workspace.evidence_split`): training takes a conversation of each
+    head variant in turn, since the specialist answers only the heads it trained on (`heads.plan_heads`)."""
+    rows = answered(frame.filter(pl.col("cluster") == cluster))
+    rows = rows.with_columns(_head=pl.Series([prefix_hash(m, t) for m, t in zip(rows["messages"], rows["tools"])],
+                                             dtype=pl.String))
+    return evidence_split(rows, config.max_train_calls, config.max_train_share, config.gate.calibration_share,
+                          config.seed, strata="_head").drop("_head")
+
 def _scored_split(rows: pl.DataFrame, config: FinetuneConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
     "The calibration and test calls scored, at most `n_eval` together (in a stable order)."
     keep = rows.filter(pl.col("split") != "train").sort("id").head(config.n_eval or None)
@@ -233,8 +243,7 @@ def finetune_cluster(frame: pl.DataFrame, cluster: int, label: str, config: Fine
     """S5 for one cluster of `frame` (CLEAN_SCHEMA plus `cluster`): zero-shot, then an adapter where the base does not
     pass, with its acceptance threshold and the test split's evidence. Returns the cluster's gate row."""
     t0 = time.perf_counter()
-    rows = evidence_split(answered(frame.filter(pl.col("cluster") == cluster)), config.max_train_calls,
-                          config.max_train_share, config.gate.calibration_share, config.seed)
+    rows = cluster_split(frame, cluster, config)
     model, tok = base_model or slm.load_base(config.base)
     train = rows.filter(pl.col("split") == "train")
     plan, profile = plan_heads(train) if config.strip_heads else HeadPlan(), cluster_profile(rows)
@@ -388,8 +397,7 @@ def evaluate_cmd(cluster, version):
     path = ws.adapter_dir(cluster, version or done[-1])
     meta = json.loads((path/"meta.json").read_text())
     cfg = FinetuneConfig.from_dict({k: v for k, v in meta["config"].items() if k in FinetuneConfig.__dataclass_fields__})
-    rows = evidence_split(answered(ws.cluster_frame().filter(pl.col("cluster") == cluster)), cfg.max_train_calls,
-                          cfg.max_train_share, cfg.gate.calibration_share, cfg.seed)
+    rows = cluster_split(ws.cluster_frame(), cluster, cfg)
     _, test = _scored_split(rows, cfg)
     model, tok = load_adapter(path, merge=True)
     scored = score_calls(model, tok, test, meta["profile"], HeadPlan.from_dict(meta["heads"]),
