@@ -32,6 +32,20 @@ def test_evidence_split_never_divides_a_conversation(max_train, seed):
     assert set(out["split"]) <= {"train", "calibration", "test"} and out.height == frame.height
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_evidence_split_by_strata_trains_on_every_stratum_and_keeps_conversations_whole(seed):
+    "Head variants of very different sizes (one conversation per application): each large one gets training calls."
+    apps = {"big": 60, "mid": 25, "small": 10, "tiny": 2}            # conversations per application
+    rows = [(f"{app}-{i}", app) for app, n in apps.items() for i in range(n) for _ in range(1 + i % 6)]
+    frame = pl.DataFrame({"id": [f"c{k}" for k in range(len(rows))], "session": [r[0] for r in rows],
+                          "app": [r[1] for r in rows]})
+    out = evidence_split(frame, max_train=64, seed=seed, strata="app")
+    assert out.group_by("session").agg(pl.col("split").n_unique())["split"].max() == 1
+    train = dict(out.filter(pl.col("split") == "train").group_by("app").len().iter_rows())
+    assert all(train.get(app, 0) >= 8 for app in ("big", "mid", "small"))   # every stratum of 5% or more is trained on
+    assert sum(train.values()) < 64 + 6 and out.height == frame.height
+
+
 def test_registry_round_trip_and_promotion(tmp_path):
     reg = Registry(tmp_path/"registry.json")
     reg.add(AdapterRecord(1, 1, "lora", {"adapter_score": 0.9}, "h", "promoted", "ok", base="b", extra={"x": 1}))
