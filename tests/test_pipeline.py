@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [str(Path(sys.executable).parent/"slm-research")]
-THREADS = os.environ.get("SLM_THREADS", "2")   # `make check` runs two test processes with one thread each
+THREADS = os.environ.get("SLM_THREADS", "2")   # `make pytest` runs two test processes with one thread each
 TRAIN = ["--max-clusters", "1", "--steps", "2", "--n-eval", "4", "--batch-size", "4", "--max-length", "192"]
 
 
