@@ -92,15 +92,16 @@ SPLITS = ("train", "calibration", "test")
 def evidence_split(frame: pl.DataFrame, max_train: int, max_train_share: float = 0.5, calibration_share: float = 0.3,
                    seed: int = 0, strata: str | None = None, min_stratum_share: float = 0.05) -> pl.DataFrame:
     """Add `split` (train, calibration, test) to one cluster's calls, whole conversations at a time. With `strata` (a
-    column: each call's head variant, say), training takes one conversation of each stratum in turn, so that every
-    stratum of at least `min_stratum_share` of the calls is trained on; the smaller ones take turns as one more."""
+    column: each call's head variant, say), the next training conversation comes from the stratum with the fewest
+    training calls so far, so that every stratum of at least `min_stratum_share` of the calls is trained on about
+    equally, however long its conversations; the smaller ones take turns as one more."""
     u, v = session_hash(frame, seed), session_hash(frame, seed + 1)
     calls = frame.with_columns(_u=u, _v=v, _s=pl.col(strata) if strata else pl.lit(0))
     cap = min(max_train, int(max_train_share * frame.height))
     big = calls.group_by("_s").len().filter(pl.col("len") >= min_stratum_share * frame.height)["_s"].implode()
     sizes = (calls.group_by("_u").agg(n=pl.len(), _s=pl.col("_s").first())
              .with_columns(_s=pl.when(pl.col("_s").is_in(big)).then(pl.col("_s")))   # the small strata: one, null
-             .with_columns(turn=pl.col("_u").rank("ordinal").over("_s")).sort("turn", "_u")
+             .sort("_u").with_columns(turn=pl.col("n").cum_sum().over("_s") - pl.col("n")).sort("turn", "_u")
              .with_columns(before=pl.col("n").cum_sum() - pl.col("n")))
     train_u = sizes.filter(pl.col("before") < cap)["_u"].implode() if cap > 0 else pl.Series([], dtype=pl.Float64).implode()
     rest = calls.filter(~pl.col("_u").is_in(train_u))

@@ -46,6 +46,17 @@ def test_evidence_split_by_strata_trains_on_every_stratum_and_keeps_conversation
     assert sum(train.values()) < 64 + 6 and out.height == frame.height
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_evidence_split_by_strata_shares_training_calls_not_conversations(seed):
+    "An application whose conversations run long must not take the training budget from one whose conversations are short."
+    rows = [(f"long-{i}", "long") for i in range(40) for _ in range(12)] + [(f"short-{i}", "short") for i in range(300)]
+    frame = pl.DataFrame({"id": [f"c{k}" for k in range(len(rows))], "session": [r[0] for r in rows],
+                          "app": [r[1] for r in rows]})
+    train = dict(evidence_split(frame, max_train=96, seed=seed, strata="app").filter(pl.col("split") == "train")
+                 .group_by("app").len().iter_rows())
+    assert abs(train["long"] - train["short"]) <= 12, train              # within one long conversation of each other
+
+
 def test_registry_round_trip_and_promotion(tmp_path):
     reg = Registry(tmp_path/"registry.json")
     reg.add(AdapterRecord(1, 1, "lora", {"adapter_score": 0.9}, "h", "promoted", "ok", base="b", extra={"x": 1}))
