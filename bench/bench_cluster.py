@@ -8,13 +8,17 @@ memory (ru_maxrss) is that run's own. Embedding caches are disabled: every run e
 (and the one-off static distillation) happens before the clock starts. The baseline is TF-IDF + SVD(100) + k-means
 told the gold number of sub-tasks. The default path is skipped at a size where its time, extrapolated linearly from
 the largest size measured, would exceed --max-default-minutes; the output says so.
-Goal (issue 4): fast path at 100k in at most 3 minutes with NMI within 0.02 of the default.
+Goal: fast path at 100k in at most 3 minutes with NMI within 0.02 of the default.
 
-`--devsets` (issue 13) instead prints one table over the S3 development sets in ../shared/external (BFCL multi-turn,
+`--devsets` instead prints one table over the S3 development sets in ../shared/external (BFCL multi-turn,
 APIBench, AgentBench) and the embedded corpus (5k demo calls, seed 42): S3 automatic, S3 given the true k, and three
 anchors on the same MiniLM embeddings in the same run (BERTopic default, BERTopic + k-means(k), MiniLM + k-means(k)):
 mean NMI over --seeds seeds (3 by default; one seed moves a score by a few hundredths), the spread, and seconds per set
-(embeddings cached, so the times are clustering only)."""
+(embeddings cached, so the times are clustering only).
+
+`--loso` chooses S3's defaults by leave-one-set-out: for each development set in turn, the configuration of `LOSO_GRID`
+with the best mean NMI (automatic and given k) on the other sets, scored on the set left out, beside the shipped
+defaults and the best anchor on that set. Each set's UMAP is computed once per seed and shared by the grid."""
 import argparse, json, os, resource, subprocess, sys, time
 from pathlib import Path
 
@@ -125,6 +129,79 @@ def devset_table(names, seeds):
     return rows
 
 
+# the defaults S3 ships, and the values leave-one-set-out chooses among
+LOSO_GRID = {"tfidf_weight": (0.0, 0.25, 0.5), "min_auto_clusters": (2, 3, 5), "strong_split": (None, 0.25),
+             "min_cluster_size": (None, 10), "k_split": (8, 15, 30)}
+AUTO_KNOBS = ("tfidf_weight", "min_auto_clusters", "strong_split", "min_cluster_size")   # what automatic k reads
+GIVEN_KNOBS = ("tfidf_weight", "min_cluster_size", "k_split")                             # what given k reads
+
+
+def memoised_reducer():
+    "`cluster.reduce_unique`, computed once per (points, reducer settings): the grid shares each set's UMAP."
+    import hashlib
+    from slm_research import cluster as C
+    orig, memo = C.reduce_unique, {}
+    def reduce(x, texts, cfg):
+        key = (hashlib.sha1(x.tobytes()).hexdigest(), cfg.reducer, cfg.n_components, cfg.n_neighbors, cfg.seed)
+        if key not in memo: memo[key] = orig(x, texts, cfg)
+        return memo[key]
+    C.reduce_unique = reduce
+
+
+def loso_table(names, seeds):
+    """Leave one set out: for each development set, the grid's configuration with the best mean NMI (automatic and
+    given k, averaged) over the other sets, scored on the one left out, beside S3's shipped defaults and the anchors."""
+    import itertools, statistics
+    from slm_research import cluster as C
+    memoised_reducer()
+    configs = [dict(zip(LOSO_GRID, v)) for v in itertools.product(*LOSO_GRID.values())]
+    shipped = {k: getattr(C.ClusterConfig(), k) for k in LOSO_GRID}
+    assert shipped in configs, f"the shipped defaults {shipped} must be a point of the grid"
+    score, best_anchor = {}, {}          # (set, config index) -> mean NMI over seeds of (auto, given k)
+    for name in names:
+        t0 = time.perf_counter()
+        frame, gold = devset(name, seeds[0])
+        k = len(set(gold))
+        C.embed_parts(C.build_parts(frame), "minilm", progress=False)
+        texts = frame["text"].to_list() if "text" in frame.columns else C.build_texts(frame)
+        runs = {}
+        def nmi(knobs, kk, seed):
+            key = (tuple(knobs.items()), kk, seed)
+            if key not in runs:
+                runs[key] = C.score_clusters(gold, C.cluster_calls(frame, C.ClusterConfig(k=kk, seed=seed, **knobs))["cluster"])["nmi"]
+            return runs[key]
+        for i, c in enumerate(configs):
+            auto = statistics.mean(nmi({k_: c[k_] for k_ in AUTO_KNOBS}, None, s) for s in seeds)
+            given = statistics.mean(nmi({k_: c[k_] for k_ in GIVEN_KNOBS}, k, s) for s in seeds)
+            score[name, i] = (auto, given)
+        best_anchor[name] = max(statistics.mean(v) for v in zip(*[[s["nmi"] for s, _ in anchors(texts, gold, s).values()] for s in seeds]))
+        print(json.dumps({"set": name, "runs": len(runs), "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+    i_shipped = configs.index(shipped)
+    both = {key: sum(v) / 2 for key, v in score.items()}
+    top = {n: max(both[n, i] for i in range(len(configs))) for n in names}
+    objectives = {"mean NMI": lambda i, rest: statistics.mean(both[n, i] for n in rest),
+                  # the worst shortfall from the grid's best on any tuning set: a rule that one set needs is kept
+                  "worst regret": lambda i, rest: -max(top[n] - both[n, i] for n in rest)}
+    rows = []
+    for objective, value in objectives.items():
+        for out in names:
+            rest = [n for n in names if n != out]
+            chosen = max(range(len(configs)), key=lambda i: (round(value(i, rest), 6), i == i_shipped))  # ties: shipped
+            rows.append({"objective": objective, "left out": out,
+                         "chosen on the others": {k_: v for k_, v in configs[chosen].items() if v != shipped[k_]} or "shipped",
+                         "auto (chosen)": round(score[out, chosen][0], 3), "given k (chosen)": round(score[out, chosen][1], 3),
+                         "auto (shipped)": round(score[out, i_shipped][0], 3), "given k (shipped)": round(score[out, i_shipped][1], 3),
+                         "best anchor": round(best_anchor[out], 3), "best in grid on it": round(top[out], 3)})
+            print(json.dumps(rows[-1]), flush=True)
+    cols = list(rows[0])
+    print(f"leave-one-set-out over {len(configs)} configurations, mean NMI over seeds {list(seeds)}; shipped: {shipped}")
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows: print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    grid = [{**c, **{f"{n} {m}": round(score[n, i][j], 4) for n in names for j, m in enumerate(("auto", "given k"))}}
+            for i, c in enumerate(configs)]
+    return {"rows": rows, "grid": grid, "shipped": shipped, "seeds": list(seeds)}
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
@@ -133,7 +210,12 @@ if __name__ == "__main__":
     ap.add_argument("--child", nargs=2)
     ap.add_argument("--devsets", nargs="*", default=None, help="the development-set table instead (default: all four sets)")
     ap.add_argument("--seeds", type=int, default=3, help="--devsets: seeds per method (0..seeds-1), scores averaged")
+    ap.add_argument("--loso", nargs="*", default=None, help="leave-one-set-out over LOSO_GRID instead (default: all four sets)")
     a = ap.parse_args()
+    if a.loso is not None:
+        rows = loso_table(a.loso or [*DEVSETS, "corpus"], list(range(a.seed, a.seed + a.seeds)))
+        out_dir = ROOT / "bench" / "results"; out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench_cluster_loso.json").write_text(json.dumps(rows, indent=1)); sys.exit()
     if a.devsets is not None:
         rows = devset_table(a.devsets or [*DEVSETS, "corpus"], list(range(a.seed, a.seed + a.seeds)))
         out_dir = ROOT / "bench" / "results"; out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_scale.py                 # 100k and 1M generated calls (hours on 2 cores)
     .venv/bin/python bench/bench_scale.py --n 2000        # a quick check
     .venv/bin/python bench/bench_scale.py --n 1000000 --workers 2 --skip-s3   # S2 only, one Ray configuration
+    .venv/bin/python bench/bench_scale.py --n 1000000 --workers 1 2 --no-local-s2   # 1M: S2 on Ray only, S3 both
 
 Each configuration runs in its own subprocess, so the driver's peak memory (ru_maxrss) is its own. The baseline is the
 local engine (one process, the whole log in memory) measured in the same run; Ray rows give calls/s, the ratio to the
@@ -117,7 +118,7 @@ def spawn(step, engine, workers, source, out, batch_calls, clusterer="") -> dict
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def bench(n: int, seed: int, batch_calls: int, workers: list[int], s3: bool = True) -> list[dict]:
+def bench(n: int, seed: int, batch_calls: int, workers: list[int], s3: bool = True, local_s2: bool = True) -> list[dict]:
     import polars as pl
     from slm_research.cluster import ClusterConfig, fit_clusters
     src = shards_of(n, seed, per_shard=max(500, min(50_000, n // 8)))
@@ -128,14 +129,16 @@ def bench(n: int, seed: int, batch_calls: int, workers: list[int], s3: bool = Tr
         r = spawn("s2", "ray", w, src, tmp/f"s2-ray{w}", batch_calls)
         rows.append({"step": "S2 mask", "engine": "ray", "workers": w, **r})
         print(json.dumps(rows[-1]), flush=True)
-    base = spawn("s2", "local", 1, src, tmp/"s2-local", batch_calls)
-    rows.insert(0, {"step": "S2 mask", "engine": "local", "workers": 1, **base})
-    print(json.dumps(rows[0]), flush=True)
-    for r in rows[1:]:
-        r["same_output"] = same_parquet(tmp/f"s2-ray{r['workers']}"/"calls_clean.parquet", tmp/"s2-local"/"calls_clean.parquet")
-        print(json.dumps({"S2 ray workers": r["workers"], "same_output": r["same_output"]}), flush=True)
+    base = None
+    if local_s2:
+        base = spawn("s2", "local", 1, src, tmp/"s2-local", batch_calls)
+        rows.insert(0, {"step": "S2 mask", "engine": "local", "workers": 1, **base})
+        print(json.dumps(rows[0]), flush=True)
+        for r in rows[1:]:
+            r["same_output"] = same_parquet(tmp/f"s2-ray{r['workers']}"/"calls_clean.parquet", tmp/"s2-local"/"calls_clean.parquet")
+            print(json.dumps({"S2 ray workers": r["workers"], "same_output": r["same_output"]}), flush=True)
     if not s3: return _finish(rows, base, None, tmp)
-    masked = tmp/"s2-local"/"calls_clean.parquet"
+    masked = tmp/("s2-local" if local_s2 else f"s2-ray{workers[-1]}")/"calls_clean.parquet"
     import numpy as np
     n_masked = pl.scan_parquet(masked).select(pl.len()).collect().item()
     pick = np.sort(np.random.default_rng(seed).choice(n_masked, min(n_masked, 5000), replace=False)).tolist()
@@ -156,7 +159,7 @@ def bench(n: int, seed: int, batch_calls: int, workers: list[int], s3: bool = Tr
 def _finish(rows, base, base3, tmp) -> list[dict]:
     for r in rows:
         b = base if r["step"] == "S2 mask" else base3
-        r["vs_local"] = round(r["calls_per_s"] / b["calls_per_s"], 2)
+        r["vs_local"] = round(r["calls_per_s"] / b["calls_per_s"], 2) if b else None
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
     return rows
@@ -183,6 +186,9 @@ def main():
     ap.add_argument("--batch-calls", type=int, default=2000)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--skip-s3", action="store_true", help="S2 only")
+    ap.add_argument("--no-local-s2", action="store_true",
+                    help="S2 on Ray only (no baseline, no same-output check; S3 reads Ray's output): the local engine "
+                         "takes about an hour at 1M calls on 2 cores")
     ap.add_argument("--one", choices=["s2", "s3"], help=argparse.SUPPRESS)
     ap.add_argument("--engine", default="local", help=argparse.SUPPRESS)
     ap.add_argument("--source", help=argparse.SUPPRESS)
@@ -193,7 +199,7 @@ def main():
         args.step, args.workers = args.one, args.workers[0]
         print(json.dumps(run_one(args))); return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    rows = [r for n in args.n for r in bench(n, args.seed, args.batch_calls, args.workers, not args.skip_s3)]
+    rows = [r for n in args.n for r in bench(n, args.seed, args.batch_calls, args.workers, not args.skip_s3, not args.no_local_s2)]
     result = {"rows": rows, "projection": project(rows), "cpus": os.cpu_count(),
               "load_avg": os.getloadavg(), "note": "baseline: the local engine (one process) in the same run"}
     name = f"bench_scale-n{'-'.join(map(str, args.n))}-w{'-'.join(map(str, args.workers))}.json"

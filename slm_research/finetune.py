@@ -168,8 +168,8 @@ def head_tokens(frame: pl.DataFrame, tokenizer, plan: HeadPlan) -> float:
 
 # %% ../nbs/14_finetune.ipynb #e5091022
 def cluster_split(frame: pl.DataFrame, cluster: int, config: FinetuneConfig) -> pl.DataFrame:
-    """One cluster's answered calls with `split` (`workspace.evidence_split`): training takes a conversation of each
-    head variant in turn, since the specialist answers only the heads it trained on (`heads.plan_heads`)."""
+    """One cluster's answered calls with `split` (`workspace.evidence_split`): the head variants take turns at the
+    training calls, since the specialist answers only the heads it trained on (`heads.plan_heads`)."""
     rows = answered(frame.filter(pl.col("cluster") == cluster))
     rows = rows.with_columns(_head=pl.Series([prefix_hash(m, t) for m, t in zip(rows["messages"], rows["tools"])],
                                              dtype=pl.String))
