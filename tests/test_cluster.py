@@ -121,7 +121,7 @@ def _bfcl(shared_external):
 
 @pytest.mark.slow
 def test_k_is_exact_where_hdbscan_finds_fewer(shared_external):
-    "Issue 13: BFCL with HDBSCAN's default minimum size has 16 micro-clusters; asked for 24, S3 returns exactly 24."
+    "BFCL with HDBSCAN's default minimum size has 16 micro-clusters; asked for 24, S3 returns exactly 24."
     from slm_research.cluster import Representation, build_parts, embed_parts, micro_clusters, reduce_unique
     b, cfg = _bfcl(shared_external), ClusterConfig(k=24, min_cluster_size=15)
     parts = build_parts(b)

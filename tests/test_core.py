@@ -1,4 +1,4 @@
-"core: workspace resolution (issue 11, item 6), progress bars outside a terminal, the notebook display set-up."
+"core: workspace resolution, progress bars outside a terminal, the notebook display set-up."
 import os
 import subprocess
 import sys

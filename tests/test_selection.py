@@ -78,7 +78,7 @@ def test_real_catalog_is_sourced():
         assert scored[variant].null_count() == 0 and scored[source].null_count() == 0, col
         assert all(re.search(r"https?://|arXiv \d{4}\.\d{4,5}|github\.com/", s) for s in scored[source]), col
         assert scored[col].is_between(0, 100).all(), col
-    assert cat.filter(pl.col("ifeval").is_not_null()).height >= 10  # the point: the cells are filled where published
+    assert cat.filter(pl.col("ifeval").is_not_null()).height >= 10  # the cells are filled where the benchmark is published
     # an empty benchmark cell is explained
     unscored = cat.filter(pl.all_horizontal(pl.col(c).is_null() for c in BENCHMARKS))
     assert unscored["note"].null_count() == 0

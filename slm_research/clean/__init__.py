@@ -9,7 +9,7 @@ __all__ = ['luhn_ok', 'iban_ok', 'ssn_ok', 'ip_ok', 'faker_names', 'common_words
            'NRP_WORDS', 'CONTEXT_RULES', 'RegexRecognizer', 'Rule', 'pattern_recognizers', 'cue_recognizers',
            'context_recognizers', 'TAGS', 'Placeholders', 'Pseudonyms', 'key_label', 'address_first', 'address_blocks',
            'CleanConfig', 'MaskingEngine', 'propagate', 'number_label', 'text_plan', 'json_depth', 'loads_checked',
-           'message_slots', 'tool_names', 'number_slots', 'replace_slots', 'mask_messages', 'scan_developer',
+           'message_slots', 'kept_tool_names', 'number_slots', 'replace_slots', 'mask_messages', 'scan_developer',
            'record_slots', 'mask_record', 'conversation_order', 'mask_records', 'mask_request', 'unmask', 'score_spans',
            'presidio_pattern_only', 'presidio_pattern_only_results', 'ENGINES', 'ENGINE_MODULES', 'clean',
            'mask_to_files', 'clean_engine', 'clean_to_files', 'quarantine_path', 'check_output', 'parse_line',
@@ -23,7 +23,7 @@ from .rules import ADDRESS_PATTERNS, DATE_PATTERNS, SECRET_PATTERNS, KEY_VALUE_S
 from .placeholders import TAGS, Placeholders, Pseudonyms, key_label
 from .address import address_first, address_blocks
 from .engine import CleanConfig, MaskingEngine, propagate
-from .messages import number_label, text_plan, json_depth, loads_checked, message_slots, tool_names, number_slots, replace_slots, mask_messages, scan_developer, record_slots, mask_record, conversation_order, mask_records, mask_request, unmask
+from .messages import number_label, text_plan, json_depth, loads_checked, message_slots, kept_tool_names, number_slots, replace_slots, mask_messages, scan_developer, record_slots, mask_record, conversation_order, mask_records, mask_request, unmask
 from .scoring import score_spans, presidio_pattern_only, presidio_pattern_only_results
 from .step import ENGINES, ENGINE_MODULES, clean, mask_to_files, clean_engine, clean_to_files
 from .files import quarantine_path, check_output, parse_line, read_lines, clean_jsonl, jsonl_frame, clean_cmd
@@ -37,7 +37,7 @@ _all_ = ['luhn_ok', 'iban_ok', 'ssn_ok', 'ip_ok', 'faker_names', 'common_words',
          'NRP_WORDS', 'CONTEXT_RULES', 'RegexRecognizer', 'Rule', 'pattern_recognizers', 'cue_recognizers',
          'context_recognizers', 'TAGS', 'Placeholders', 'Pseudonyms', 'key_label', 'address_first', 'address_blocks',
          'CleanConfig', 'MaskingEngine', 'propagate', 'number_label', 'text_plan', 'json_depth', 'loads_checked',
-         'message_slots', 'tool_names', 'number_slots', 'replace_slots', 'mask_messages', 'scan_developer',
+         'message_slots', 'kept_tool_names', 'number_slots', 'replace_slots', 'mask_messages', 'scan_developer',
          'record_slots', 'mask_record', 'conversation_order', 'mask_records', 'mask_request', 'unmask', 'score_spans',
          'presidio_pattern_only', 'presidio_pattern_only_results', 'ENGINES', 'ENGINE_MODULES', 'clean',
          'mask_to_files', 'clean_engine', 'clean_to_files', 'quarantine_path', 'check_output', 'parse_line',

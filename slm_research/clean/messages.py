@@ -19,7 +19,7 @@ from .validators import luhn_ok
 from .placeholders import Placeholders, key_label, _NAME_VALUE, _resolve
 
 # %% auto #0
-__all__ = ['number_label', 'text_plan', 'json_depth', 'loads_checked', 'message_slots', 'tool_names', 'number_slots',
+__all__ = ['number_label', 'text_plan', 'json_depth', 'loads_checked', 'message_slots', 'kept_tool_names', 'number_slots',
            'replace_slots', 'mask_messages', 'scan_developer', 'record_slots', 'mask_record', 'conversation_order',
            'mask_records', 'mask_request', 'unmask']
 
@@ -289,7 +289,7 @@ def _function_slots(fn, where: tuple, out: list) -> None:
         if not (k == "name" and isinstance(v, str)):
             _collect(v, (*where, k), k, out)  # the function's name is the developer's
 
-def message_slots(m: dict, tool_names=frozenset(), where: tuple = ()) -> list[tuple]:
+def message_slots(m: dict, kept_names=frozenset(), where: tuple = ()) -> list[tuple]:
     """What to mask in one chat message: every field but `role`, `tool_call_id`, tool-call ids and function names.
     `name` names a participant (kind `name`, masked whole) unless it is a tool's name on a tool/function message."""
     if not isinstance(m, dict): raise ValueError(f"{'.'.join(map(str, where)) or 'message'} is not an object")
@@ -297,7 +297,7 @@ def message_slots(m: dict, tool_names=frozenset(), where: tuple = ()) -> list[tu
     for k, v in m.items():
         if k in ("role", "tool_call_id"): continue
         if k == "name" and isinstance(v, str):
-            if not (m.get("role") in ("tool", "function") and v in tool_names): out.append(((*where, k), "name", v, k))
+            if not (m.get("role") in ("tool", "function") and v in kept_names): out.append(((*where, k), "name", v, k))
         elif k == "tool_calls" and isinstance(v, list):
             for j, tc in enumerate(v):
                 if not isinstance(tc, dict): _collect(tc, (*where, k, j), None, out); continue
@@ -314,8 +314,8 @@ def message_slots(m: dict, tool_names=frozenset(), where: tuple = ()) -> list[tu
         else: _collect(v, (*where, k), k, out)
     return out
 
-def tool_names(tools, messages=()) -> set[str]:
-    "Function names the developers declared (`tools`, legacy `functions`) or the model called."
+def kept_tool_names(tools, messages=()) -> set[str]:
+    "The tool names S2 keeps: functions the developers declared (`tools`, legacy `functions`) or the model called."
     names = set()
     for t in tools or []:
         fn = t.get("function", t) if isinstance(t, dict) else None
@@ -380,7 +380,7 @@ def mask_messages(engine: "MaskingEngine", messages: list[dict], placeholders: P
                   known_tools: set | None = None) -> tuple[list[dict], list[dict]]:
     "Masked copies of chat `messages` (every field S2 does not know is masked) and entities with their `field`."
     messages = copy.deepcopy(messages)                     # masked in place below: the caller's stay as they were
-    names = set(known_tools or ()) | tool_names((), messages)
+    names = set(known_tools or ()) | kept_tool_names((), messages)
     slots = [s for i, m in enumerate(messages) for s in message_slots(m, names, (i,))]
     return messages, _mask_slots(engine, messages, slots, placeholders, tuple(prefix.split(".")) if prefix else ())
 
@@ -409,8 +409,8 @@ def record_slots(engine: "MaskingEngine", record: dict, findings: list | None = 
     if not isinstance(record, dict): raise ValueError("record is not a JSON object")
     record, slots, ps = json.loads(json.dumps(record)), [], engine.pseudonyms
     findings = findings if findings is not None else []
-    names = tool_names((record.get("request") or {}).get("tools") if isinstance(record.get("request"), dict) else None)
-    names |= tool_names(record.get("tools") if isinstance(record.get("tools"), list) else None)
+    names = kept_tool_names((record.get("request") or {}).get("tools") if isinstance(record.get("request"), dict) else None)
+    names |= kept_tool_names(record.get("tools") if isinstance(record.get("tools"), list) else None)
     for k, v in record.items():
         if k in _RECORD_KEEP: continue
         if k in _PSEUDONYMISED: record[k] = ps(v, _PSEUDONYMISED[k])
@@ -488,7 +488,7 @@ def mask_request(engine: "MaskingEngine", request: dict) -> tuple[dict, dict[str
     if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
         raise ValueError("request: no `messages` list to mask")
     placeholders = Placeholders()
-    known = tool_names(request.get("tools") if isinstance(request.get("tools"), list) else None)
+    known = kept_tool_names(request.get("tools") if isinstance(request.get("tools"), list) else None)
     messages, _ = mask_messages(engine, request["messages"], placeholders, known_tools=known)
     return {**request, "messages": messages}, placeholders.mapping()
 

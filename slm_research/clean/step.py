@@ -17,7 +17,7 @@ from ..core import plugin
 from ..core import progress as progress_bar
 from .engine import CleanConfig, MaskingEngine
 from .messages import (conversation_order, loads_checked, message_slots, number_slots, replace_slots,
-                                         scan_developer, tool_names)
+                                         scan_developer, kept_tool_names)
 from .placeholders import TAGS, Placeholders
 from ..workspace import Workspace
 
@@ -52,7 +52,7 @@ def _tools_info(engine: "MaskingEngine", tools: str | None, config: CleanConfig)
     if not tools: return frozenset(), ()
     def read():
         defs = _loads_text(tools, config.max_depth, "tools")
-        return frozenset(tool_names(defs if isinstance(defs, list) else None)), tuple(scan_developer(engine, defs, "tools"))
+        return frozenset(kept_tool_names(defs if isinstance(defs, list) else None)), tuple(scan_developer(engine, defs, "tools"))
     return engine.cached(("t", engine.text_key(tools)), read)
 
 def _read_call(engine, config: CleanConfig, messages, response, tools) -> tuple:
@@ -73,7 +73,7 @@ def _call_slots(msgs: list, resp, known: frozenset, skip: int = 0) -> list[tuple
     parts = []
     for root, prefix, start in ((msgs, "messages", skip), ([resp] if resp is not None else None, "response", 0)):
         if root is None: continue
-        names = set(known) | tool_names((), root)
+        names = set(known) | kept_tool_names((), root)
         parts.append((root, [s for i in range(start, len(root)) for s in message_slots(root[i], names, (i,))], (prefix,)))
     return parts
 
