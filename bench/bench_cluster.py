@@ -68,6 +68,12 @@ CHAT_DEVSETS = {"bfcl-steps": ("bfcl_multiturn_calls.jsonl", lambda r: ",".join(
                 "bfcl-live": ("bfcl_live_calls.jsonl", lambda r: r["category"])}
 
 
+def print_markdown(rows: list[dict], cols: list[str]) -> None:
+    "`rows` as a Markdown table of the columns `cols`."
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows: print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+
+
 def devset(name, seed):
     "(frame, gold labels) of a development set; `corpus` is the embedded demo corpus (5k calls, seed 42, masked)."
     import polars as pl
@@ -79,8 +85,9 @@ def devset(name, seed):
         from slm_research.capture import to_frame
         from slm_research.capture.importers import parse_lines
         file, label = CHAT_DEVSETS[name]
-        frame = to_frame(parse_lines(open(ext / file), "openai", name))
-        gold = {json.loads(l)["id"]: label(json.loads(l)) for l in open(ext / file)}
+        lines = (ext / file).read_text().splitlines()
+        frame = to_frame(parse_lines(lines, "openai", name))
+        gold = {r["id"]: label(r) for r in map(json.loads, lines)}
         return frame, [gold[i] for i in frame["id"]]
     b = pl.read_ndjson(ext / DEVSETS[name]).with_row_index("n").with_columns(id=pl.col("n").cast(pl.String))
     return b, b["label"].to_list()
@@ -136,8 +143,7 @@ def devset_table(names, seeds):
     cols = ["set", "rows", "labels", *methods, "S3 automatic clusters", "S3 given k spread", "given k >= best anchor",
             "auto within 0.05 of given k", "seconds (set)"]
     print(f"mean NMI over seeds {list(seeds)}")
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows: print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    print_markdown(rows, cols)
     return rows
 
 
@@ -161,8 +167,9 @@ def memoised_reducer():
 
 
 def loso_table(names, seeds):
-    """Leave one set out: for each development set, the grid's configuration with the best mean NMI (automatic and
-    given k, averaged) over the other sets, scored on the one left out, beside S3's shipped defaults and the anchors."""
+    """Leave one set out: for each development set, the grid's configuration chosen on the other sets (by mean NMI,
+    automatic and given k averaged, and by the least worst shortfall from the grid's best), scored on the one left out,
+    beside S3's shipped defaults and the best anchor; then the worst case over the sets left out."""
     import itertools, statistics
     from slm_research import cluster as C
     memoised_reducer()
@@ -210,8 +217,7 @@ def loso_table(names, seeds):
             print(json.dumps(r), flush=True)
     cols = list(rows[0])
     print(f"leave-one-set-out over {len(configs)} configurations, mean NMI over seeds {list(seeds)}; shipped: {shipped}")
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows: print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    print_markdown(rows, cols)
     for objective in objectives:   # the worst case over the sets left out, not the mean
         rs = [r for r in rows if r["objective"] == objective]
         worst_given = min(rs, key=lambda r: r["given k (chosen)"] - r["best anchor"])
