@@ -78,7 +78,7 @@ lab-check: $(STAMP)  ## run and save notebooks 01 and 13 in a real JupyterLab in
 # Two lanes: the workspace chain in order, the other notebooks beside it (runner.lanes), one torch thread each
 ci-run: $(STAMP)  ## rerun every notebook with papermill under the ci profile
 	rm -rf runs/latest-ci
-	$(BIN)/slm-research run --profile ci --run-dir runs/latest-ci --jobs 2
+	$(BIN)/slm-research run --profile ci --run-dir runs/latest-ci --jobs 2 --cell-timeout 900
 
 RUN_DIR ?=
 # The site is read offline: plotly.js (from plotly) and MathJax (from django-static-mathjax, a dev dependency

@@ -127,17 +127,22 @@ TABLE_KERNEL_ENV = {"POLARS_FMT_TABLE_HIDE_DATAFRAME_SHAPE_INFORMATION": "1", "P
 
 def kernel_config(lane: int = 0):
     """Kernels talk over Unix sockets in the user's private runtime folder, not over plain TCP that others on the host
-    can read; each lane of a run (`run_notebooks`' `jobs`) names its sockets apart."""
+    can read. The socket names carry the process id and the lane (`run_notebooks`' `jobs`): jupyter_client numbers a
+    kernel's sockets by the first names not yet on disk, and they are on disk only once the kernel binds them, so two
+    kernels starting at once under one name (two lanes, a test worker beside another, a notebook that runs notebooks)
+    would take the same sockets, and one of them would wait for replies that never come."""
     from jupyter_core.paths import jupyter_runtime_dir
     from traitlets.config import Config
     runtime = Path(jupyter_runtime_dir())
     runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
     # an absolute socket path: a relative one resolves against the kernel's folder, not the runner's
-    return Config({"KernelManager": {"transport": "ipc", "ip": str(runtime/f"slm-kernel{f'-{lane}' if lane else ''}")}})
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(runtime/f"slm-kernel-{os.getpid()}-{lane}")}})
 
-def quiet_kernel_manager(env: dict | None = None, cwd: Path | None = None):
+def quiet_kernel_manager(env: dict | None = None, cwd: Path | None = None, stacks: tuple[Path, float] | None = None):
     """The kernel manager class of the runner (and of the README build): `AsyncKernelManager` that shuts down quietly,
-    and starts its kernel with `env` added to the runner's environment, in `cwd` (the runner's own stay untouched)."""
+    and starts its kernel with `env` added to the runner's environment, in `cwd` (the runner's own stay untouched).
+    `stacks` = (file, seconds): the kernel writes every thread's stack to `file` each `seconds` it runs (faulthandler),
+    so a notebook that hangs says where."""
     from jupyter_client.manager import AsyncKernelManager
 
     class QuietKernelManager(AsyncKernelManager):
@@ -145,6 +150,9 @@ def quiet_kernel_manager(env: dict | None = None, cwd: Path | None = None):
         async def _async_pre_start_kernel(self, **kw):
             if env: kw["env"] = {**kw.get("env", os.environ), **{k: str(v) for k, v in env.items()}}
             if cwd: kw["cwd"] = str(cwd)
+            if stacks:
+                dump = f"__import__('faulthandler').dump_traceback_later({stacks[1]}, repeat=True, file=open({str(stacks[0])!r}, 'w'))"
+                kw["extra_arguments"] = [*kw.get("extra_arguments", []), f"--IPKernelApp.exec_lines={[dump]!r}"]
             return await super()._async_pre_start_kernel(**kw)
 
         async def _async_interrupt_kernel(self):
@@ -187,9 +195,10 @@ def new_run_dir(profile: str, root: Path | None = None) -> Path:
 
 def run_notebooks(profile: str = "demo", only: list[str] | None = None, overrides: dict | None = None,
                   run_dir: Path | None = None, keep_going: bool = False, progress: bool | None = None,
-                  jobs: int = 1) -> RunSummary:
+                  jobs: int = 1, cell_timeout: float | None = None) -> RunSummary:
     """Execute the numbered notebooks (or `only` those) under `profile` into `run_dir`; write the summary files.
-    `jobs` above 1 runs the `lanes` side by side."""
+    `jobs` above 1 runs the `lanes` side by side. A cell still running after `cell_timeout` seconds fails its notebook,
+    and the error carries where each of the kernel's threads was."""
     import nbformat, papermill as pm
     root = paths(mkdir=False).root
     notebooks = discover_notebooks(root/"nbs", only)
@@ -206,15 +215,22 @@ def run_notebooks(profile: str = "demo", only: list[str] | None = None, override
         click.echo(f"[{notebooks.index(nb) + 1}/{len(notebooks)}] {nb.stem} {params or ''}", err=True)
         env = dict(QUIET_KERNEL_ENV, **TABLE_KERNEL_ENV, SLM_ROOT=root, SLM_PROFILE=profile, SLM_RUN_DIR=run_dir,
                    SLM_NOTEBOOK=nb.stem, **(ONE_THREAD if jobs > 1 else {}))
+        stacks = (run_dir/f".{nb.stem}.stacks", 0.8 * cell_timeout) if cell_timeout else None
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(nb, out, parameters=params, progress_bar=progress, kernel_name="python3",
-                                config=kernel_config(lane), kernel_manager_class=quiet_kernel_manager(env, nb.parent))
+                                config=kernel_config(lane), kernel_manager_class=quiet_kernel_manager(env, nb.parent, stacks),
+                                execution_timeout=cell_timeout)
             result = NotebookResult(nb.stem, "ok", parameters=params, output=str(out))
         except Exception as e:  # papermill raises PapermillExecutionError for cell errors
-            result = NotebookResult(nb.stem, "failed", parameters=params, error=_describe_error(e), output=str(out))
+            error = _describe_error(e)
+            if stacks and stacks[0].exists() and stacks[0].stat().st_size: error += "\n" + stacks[0].read_text()
+            result = NotebookResult(nb.stem, "failed", parameters=params, error=error, output=str(out))
             if not keep_going: stop.set()
+        if stacks: stacks[0].unlink(missing_ok=True)
         result.seconds = round(time.perf_counter() - t0, 1)
+        click.echo(f"[{notebooks.index(nb) + 1}/{len(notebooks)}] {nb.stem} {result.status} in {result.seconds:.0f} s",
+                   err=True)
         if out.exists():
             executed = nbformat.read(out, as_version=4)
             if strip_progress_outputs(executed): nbformat.write(executed, out)
@@ -317,14 +333,16 @@ def write_summary(summary: RunSummary) -> Path:
 @click.option("--keep-going", is_flag=True, help="Run the remaining notebooks after a failure.")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(1),
               help="Notebooks at once: the workspace chain in order, the others beside it (timings then share the CPU).")
-def run_cmd(profile, only, params, run_dir, keep_going, jobs):
+@click.option("--cell-timeout", type=click.FloatRange(min=1), metavar="SECONDS",
+              help="Fail a notebook whose cell runs longer, naming where its threads were (default: no limit).")
+def run_cmd(profile, only, params, run_dir, keep_going, jobs, cell_timeout):
     "Run the numbered notebooks with papermill under a profile."
     overrides = parse_overrides(list(params))
     if overrides.get("logs"):   # an analyst's log file: relative to where the command runs, not to the notebooks
         logs = Path(str(overrides["logs"])).expanduser().resolve()
         if not logs.is_file(): raise click.BadParameter(f"no log file at {logs}", param_hint="-p logs=")
         overrides["logs"] = str(logs)
-    summary = run_notebooks(profile, list(only) or None, overrides, run_dir, keep_going, jobs=jobs)
+    summary = run_notebooks(profile, list(only) or None, overrides, run_dir, keep_going, jobs=jobs, cell_timeout=cell_timeout)
     click.echo(Path(summary.run_dir)/"summary.md")
     if not summary.ok:
         msg = "; ".join(f"{r.notebook}: {r.error}" for r in summary.failures())

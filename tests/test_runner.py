@@ -165,3 +165,53 @@ def test_two_lanes_run_side_by_side_and_the_chain_keeps_its_order(tmp_path, monk
     assert {r["cwd"] for r in recs.values()} == {str(tmp_path / "nbs")}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [r["notebook"] for r in summary["results"]] == ["01_side", "05_corpus", "10_capture", "99_side"] and summary["ok"]
+
+
+_START_AT_ONCE = """
+import sys, time
+from jupyter_client.manager import KernelManager
+from slm_research.runner import kernel_config
+km = KernelManager(kernel_name="python3", config=kernel_config(0))
+while time.time() < float(sys.argv[1]): time.sleep(0.001)
+km.start_kernel()
+kc = km.client(); kc.start_channels()
+try:
+    kc.wait_for_ready(timeout=30)
+    shown = []
+    kc.execute_interactive("40 + 2", timeout=30,
+                           output_hook=lambda m: shown.append(m["content"].get("data", {}).get("text/plain")))
+    print(*filter(None, shown))
+finally:
+    kc.stop_channels(); km.shutdown_kernel(now=True)
+"""
+
+
+def test_kernels_of_two_processes_started_at_once_keep_their_own_sockets():
+    """Two runners (a test worker beside another, a notebook that runs notebooks) start a kernel in the same instant:
+    each kernel answers its own runner. Under one socket name for both, one of them waited for replies that never came."""
+    import subprocess, sys, time
+    start_at = str(time.time() + 4)
+    procs = [subprocess.Popen([sys.executable, "-c", _START_AT_ONCE, start_at], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-800:] for _, err in outs]
+    assert [out.split() for out, _ in outs] == [["42"], ["42"]]
+
+
+def test_a_hung_cell_fails_its_notebook_within_the_timeout_and_says_where(tmp_path, monkeypatch):
+    (tmp_path / "nbs").mkdir()
+    (tmp_path / "settings.ini").write_text("[ci]\nseed = 1\n")
+    _notebook(tmp_path / "nbs" / "01_hangs.ipynb", "seed = 0",
+              "import time\ndef wait_for_a_reply_that_never_comes():\n    time.sleep(600)\n"
+              "wait_for_a_reply_that_never_comes()")
+    _notebook(tmp_path / "nbs" / "02_after.ipynb", "seed = 0", "pass")
+    monkeypatch.setenv("SLM_ROOT", str(tmp_path))
+    run_dir = tmp_path / "runs" / "r"
+    t0 = __import__("time").perf_counter()
+    res = CliRunner().invoke(main, ["run", "--profile", "ci", "--run-dir", str(run_dir), "--cell-timeout", "8"])
+    assert __import__("time").perf_counter() - t0 < 60
+    assert res.exit_code != 0 and "01_hangs" in res.output and "CellTimeoutError" in res.output
+    assert "wait_for_a_reply_that_never_comes" in res.output                 # the kernel's stack, from faulthandler
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["status"] for r in summary["results"]] == ["failed", "skipped"]
+    assert not list(run_dir.glob(".*.stacks"))
