@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -17,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from ..core import paths, write_atomic
 
 # %% auto #0
-__all__ = ['CaptureKeyError', 'default_key_dir', 'key_id', 'generate_keys', 'load_public_key', 'load_private_keys',
-           'load_pseudonym_key', 'Pseudonymizer']
+__all__ = ['PSEUDONYM_RX', 'CaptureKeyError', 'default_key_dir', 'key_id', 'generate_keys', 'load_public_key',
+           'load_private_keys', 'load_pseudonym_key', 'Pseudonymizer']
 
 # %% ../../nbs/10_capture_keys.ipynb #524b3c1f
 class CaptureKeyError(ValueError):
@@ -105,11 +107,22 @@ def load_pseudonym_key(source: str | Path | bytes | None = None) -> bytes:
     return key
 
 # %% ../../nbs/10_capture_keys.ipynb #e35d8d75
+PSEUDONYM_RX = re.compile(r"[a-z]-[0-9a-f]{20}")   # what `Pseudonymizer` writes: the kind's initial and 20 hex digits
+
 class Pseudonymizer:
-    "Keyed HMAC pseudonyms for user and session ids."
-    def __init__(self, key: bytes | str | Path | None = None): self.key = load_pseudonym_key(key)
-    def __call__(self, value: str | None, kind: str = "user") -> str | None:
+    """Keyed HMAC pseudonyms for user and session ids, the same in S1 and S2. A value that already is a pseudonym of
+    its kind is kept, so S2 can pass what S1 wrote. `random_key`: where no key is given or found, a random one (S2 on
+    logs from elsewhere; its pseudonyms are then `ephemeral`, unlinkable across runs)."""
+    def __init__(self, key: bytes | str | Path | None = None, random_key: bool = False):
+        try: self.key, self.ephemeral = load_pseudonym_key(key), False
+        except CaptureKeyError:
+            if key is not None or not random_key: raise
+            self.key, self.ephemeral = os.urandom(32), True
+
+    def __call__(self, value, kind: str = "user") -> str | None:
         if value is None or value == "": return None
+        value = value if isinstance(value, str) else json.dumps(value)
+        if PSEUDONYM_RX.fullmatch(value) and value[0] == kind[0]: return value
         digest = hmac.new(self.key, f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()[:20]
         return f"{kind[0]}-{digest}"
     def record(self, record: dict) -> dict:

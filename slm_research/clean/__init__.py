@@ -7,10 +7,10 @@ __all__ = ['luhn_ok', 'iban_ok', 'ssn_ok', 'ip_ok', 'faker_names', 'common_words
            'NameRecognizer', 'NameLikeness', 'name_likeness', 'ADDRESS_PATTERNS', 'DATE_PATTERNS', 'SECRET_PATTERNS',
            'KEY_VALUE_SECRET', 'BEARER', 'ORGANIZATION_PATTERN', 'PATTERN_RULES', 'BIRTH_CUES', 'CUE_RULES',
            'NRP_WORDS', 'CONTEXT_RULES', 'RegexRecognizer', 'Rule', 'pattern_recognizers', 'cue_recognizers',
-           'context_recognizers', 'TAGS', 'Placeholders', 'Pseudonyms', 'key_label', 'address_first', 'address_blocks',
-           'CleanConfig', 'MaskingEngine', 'propagate', 'number_label', 'text_plan', 'json_depth', 'loads_checked',
-           'message_slots', 'kept_tool_names', 'number_slots', 'replace_slots', 'mask_messages', 'scan_developer',
-           'record_slots', 'mask_record', 'conversation_order', 'mask_records', 'mask_request', 'unmask', 'score_spans',
+           'context_recognizers', 'TAGS', 'Placeholders', 'key_label', 'address_first', 'address_blocks', 'CleanConfig',
+           'MaskingEngine', 'propagate', 'number_label', 'text_plan', 'json_depth', 'loads_checked', 'message_slots',
+           'kept_tool_names', 'number_slots', 'replace_slots', 'mask_messages', 'scan_developer', 'record_slots',
+           'mask_record', 'conversation_order', 'mask_records', 'mask_request', 'unmask', 'score_spans',
            'presidio_pattern_only', 'presidio_pattern_only_results', 'ENGINES', 'ENGINE_MODULES', 'clean',
            'mask_to_files', 'clean_engine', 'clean_to_files', 'quarantine_path', 'check_output', 'parse_line',
            'read_lines', 'clean_jsonl', 'jsonl_frame', 'clean_cmd', 'NER_LABELS', 'ModelNerRecognizer',
@@ -20,7 +20,7 @@ __all__ = ['luhn_ok', 'iban_ok', 'ssn_ok', 'ip_ok', 'faker_names', 'common_words
 from .validators import luhn_ok, iban_ok, ssn_ok, ip_ok
 from .names import faker_names, common_words, place_names, country_names, NameRecognizer, NameLikeness, name_likeness
 from .rules import ADDRESS_PATTERNS, DATE_PATTERNS, SECRET_PATTERNS, KEY_VALUE_SECRET, BEARER, ORGANIZATION_PATTERN, PATTERN_RULES, BIRTH_CUES, CUE_RULES, NRP_WORDS, CONTEXT_RULES, RegexRecognizer, Rule, pattern_recognizers, cue_recognizers, context_recognizers
-from .placeholders import TAGS, Placeholders, Pseudonyms, key_label
+from .placeholders import TAGS, Placeholders, key_label
 from .address import address_first, address_blocks
 from .engine import CleanConfig, MaskingEngine, propagate
 from .messages import number_label, text_plan, json_depth, loads_checked, message_slots, kept_tool_names, number_slots, replace_slots, mask_messages, scan_developer, record_slots, mask_record, conversation_order, mask_records, mask_request, unmask
@@ -35,7 +35,7 @@ _all_ = ['luhn_ok', 'iban_ok', 'ssn_ok', 'ip_ok', 'faker_names', 'common_words',
          'NameRecognizer', 'NameLikeness', 'name_likeness', 'ADDRESS_PATTERNS', 'DATE_PATTERNS', 'SECRET_PATTERNS',
          'KEY_VALUE_SECRET', 'BEARER', 'ORGANIZATION_PATTERN', 'PATTERN_RULES', 'BIRTH_CUES', 'CUE_RULES',
          'NRP_WORDS', 'CONTEXT_RULES', 'RegexRecognizer', 'Rule', 'pattern_recognizers', 'cue_recognizers',
-         'context_recognizers', 'TAGS', 'Placeholders', 'Pseudonyms', 'key_label', 'address_first', 'address_blocks',
+         'context_recognizers', 'TAGS', 'Placeholders', 'key_label', 'address_first', 'address_blocks',
          'CleanConfig', 'MaskingEngine', 'propagate', 'number_label', 'text_plan', 'json_depth', 'loads_checked',
          'message_slots', 'kept_tool_names', 'number_slots', 'replace_slots', 'mask_messages', 'scan_developer',
          'record_slots', 'mask_record', 'conversation_order', 'mask_records', 'mask_request', 'unmask', 'score_spans',

@@ -21,7 +21,7 @@ logging.getLogger("tldextract").setLevel(logging.CRITICAL)
 from .address import address_blocks, address_first
 from .names import NameRecognizer, name_likeness, place_names
 from .ner import ner_recognizer
-from .placeholders import Placeholders, Pseudonyms, _Analyzer, _NoContext, _resolve
+from .placeholders import Placeholders, _Analyzer, _NoContext, _resolve
 from .rules import context_recognizers, pattern_recognizers
 from ..workspace import Config
 
@@ -95,9 +95,11 @@ class MaskingEngine:
         self._cache: dict = {}
 
     @functools.cached_property
-    def pseudonyms(self) -> "Pseudonyms":
-        "S1's pseudonyms for user and session ids (see `Pseudonyms`), keyed by `config.pseudonym_key`."
-        return Pseudonyms(self.config.pseudonym_key)
+    def pseudonyms(self) -> "Pseudonymizer":
+        """S1's pseudonyms for user and session ids, keyed by `config.pseudonym_key`, else the workspace's key, else a
+        random one (`Pseudonymizer`'s `random_key`)."""
+        from slm_research.capture import Pseudonymizer   # capture does not import clean: no cycle
+        return Pseudonymizer(self.config.pseudonym_key, random_key=True)
 
     def text_key(self, text: str) -> bytes:
         "A keyed hash of `text` (BLAKE2b, this engine's random key): what the analysis cache is keyed by."
