@@ -60,8 +60,8 @@ check-sync: $(STAMP)  ## nbdev-clean and nbdev-export leave no diff; README.md m
 nbtest: $(STAMP)  ## nbdev-test: every notebook with its default parameters, in order
 	SLM_PROFILE=nbtest SLM_RUN_DIR=runs/nbtest $(BIN)/nbdev-test --n-workers 0 --do-print
 
-# Two processes, a file each at a time (test files share fixtures), one torch thread each: two 2-thread torch
-# processes on 2 cores slow each other far more than 2x. OpenMP is left alone (see runner.ONE_THREAD).
+# Two processes, a file each at a time (test files share fixtures), one torch thread and one core each (tests/conftest.py):
+# two 2-thread torch processes on 2 cores slow each other far more than 2x.
 pytest: $(STAMP)  ## unit and integration tests, the slow ones included
 	SLM_THREADS=1 $(BIN)/pytest -q -m "not site and not lab" -n 2 --dist loadfile --durations=12
 
@@ -75,7 +75,7 @@ lab-check: $(STAMP)  ## run and save notebooks 01 and 13 in a real JupyterLab in
 	SLM_LAB_S3_FROM=$(LAB_S3_FROM) $(BIN)/pytest -q -m lab -p no:cacheprovider tests/test_lab.py
 	@echo "screenshots for review: _build/lab/*.png"
 
-# Two lanes: the workspace chain in order, the other notebooks beside it (runner.lanes), one torch thread each
+# Two lanes: the workspace chain in order, the other notebooks beside it (runner.lanes), one torch thread and one core each
 ci-run: $(STAMP)  ## rerun every notebook with papermill under the ci profile
 	rm -rf runs/latest-ci
 	$(BIN)/slm-research run --profile ci --run-dir runs/latest-ci --jobs 2 --cell-timeout 900

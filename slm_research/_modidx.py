@@ -1182,6 +1182,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'slm_research/runner.py'),
                                      'slm_research.runner.discover_notebooks': ('runner.html#discover_notebooks', 'slm_research/runner.py'),
                                      'slm_research.runner.kernel_config': ('runner.html#kernel_config', 'slm_research/runner.py'),
+                                     'slm_research.runner.lane_cpus': ('runner.html#lane_cpus', 'slm_research/runner.py'),
                                      'slm_research.runner.lanes': ('runner.html#lanes', 'slm_research/runner.py'),
                                      'slm_research.runner.new_run_dir': ('runner.html#new_run_dir', 'slm_research/runner.py'),
                                      'slm_research.runner.notebook_parameters': ( 'runner.html#notebook_parameters',

@@ -25,7 +25,7 @@ from .core import paths, profile_params, read_headlines
 
 # %% auto #0
 __all__ = ['NOTEBOOK_RE', 'WORKSPACE_CHAIN', 'ONE_THREAD', 'QUIET_KERNEL_ENV', 'TABLE_KERNEL_ENV', 'PROGRESS_RE', 'WARNING_RE',
-           'discover_notebooks', 'lanes', 'parameters_cell', 'declared_parameters', 'notebook_parameters',
+           'discover_notebooks', 'lane_cpus', 'lanes', 'parameters_cell', 'declared_parameters', 'notebook_parameters',
            'parse_overrides', 'NotebookResult', 'RunSummary', 'kernel_config', 'quiet_kernel_manager', 'RunFailed',
            'new_run_dir', 'run_notebooks', 'output_noise', 'strip_progress_outputs', 'summary_markdown',
            'write_summary', 'run_cmd']
@@ -45,9 +45,15 @@ def discover_notebooks(nbs_dir: Path, only: list[str] | None = None) -> list[Pat
 # %% ../nbs/90_runner.ipynb #16264361
 WORKSPACE_CHAIN = ("05_corpus", "10_capture", "11_clean", "12_cluster", "13_select", "14_finetune", "15_iterate",
                    "16_serve", "17_scale", "18_pipeline", "20_agents")
-# side by side, each kernel trains and generates on one torch thread (`training.default_threads`); OpenMP is left
-# alone: with OMP_NUM_THREADS=1 the sentence embeddings differ in their last bits, and S3's clusters with them
+# side by side, each kernel trains and generates on one torch thread (`training.default_threads`), on its lane's core
 ONE_THREAD = {"SLM_THREADS": "1"}
+
+def lane_cpus(lane: int, jobs: int) -> set[int] | None:
+    """The cores lane `lane` of `jobs` runs on, each lane its own share of the cores this process may use; None for
+    one lane, or more lanes than cores. Unpinned, a lane's thread pools (OpenMP, polars) spread over every core and
+    stall the other lane's: a notebook that takes 28 s alone took 229 s beside the chain."""
+    cores = sorted(os.sched_getaffinity(0))
+    return set(cores[lane::jobs]) if 1 < jobs <= len(cores) else None
 
 def lanes(notebooks: list[Path], jobs: int = 1) -> list[list[Path]]:
     """`notebooks` in `jobs` lanes that may run side by side: the workspace chain in order in the first, the others
@@ -138,11 +144,12 @@ def kernel_config(lane: int = 0):
     # an absolute socket path: a relative one resolves against the kernel's folder, not the runner's
     return Config({"KernelManager": {"transport": "ipc", "ip": str(runtime/f"slm-kernel-{os.getpid()}-{lane}")}})
 
-def quiet_kernel_manager(env: dict | None = None, cwd: Path | None = None, stacks: tuple[Path, float] | None = None):
+def quiet_kernel_manager(env: dict | None = None, cwd: Path | None = None, stacks: tuple[Path, float] | None = None,
+                         cpus: set[int] | None = None):
     """The kernel manager class of the runner (and of the README build): `AsyncKernelManager` that shuts down quietly,
     and starts its kernel with `env` added to the runner's environment, in `cwd` (the runner's own stay untouched).
     `stacks` = (file, seconds): the kernel writes every thread's stack to `file` each `seconds` it runs (faulthandler),
-    so a notebook that hangs says where."""
+    so a notebook that hangs says where. `cpus`: the kernel runs on those cores only (its threads, OpenMP's included)."""
     from jupyter_client.manager import AsyncKernelManager
 
     class QuietKernelManager(AsyncKernelManager):
@@ -154,6 +161,11 @@ def quiet_kernel_manager(env: dict | None = None, cwd: Path | None = None, stack
                 dump = f"__import__('faulthandler').dump_traceback_later({stacks[1]}, repeat=True, file=open({str(stacks[0])!r}, 'w'))"
                 kw["extra_arguments"] = [*kw.get("extra_arguments", []), f"--IPKernelApp.exec_lines={[dump]!r}"]
             return await super()._async_pre_start_kernel(**kw)
+
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            await super()._async_launch_kernel(kernel_cmd, **kw)
+            # before the kernel imports anything: the thread pools it makes later inherit the cores
+            if cpus: os.sched_setaffinity(self.provisioner.process.pid, cpus)
 
         async def _async_interrupt_kernel(self):
             if not self.shutting_down: await super()._async_interrupt_kernel()
@@ -219,7 +231,7 @@ def run_notebooks(profile: str = "demo", only: list[str] | None = None, override
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(nb, out, parameters=params, progress_bar=progress, kernel_name="python3",
-                                config=kernel_config(lane), kernel_manager_class=quiet_kernel_manager(env, nb.parent, stacks),
+                                config=kernel_config(lane), kernel_manager_class=quiet_kernel_manager(env, nb.parent, stacks, lane_cpus(lane, jobs)),
                                 execution_timeout=cell_timeout)
             result = NotebookResult(nb.stem, "ok", parameters=params, output=str(out))
         except Exception as e:  # papermill raises PapermillExecutionError for cell errors

@@ -3,6 +3,16 @@ from pathlib import Path
 
 import pytest
 
+
+def pytest_configure(config):
+    """`make pytest` runs two test processes (pytest-xdist): each on its own core, as the runner's lanes, so that one's
+    thread pools (OpenMP, polars) do not stall the other's; what a test starts (a kernel, a CLI) stays on that core."""
+    worker, n = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker:
+        from slm_research.runner import lane_cpus
+        cpus = lane_cpus(int(worker.removeprefix("gw")), n)
+        if cpus: os.sched_setaffinity(0, cpus)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -1,5 +1,6 @@
 "The runner executes real notebooks with papermill in a throwaway workspace."
 import json
+import os
 
 import nbformat
 import pytest
@@ -150,15 +151,21 @@ def test_two_lanes_run_side_by_side_and_the_chain_keeps_its_order(tmp_path, monk
     log = ("import os, time, json, pathlib\n"
            "t0 = time.time(); time.sleep(3)\n"
            "rec = {'nb': os.environ['SLM_NOTEBOOK'], 'start': t0, 'end': time.time(),\n"
-           "       'threads': os.environ.get('SLM_THREADS'), 'cwd': os.getcwd()}\n"
+           "       'threads': os.environ.get('SLM_THREADS'), 'cwd': os.getcwd(), 'cores': sorted(os.sched_getaffinity(0))}\n"
            "with open(pathlib.Path(os.environ['SLM_RUN_DIR'], 'log.jsonl'), 'a') as f: f.write(json.dumps(rec) + '\\n')")
     for name in ("01_side", "05_corpus", "10_capture", "99_side"): _notebook(tmp_path / "nbs" / f"{name}.ipynb", "seed = 0", log)
     monkeypatch.setenv("SLM_ROOT", str(tmp_path))
     monkeypatch.delenv("SLM_THREADS", raising=False)
     run_dir = tmp_path / "runs" / "r"
-    res = CliRunner().invoke(main, ["run", "--profile", "ci", "--run-dir", str(run_dir), "--jobs", "2"])
+    pinned, cores = os.sched_getaffinity(0), set(range(os.cpu_count()))   # `make pytest` pins each worker to a core
+    os.sched_setaffinity(0, cores)
+    try: res = CliRunner().invoke(main, ["run", "--profile", "ci", "--run-dir", str(run_dir), "--jobs", "2"])
+    finally: os.sched_setaffinity(0, pinned)
     assert res.exit_code == 0, res.output
     recs = {r["nb"]: r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
+    if len(cores) >= 2:   # each lane on a core of its own: the chain on the first, the others on the second
+        assert {tuple(recs[n]["cores"]) for n in ("05_corpus", "10_capture")} == {(min(cores),)}
+        assert {tuple(recs[n]["cores"]) for n in ("01_side", "99_side")} == {(sorted(cores)[1],)}
     assert recs["05_corpus"]["end"] <= recs["10_capture"]["start"]                        # the chain, in order
     assert recs["01_side"]["start"] < recs["05_corpus"]["end"] and recs["05_corpus"]["start"] < recs["01_side"]["end"]
     assert {r["threads"] for r in recs.values()} == {"1"}                                  # one torch thread each
