@@ -1,6 +1,9 @@
 "The runner executes real notebooks with papermill in a throwaway workspace."
 import json
 import os
+import subprocess
+import sys
+import time
 
 import nbformat
 import pytest
@@ -196,7 +199,6 @@ finally:
 def test_kernels_of_two_processes_started_at_once_keep_their_own_sockets():
     """Two runners (a test worker beside another, a notebook that runs notebooks) start a kernel in the same instant:
     each kernel answers its own runner. Under one socket name for both, one of them waited for replies that never came."""
-    import subprocess, sys, time
     start_at = str(time.time() + 4)
     procs = [subprocess.Popen([sys.executable, "-c", _START_AT_ONCE, start_at], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -214,9 +216,9 @@ def test_a_hung_cell_fails_its_notebook_within_the_timeout_and_says_where(tmp_pa
     _notebook(tmp_path / "nbs" / "02_after.ipynb", "seed = 0", "pass")
     monkeypatch.setenv("SLM_ROOT", str(tmp_path))
     run_dir = tmp_path / "runs" / "r"
-    t0 = __import__("time").perf_counter()
+    t0 = time.perf_counter()
     res = CliRunner().invoke(main, ["run", "--profile", "ci", "--run-dir", str(run_dir), "--cell-timeout", "8"])
-    assert __import__("time").perf_counter() - t0 < 60
+    assert time.perf_counter() - t0 < 60
     assert res.exit_code != 0 and "01_hangs" in res.output and "CellTimeoutError" in res.output
     assert "wait_for_a_reply_that_never_comes" in res.output                 # the kernel's stack, from faulthandler
     summary = json.loads((run_dir / "summary.json").read_text())
