@@ -151,9 +151,14 @@ def test_two_lanes_run_side_by_side_and_the_chain_keeps_its_order(tmp_path, monk
     "With --jobs 2 the workspace chain runs in order in one lane, the other notebooks beside it; one torch thread each."
     (tmp_path / "nbs").mkdir()
     (tmp_path / "settings.ini").write_text("[ci]\nseed = 1\n")
+    # 01_side and 05_corpus each wait (up to a minute) for the other to have started: only side by side do both meet
     log = ("import os, time, json, pathlib\n"
-           "t0 = time.time(); time.sleep(3)\n"
-           "rec = {'nb': os.environ['SLM_NOTEBOOK'], 'start': t0, 'end': time.time(),\n"
+           "t0, run, me = time.time(), pathlib.Path(os.environ['SLM_RUN_DIR']), os.environ['SLM_NOTEBOOK']\n"
+           "(run / f'{me}.started').touch()\n"
+           "partner = {'01_side': '05_corpus', '05_corpus': '01_side'}.get(me)\n"
+           "while partner and not (run / f'{partner}.started').exists() and time.time() - t0 < 60: time.sleep(0.05)\n"
+           "met = partner is None or (run / f'{partner}.started').exists()\n"
+           "rec = {'nb': me, 'start': t0, 'end': time.time(), 'met': met,\n"
            "       'threads': os.environ.get('SLM_THREADS'), 'cwd': os.getcwd(), 'cores': sorted(os.sched_getaffinity(0))}\n"
            "with open(pathlib.Path(os.environ['SLM_RUN_DIR'], 'log.jsonl'), 'a') as f: f.write(json.dumps(rec) + '\\n')")
     for name in ("01_side", "05_corpus", "10_capture", "99_side"): _notebook(tmp_path / "nbs" / f"{name}.ipynb", "seed = 0", log)
@@ -171,6 +176,7 @@ def test_two_lanes_run_side_by_side_and_the_chain_keeps_its_order(tmp_path, monk
         assert {tuple(recs[n]["cores"]) for n in ("01_side", "99_side")} == {(sorted(cores)[1],)}
     assert recs["05_corpus"]["end"] <= recs["10_capture"]["start"]                        # the chain, in order
     assert recs["01_side"]["start"] < recs["05_corpus"]["end"] and recs["05_corpus"]["start"] < recs["01_side"]["end"]
+    assert recs["01_side"]["met"] and recs["05_corpus"]["met"]                             # they ran at the same time
     assert {r["threads"] for r in recs.values()} == {"1"}                                  # one torch thread each
     assert {r["cwd"] for r in recs.values()} == {str(tmp_path / "nbs")}
     summary = json.loads((run_dir / "summary.json").read_text())
